@@ -1,0 +1,936 @@
+//! The metadata state machine: vhosts, exchanges, queues and bindings, and publish routing over
+//! them.
+//!
+//! Every node applies the metadata Raft group's log to a `MetaState` (the cluster crate is the
+//! adapter), so routing a publish is a local, lock-protected read on any node. Commands are
+//! validated here, not by the proposer, so that concurrent declares from different nodes are
+//! settled by log order and every replica gives the same answer. Matching rules live in
+//! `routing`; what a queue holds lives in `queue`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use warren_codec::{FieldTable, FieldValue};
+
+use crate::error::{AmqpError, AmqpResult};
+use crate::ids::{ConnectionRef, GroupId, NodeId, NodeRun};
+use crate::routing::{TopicPattern, headers_match, topic_words, validate_headers_binding};
+
+pub const DEFAULT_VHOST: &str = "/";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExchangeKind {
+    Direct,
+    Fanout,
+    Topic,
+    Headers,
+}
+
+impl ExchangeKind {
+    pub fn parse(kind: &str) -> Option<Self> {
+        Some(match kind {
+            "direct" => ExchangeKind::Direct,
+            "fanout" => ExchangeKind::Fanout,
+            "topic" => ExchangeKind::Topic,
+            "headers" => ExchangeKind::Headers,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExchangeKind::Direct => "direct",
+            ExchangeKind::Fanout => "fanout",
+            ExchangeKind::Topic => "topic",
+            ExchangeKind::Headers => "headers",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeDef {
+    pub name: String,
+    pub kind: ExchangeKind,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    /// The node run that declared a transient exchange; it goes when that run is cleaned up.
+    pub declared_by: Option<NodeRun>,
+}
+
+/// Where a queue's messages live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Placement {
+    /// A durable queue replicated by its own Raft group.
+    Replicated {
+        group: GroupId,
+        replicas: Vec<NodeId>,
+    },
+    /// A transient or exclusive queue held in memory by one run of one node.
+    Local { run: NodeRun },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueDef {
+    pub name: String,
+    pub durable: bool,
+    pub exclusive_owner: Option<ConnectionRef>,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    pub placement: Placement,
+}
+
+impl QueueDef {
+    pub fn group(&self) -> Option<GroupId> {
+        match self.placement {
+            Placement::Replicated { group, .. } => Some(group),
+            Placement::Local { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Destination {
+    Queue(String),
+    Exchange(String),
+}
+
+impl Destination {
+    fn describe(&self) -> String {
+        match self {
+            Destination::Queue(q) => format!("queue '{q}'"),
+            Destination::Exchange(e) => format!("exchange '{e}'"),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Binding {
+    pub source: String,
+    pub destination: Destination,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+}
+
+/// Bindings out of one exchange, plus the index routing uses. The index is derived, rebuilt
+/// whenever the bindings change (rare) so the publish path does no parsing.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct BindingSet {
+    bindings: Vec<Binding>,
+    #[serde(skip)]
+    index: RouteIndex,
+}
+
+#[derive(Clone, Debug, Default)]
+struct RouteIndex {
+    by_key: HashMap<String, Vec<usize>>,
+    topics: Vec<(TopicPattern, usize)>,
+}
+
+impl BindingSet {
+    fn rebuild(&mut self) {
+        let mut index = RouteIndex::default();
+        for (i, b) in self.bindings.iter().enumerate() {
+            index
+                .by_key
+                .entry(b.routing_key.clone())
+                .or_default()
+                .push(i);
+            index.topics.push((TopicPattern::parse(&b.routing_key), i));
+        }
+        self.index = index;
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VHost {
+    exchanges: BTreeMap<String, ExchangeDef>,
+    queues: BTreeMap<String, QueueDef>,
+    /// Keyed by source exchange.
+    bindings: BTreeMap<String, BindingSet>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExchangeDecl {
+    pub vhost: String,
+    pub name: String,
+    pub kind: String,
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub internal: bool,
+    pub arguments: FieldTable,
+    pub declared_by: NodeRun,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueDecl {
+    pub vhost: String,
+    pub name: String,
+    pub durable: bool,
+    pub exclusive_owner: Option<ConnectionRef>,
+    pub auto_delete: bool,
+    pub arguments: FieldTable,
+    /// The declaring node's run: transient and exclusive queues live there.
+    pub declared_by: NodeRun,
+    /// Replica set for a replicated queue, chosen by the proposer from the live members.
+    pub replicas: Vec<NodeId>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BindingDecl {
+    pub vhost: String,
+    pub source: String,
+    pub destination: Destination,
+    pub routing_key: String,
+    pub arguments: FieldTable,
+    /// Set when the client acts on a queue: exclusive queues refuse other connections.
+    pub by: Option<ConnectionRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaCmd {
+    DeclareExchange(ExchangeDecl),
+    DeleteExchange {
+        vhost: String,
+        name: String,
+        if_unused: bool,
+    },
+    DeclareQueue(QueueDecl),
+    /// `if-unused` and `if-empty` depend on the queue's own state and are checked by the
+    /// caller before proposing; exclusivity is checked here.
+    DeleteQueue {
+        vhost: String,
+        name: String,
+        by: Option<ConnectionRef>,
+    },
+    Bind(BindingDecl),
+    Unbind(BindingDecl),
+    /// A connection closed: its exclusive queues go.
+    ConnectionClosed {
+        conn: ConnectionRef,
+    },
+    /// A node started a new run: what earlier runs of that node held only in memory is gone.
+    NodeRestarted {
+        run: NodeRun,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaReply {
+    Done,
+    QueueDeclared { created: bool, queue: QueueDef },
+    Error(AmqpError),
+}
+
+/// Side effects of applying a command, for the adapter: start or stop queue groups and tell
+/// consumers their queue is gone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum MetaEffect {
+    QueueCreated { vhost: String, queue: QueueDef },
+    QueueDeleted { vhost: String, queue: QueueDef },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MetaState {
+    vhosts: BTreeMap<String, VHost>,
+    next_group: GroupId,
+}
+
+impl Default for MetaState {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The arguments RabbitMQ compares when a queue is redeclared; others are ignored.
+const QUEUE_EQUIVALENCE_ARGS: &[&str] = &[
+    "x-expires",
+    "x-message-ttl",
+    "x-dead-letter-exchange",
+    "x-dead-letter-routing-key",
+    "x-max-length",
+    "x-max-length-bytes",
+    "x-max-priority",
+    "x-overflow",
+    "x-queue-mode",
+    "x-queue-type",
+    "x-single-active-consumer",
+    "x-delivery-limit",
+    "x-quorum-initial-group-size",
+    "x-queue-leader-locator",
+];
+const EXCHANGE_EQUIVALENCE_ARGS: &[&str] = &["alternate-exchange"];
+
+/// The exchanges every vhost starts with, as RabbitMQ predeclares them.
+const STANDARD_EXCHANGES: &[(&str, ExchangeKind)] = &[
+    ("", ExchangeKind::Direct),
+    ("amq.direct", ExchangeKind::Direct),
+    ("amq.fanout", ExchangeKind::Fanout),
+    ("amq.topic", ExchangeKind::Topic),
+    ("amq.headers", ExchangeKind::Headers),
+    ("amq.match", ExchangeKind::Headers),
+];
+
+/// Result of routing one publish.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// Target queue names, each once, in name order.
+    pub queues: BTreeSet<String>,
+}
+
+fn queue_missing(vhost: &str, name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no queue '{name}' in vhost '{vhost}'"))
+}
+
+fn exchange_missing(vhost: &str, name: &str) -> AmqpError {
+    AmqpError::not_found(format!("no exchange '{name}' in vhost '{vhost}'"))
+}
+
+fn default_exchange_refused() -> AmqpError {
+    AmqpError::access_refused("operation not permitted on the default exchange")
+}
+
+fn locked(vhost: &str, name: &str) -> AmqpError {
+    AmqpError::resource_locked(format!(
+        "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be \
+         originally declared on another connection or the exclusive property value does not \
+         match that of the original declaration."
+    ))
+}
+
+fn inequivalent(
+    what: &str,
+    arg: &str,
+    name: &str,
+    vhost: &str,
+    got: String,
+    cur: String,
+) -> AmqpError {
+    AmqpError::precondition_failed(format!(
+        "inequivalent arg '{arg}' for {what} '{name}' in vhost '{vhost}': received {got} but current is {cur}"
+    ))
+}
+
+fn describe_arg(value: Option<&FieldValue>) -> String {
+    match value {
+        None => "none".to_owned(),
+        Some(v) => match v.as_str() {
+            Some(s) => format!("'{s}'"),
+            None => match v.as_i64() {
+                Some(i) => format!("'{i}'"),
+                None => format!("{v:?}"),
+            },
+        },
+    }
+}
+
+fn args_equivalent(
+    keys: &[&str],
+    current: &FieldTable,
+    requested: &FieldTable,
+) -> Result<(), (String, String, String)> {
+    for key in keys {
+        let (cur, req) = (current.get(key), requested.get(key));
+        let same = match (cur, req) {
+            (None, None) => true,
+            (Some(a), Some(b)) => crate::routing::field_values_equal(a, b),
+            _ => false,
+        };
+        if !same {
+            return Err(((*key).to_owned(), describe_arg(req), describe_arg(cur)));
+        }
+    }
+    Ok(())
+}
+
+impl MetaState {
+    /// A fresh cluster: the default vhost with the standard exchanges.
+    pub fn new() -> Self {
+        let mut state = MetaState {
+            vhosts: BTreeMap::new(),
+            next_group: 1,
+        };
+        state.add_vhost(DEFAULT_VHOST);
+        state
+    }
+
+    fn add_vhost(&mut self, name: &str) {
+        let vhost = self.vhosts.entry(name.to_owned()).or_default();
+        for (ex, kind) in STANDARD_EXCHANGES {
+            vhost
+                .exchanges
+                .entry((*ex).to_owned())
+                .or_insert(ExchangeDef {
+                    name: (*ex).to_owned(),
+                    kind: *kind,
+                    durable: true,
+                    auto_delete: false,
+                    internal: false,
+                    arguments: FieldTable::new(),
+                    declared_by: None,
+                });
+        }
+    }
+
+    /// Rebuilds derived indexes after deserialising a snapshot.
+    pub fn rebuild_indexes(&mut self) {
+        for vhost in self.vhosts.values_mut() {
+            for set in vhost.bindings.values_mut() {
+                set.rebuild();
+            }
+        }
+    }
+
+    pub fn vhost_exists(&self, vhost: &str) -> bool {
+        self.vhosts.contains_key(vhost)
+    }
+
+    pub fn exchange(&self, vhost: &str, name: &str) -> Option<&ExchangeDef> {
+        self.vhosts.get(vhost)?.exchanges.get(name)
+    }
+
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<&QueueDef> {
+        self.vhosts.get(vhost)?.queues.get(name)
+    }
+
+    pub fn queues(&self) -> impl Iterator<Item = (&str, &QueueDef)> {
+        self.vhosts
+            .iter()
+            .flat_map(|(v, h)| h.queues.values().map(move |q| (v.as_str(), q)))
+    }
+
+    pub fn exchanges(&self) -> impl Iterator<Item = (&str, &ExchangeDef)> {
+        self.vhosts
+            .iter()
+            .flat_map(|(v, h)| h.exchanges.values().map(move |e| (v.as_str(), e)))
+    }
+
+    pub fn bindings(&self) -> impl Iterator<Item = (&str, &Binding)> {
+        self.vhosts.iter().flat_map(|(v, h)| {
+            h.bindings
+                .values()
+                .flat_map(move |set| set.bindings.iter().map(move |b| (v.as_str(), b)))
+        })
+    }
+
+    /// A read-only check for passive declares and for operations that must see a queue
+    /// before acting on it; exclusivity applies to passive declares too.
+    pub fn check_queue_access(
+        &self,
+        vhost: &str,
+        name: &str,
+        by: Option<ConnectionRef>,
+    ) -> AmqpResult<&QueueDef> {
+        let queue = self
+            .queue(vhost, name)
+            .ok_or_else(|| queue_missing(vhost, name))?;
+        match queue.exclusive_owner {
+            Some(owner) if Some(owner) != by => Err(locked(vhost, name)),
+            _ => Ok(queue),
+        }
+    }
+
+    /// Routes a publish to its target queues. An absent exchange is 404; an internal one
+    /// refuses direct publishes (403), as RabbitMQ does. Exchange-to-exchange bindings are
+    /// followed with cycle protection, and an exchange that routes nowhere hands the message
+    /// to its `alternate-exchange`.
+    pub fn route(
+        &self,
+        vhost: &str,
+        exchange: &str,
+        routing_key: &str,
+        headers: Option<&FieldTable>,
+    ) -> AmqpResult<Routed> {
+        let vh = self
+            .vhosts
+            .get(vhost)
+            .ok_or_else(|| exchange_missing(vhost, exchange))?;
+        let ex = vh
+            .exchanges
+            .get(exchange)
+            .ok_or_else(|| exchange_missing(vhost, exchange))?;
+        if ex.internal {
+            return Err(AmqpError::access_refused(format!(
+                "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+            )));
+        }
+        let mut routed = Routed::default();
+        if exchange.is_empty() {
+            if vh.queues.contains_key(routing_key) {
+                routed.queues.insert(routing_key.to_owned());
+            }
+            return Ok(routed);
+        }
+        let key_words = topic_words(routing_key);
+        let mut visited: BTreeSet<&str> = BTreeSet::new();
+        let mut pending: Vec<&str> = vec![exchange];
+        while let Some(name) = pending.pop() {
+            if !visited.insert(name) {
+                continue;
+            }
+            let Some(ex) = vh.exchanges.get(name) else {
+                continue;
+            };
+            let mut matched = false;
+            if let Some(set) = vh.bindings.get(name) {
+                let mut deliver = |b: &Binding| {
+                    matched = true;
+                    match &b.destination {
+                        Destination::Queue(q) => {
+                            routed.queues.insert(q.clone());
+                        }
+                        Destination::Exchange(e) => {
+                            if let Some((key, _)) = vh.exchanges.get_key_value(e) {
+                                pending.push(key.as_str());
+                            }
+                        }
+                    }
+                };
+                match ex.kind {
+                    ExchangeKind::Direct => {
+                        if let Some(idx) = set.index.by_key.get(routing_key) {
+                            for i in idx {
+                                deliver(&set.bindings[*i]);
+                            }
+                        }
+                    }
+                    ExchangeKind::Fanout => set.bindings.iter().for_each(&mut deliver),
+                    ExchangeKind::Topic => {
+                        for (pattern, i) in &set.index.topics {
+                            if pattern.matches(&key_words) {
+                                deliver(&set.bindings[*i]);
+                            }
+                        }
+                    }
+                    ExchangeKind::Headers => {
+                        for b in &set.bindings {
+                            if headers_match(&b.arguments, headers) {
+                                deliver(b);
+                            }
+                        }
+                    }
+                }
+            }
+            // RabbitMQ hands a message its exchange could not route to the exchange's
+            // alternate exchange.
+            let alternate = ex
+                .arguments
+                .get("alternate-exchange")
+                .and_then(|v| v.as_str());
+            if let (false, Some(alt)) = (matched, alternate)
+                && let Some((alt_name, _)) = vh.exchanges.get_key_value(alt)
+            {
+                pending.push(alt_name.as_str());
+            }
+        }
+        Ok(routed)
+    }
+
+    /// Applies one committed command. Deterministic: the same state and command give the same
+    /// result on every replica.
+    pub fn apply(&mut self, cmd: MetaCmd) -> (MetaReply, Vec<MetaEffect>) {
+        let mut effects = Vec::new();
+        let reply = match cmd {
+            MetaCmd::DeclareExchange(decl) => self.declare_exchange(decl),
+            MetaCmd::DeleteExchange {
+                vhost,
+                name,
+                if_unused,
+            } => self.delete_exchange(&vhost, &name, if_unused, &mut effects),
+            MetaCmd::DeclareQueue(decl) => self.declare_queue(decl, &mut effects),
+            MetaCmd::DeleteQueue { vhost, name, by } => {
+                match self.vhosts.get(&vhost).and_then(|v| v.queues.get(&name)) {
+                    None => Ok(MetaReply::Done),
+                    Some(q) if q.exclusive_owner.is_some() && q.exclusive_owner != by => {
+                        Err(locked(&vhost, &name))
+                    }
+                    Some(_) => {
+                        self.remove_queue(&vhost, &name, &mut effects);
+                        Ok(MetaReply::Done)
+                    }
+                }
+            }
+            MetaCmd::Bind(decl) => self.bind(decl),
+            MetaCmd::Unbind(decl) => self.unbind(decl, &mut effects),
+            MetaCmd::ConnectionClosed { conn } => {
+                self.remove_queues_where(&mut effects, |q| q.exclusive_owner == Some(conn));
+                Ok(MetaReply::Done)
+            }
+            MetaCmd::NodeRestarted { run } => {
+                self.remove_queues_where(&mut effects, |q| match q.placement {
+                    Placement::Local { run: owner } => {
+                        owner.node == run.node && owner.incarnation < run.incarnation
+                    }
+                    Placement::Replicated { .. } => false,
+                });
+                let stale: Vec<(String, String)> = self
+                    .exchanges()
+                    .filter(|(_, e)| {
+                        e.declared_by
+                            .is_some_and(|d| d.node == run.node && d.incarnation < run.incarnation)
+                    })
+                    .map(|(v, e)| (v.to_owned(), e.name.clone()))
+                    .collect();
+                for (vhost, name) in stale {
+                    self.remove_exchange(&vhost, &name, &mut effects);
+                }
+                Ok(MetaReply::Done)
+            }
+        };
+        (reply.unwrap_or_else(MetaReply::Error), effects)
+    }
+
+    fn vhost_mut(&mut self, vhost: &str) -> AmqpResult<&mut VHost> {
+        self.vhosts.get_mut(vhost).ok_or_else(|| {
+            AmqpError::new(
+                warren_codec::reply_code::NOT_ALLOWED,
+                format!("vhost '{vhost}' not found"),
+            )
+        })
+    }
+
+    fn declare_exchange(&mut self, decl: ExchangeDecl) -> AmqpResult<MetaReply> {
+        let kind = ExchangeKind::parse(&decl.kind).ok_or_else(|| {
+            AmqpError::command_invalid(format!("invalid exchange type '{}'", decl.kind))
+        })?;
+        if decl.name.is_empty() {
+            return Err(default_exchange_refused());
+        }
+        let vhost_name = decl.vhost.clone();
+        let vh = self.vhost_mut(&decl.vhost)?;
+        if let Some(existing) = vh.exchanges.get(&decl.name) {
+            let check = |arg: &str, got: String, cur: String| {
+                inequivalent("exchange", arg, &decl.name, &vhost_name, got, cur)
+            };
+            if existing.kind != kind {
+                return Err(check(
+                    "type",
+                    format!("'{}'", kind.as_str()),
+                    format!("'{}'", existing.kind.as_str()),
+                ));
+            }
+            if existing.durable != decl.durable {
+                return Err(check(
+                    "durable",
+                    format!("'{}'", decl.durable),
+                    format!("'{}'", existing.durable),
+                ));
+            }
+            if existing.auto_delete != decl.auto_delete {
+                return Err(check(
+                    "auto_delete",
+                    format!("'{}'", decl.auto_delete),
+                    format!("'{}'", existing.auto_delete),
+                ));
+            }
+            if existing.internal != decl.internal {
+                return Err(check(
+                    "internal",
+                    format!("'{}'", decl.internal),
+                    format!("'{}'", existing.internal),
+                ));
+            }
+            args_equivalent(
+                EXCHANGE_EQUIVALENCE_ARGS,
+                &existing.arguments,
+                &decl.arguments,
+            )
+            .map_err(|(arg, got, cur)| check(&arg, got, cur))?;
+            return Ok(MetaReply::Done);
+        }
+        if decl.name.starts_with("amq.") {
+            return Err(AmqpError::access_refused(format!(
+                "exchange name '{}' contains reserved prefix 'amq.*'",
+                decl.name
+            )));
+        }
+        let declared_by = (!decl.durable).then_some(decl.declared_by);
+        vh.exchanges.insert(
+            decl.name.clone(),
+            ExchangeDef {
+                name: decl.name,
+                kind,
+                durable: decl.durable,
+                auto_delete: decl.auto_delete,
+                internal: decl.internal,
+                arguments: decl.arguments,
+                declared_by,
+            },
+        );
+        Ok(MetaReply::Done)
+    }
+
+    fn delete_exchange(
+        &mut self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        effects: &mut Vec<MetaEffect>,
+    ) -> AmqpResult<MetaReply> {
+        if name.is_empty() || name.starts_with("amq.") {
+            if name.is_empty() {
+                return Err(default_exchange_refused());
+            }
+            if self.exchange(vhost, name).is_some() {
+                return Err(AmqpError::access_refused(format!(
+                    "exchange '{name}' in vhost '{vhost}' is predeclared and cannot be deleted"
+                )));
+            }
+        }
+        let vh = self.vhost_mut(vhost)?;
+        if !vh.exchanges.contains_key(name) {
+            // RabbitMQ made delete idempotent: a missing exchange is not an error.
+            return Ok(MetaReply::Done);
+        }
+        if if_unused
+            && vh
+                .bindings
+                .get(name)
+                .is_some_and(|s| !s.bindings.is_empty())
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "exchange '{name}' in vhost '{vhost}' in use"
+            )));
+        }
+        self.remove_exchange(vhost, name, effects);
+        Ok(MetaReply::Done)
+    }
+
+    fn remove_exchange(&mut self, vhost: &str, name: &str, effects: &mut Vec<MetaEffect>) {
+        let Some(vh) = self.vhosts.get_mut(vhost) else {
+            return;
+        };
+        vh.exchanges.remove(name);
+        vh.bindings.remove(name);
+        let dest = Destination::Exchange(name.to_owned());
+        let sources = remove_bindings_to(vh, &dest);
+        self.auto_delete_exchanges(vhost, sources, effects);
+    }
+
+    fn declare_queue(
+        &mut self,
+        decl: QueueDecl,
+        effects: &mut Vec<MetaEffect>,
+    ) -> AmqpResult<MetaReply> {
+        let next_group = self.next_group;
+        let vhost_name = decl.vhost.clone();
+        let vh = self.vhost_mut(&decl.vhost)?;
+        if let Some(existing) = vh.queues.get(&decl.name) {
+            if existing.exclusive_owner.is_some()
+                && existing.exclusive_owner != decl.exclusive_owner
+            {
+                return Err(locked(&vhost_name, &decl.name));
+            }
+            let check = |arg: &str, got: bool, cur: bool| {
+                inequivalent(
+                    "queue",
+                    arg,
+                    &decl.name,
+                    &vhost_name,
+                    format!("'{got}'"),
+                    format!("'{cur}'"),
+                )
+            };
+            if existing.durable != decl.durable {
+                return Err(check("durable", decl.durable, existing.durable));
+            }
+            if existing.exclusive_owner.is_some() != decl.exclusive_owner.is_some() {
+                return Err(check(
+                    "exclusive",
+                    decl.exclusive_owner.is_some(),
+                    existing.exclusive_owner.is_some(),
+                ));
+            }
+            if existing.auto_delete != decl.auto_delete {
+                return Err(check("auto_delete", decl.auto_delete, existing.auto_delete));
+            }
+            args_equivalent(QUEUE_EQUIVALENCE_ARGS, &existing.arguments, &decl.arguments).map_err(
+                |(arg, got, cur)| inequivalent("queue", &arg, &decl.name, &vhost_name, got, cur),
+            )?;
+            return Ok(MetaReply::QueueDeclared {
+                created: false,
+                queue: existing.clone(),
+            });
+        }
+        if decl.name.starts_with("amq.") && !decl.name.starts_with("amq.gen-") {
+            return Err(AmqpError::access_refused(format!(
+                "queue name '{}' contains reserved prefix 'amq.*'",
+                decl.name
+            )));
+        }
+        let replicated = decl.durable && decl.exclusive_owner.is_none();
+        let placement = if replicated {
+            Placement::Replicated {
+                group: next_group,
+                replicas: decl.replicas.clone(),
+            }
+        } else {
+            Placement::Local {
+                run: decl.declared_by,
+            }
+        };
+        let queue = QueueDef {
+            name: decl.name.clone(),
+            durable: decl.durable,
+            exclusive_owner: decl.exclusive_owner,
+            auto_delete: decl.auto_delete,
+            arguments: decl.arguments,
+            placement,
+        };
+        vh.queues.insert(decl.name, queue.clone());
+        if replicated {
+            self.next_group += 1;
+        }
+        effects.push(MetaEffect::QueueCreated {
+            vhost: vhost_name,
+            queue: queue.clone(),
+        });
+        Ok(MetaReply::QueueDeclared {
+            created: true,
+            queue,
+        })
+    }
+
+    fn remove_queues_where(
+        &mut self,
+        effects: &mut Vec<MetaEffect>,
+        doomed: impl Fn(&QueueDef) -> bool,
+    ) {
+        let victims: Vec<(String, String)> = self
+            .queues()
+            .filter(|(_, q)| doomed(q))
+            .map(|(v, q)| (v.to_owned(), q.name.clone()))
+            .collect();
+        for (vhost, name) in victims {
+            self.remove_queue(&vhost, &name, effects);
+        }
+    }
+
+    fn remove_queue(&mut self, vhost: &str, name: &str, effects: &mut Vec<MetaEffect>) {
+        let Some(vh) = self.vhosts.get_mut(vhost) else {
+            return;
+        };
+        let Some(queue) = vh.queues.remove(name) else {
+            return;
+        };
+        let sources = remove_bindings_to(vh, &Destination::Queue(name.to_owned()));
+        effects.push(MetaEffect::QueueDeleted {
+            vhost: vhost.to_owned(),
+            queue,
+        });
+        self.auto_delete_exchanges(vhost, sources, effects);
+    }
+
+    /// Auto-delete exchanges go when they lose their last binding as a source; removing one
+    /// can empty another, so this cascades.
+    fn auto_delete_exchanges(
+        &mut self,
+        vhost: &str,
+        candidates: Vec<String>,
+        effects: &mut Vec<MetaEffect>,
+    ) {
+        for name in candidates {
+            let Some(vh) = self.vhosts.get(vhost) else {
+                return;
+            };
+            let unused = vh.bindings.get(&name).is_none_or(|s| s.bindings.is_empty());
+            if unused && vh.exchanges.get(&name).is_some_and(|e| e.auto_delete) {
+                self.remove_exchange(vhost, &name, effects);
+            }
+        }
+    }
+
+    fn check_binding_ends(&self, decl: &BindingDecl) -> AmqpResult<()> {
+        let vhost = &decl.vhost;
+        if decl.source.is_empty() || decl.destination == Destination::Exchange(String::new()) {
+            return Err(default_exchange_refused());
+        }
+        match &decl.destination {
+            Destination::Queue(q) => {
+                self.check_queue_access(vhost, q, decl.by)?;
+            }
+            Destination::Exchange(e) => {
+                if self.exchange(vhost, e).is_none() {
+                    return Err(exchange_missing(vhost, e));
+                }
+            }
+        }
+        if self.exchange(vhost, &decl.source).is_none() {
+            return Err(exchange_missing(vhost, &decl.source));
+        }
+        Ok(())
+    }
+
+    fn bind(&mut self, decl: BindingDecl) -> AmqpResult<MetaReply> {
+        self.check_binding_ends(&decl)?;
+        if self
+            .exchange(&decl.vhost, &decl.source)
+            .is_some_and(|e| e.kind == ExchangeKind::Headers)
+        {
+            validate_headers_binding(&decl.arguments).map_err(AmqpError::precondition_failed)?;
+        }
+        let vh = self.vhost_mut(&decl.vhost)?;
+        let set = vh.bindings.entry(decl.source.clone()).or_default();
+        let binding = Binding {
+            source: decl.source,
+            destination: decl.destination,
+            routing_key: decl.routing_key,
+            arguments: decl.arguments,
+        };
+        if !set.bindings.contains(&binding) {
+            set.bindings.push(binding);
+            set.rebuild();
+        }
+        Ok(MetaReply::Done)
+    }
+
+    fn unbind(
+        &mut self,
+        decl: BindingDecl,
+        effects: &mut Vec<MetaEffect>,
+    ) -> AmqpResult<MetaReply> {
+        self.check_binding_ends(&decl)?;
+        let vh = self.vhost_mut(&decl.vhost)?;
+        let Some(set) = vh.bindings.get_mut(&decl.source) else {
+            return Ok(MetaReply::Done);
+        };
+        let before = set.bindings.len();
+        set.bindings.retain(|b| {
+            !(b.destination == decl.destination
+                && b.routing_key == decl.routing_key
+                && b.arguments == decl.arguments)
+        });
+        if set.bindings.len() != before {
+            set.rebuild();
+            if set.bindings.is_empty() {
+                vh.bindings.remove(&decl.source);
+                self.auto_delete_exchanges(&decl.vhost, vec![decl.source], effects);
+            }
+        }
+        Ok(MetaReply::Done)
+    }
+
+    pub fn describe_destination(d: &Destination) -> String {
+        d.describe()
+    }
+}
+
+/// Drops every binding to `dest` and returns the sources that lost one (auto-delete candidates).
+fn remove_bindings_to(vh: &mut VHost, dest: &Destination) -> Vec<String> {
+    let mut touched = Vec::new();
+    vh.bindings.retain(|source, set| {
+        let before = set.bindings.len();
+        set.bindings.retain(|b| &b.destination != dest);
+        if set.bindings.len() != before {
+            touched.push(source.clone());
+            set.rebuild();
+        }
+        !set.bindings.is_empty()
+    });
+    touched
+}
+
+#[cfg(test)]
+#[path = "meta_tests.rs"]
+mod tests;

@@ -1,0 +1,511 @@
+//! Tests of the metadata state machine: the declare/bind/delete rules with their reply codes,
+//! routing through every exchange type, clean-up of what dead connections and node runs owned,
+//! and a property test that a snapshot restored mid-way routes exactly like the original.
+
+use super::*;
+use crate::ids::{ConnectionRef, NodeRun};
+use proptest::prelude::*;
+use warren_codec::{FieldValue, LongStr, ShortStr};
+
+const RUN: NodeRun = NodeRun {
+    node: 1,
+    incarnation: 1,
+};
+
+fn conn(n: u64) -> ConnectionRef {
+    ConnectionRef { run: RUN, conn: n }
+}
+
+fn exchange(name: &str, kind: &str) -> MetaCmd {
+    MetaCmd::DeclareExchange(ExchangeDecl {
+        vhost: "/".into(),
+        name: name.into(),
+        kind: kind.into(),
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments: FieldTable::new(),
+        declared_by: RUN,
+    })
+}
+
+fn queue(name: &str) -> QueueDecl {
+    QueueDecl {
+        vhost: "/".into(),
+        name: name.into(),
+        durable: true,
+        exclusive_owner: None,
+        auto_delete: false,
+        arguments: FieldTable::new(),
+        declared_by: RUN,
+        replicas: vec![1],
+    }
+}
+
+fn bind(source: &str, queue: &str, key: &str) -> MetaCmd {
+    MetaCmd::Bind(BindingDecl {
+        vhost: "/".into(),
+        source: source.into(),
+        destination: Destination::Queue(queue.into()),
+        routing_key: key.into(),
+        arguments: FieldTable::new(),
+        by: None,
+    })
+}
+
+fn ok(state: &mut MetaState, cmd: MetaCmd) -> Vec<MetaEffect> {
+    let (reply, fx) = state.apply(cmd);
+    assert!(!matches!(reply, MetaReply::Error(_)), "{reply:?}");
+    fx
+}
+
+fn code(state: &mut MetaState, cmd: MetaCmd) -> u16 {
+    match state.apply(cmd).0 {
+        MetaReply::Error(e) => e.code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn route(state: &MetaState, ex: &str, key: &str) -> Vec<String> {
+    state
+        .route("/", ex, key, None)
+        .unwrap()
+        .queues
+        .into_iter()
+        .collect()
+}
+
+#[test]
+fn exchange_declare_rules() {
+    let mut s = MetaState::new();
+    ok(&mut s, exchange("logs", "fanout"));
+    ok(&mut s, exchange("logs", "fanout"));
+    assert_eq!(code(&mut s, exchange("logs", "direct")), 406);
+    assert_eq!(code(&mut s, exchange("amq.custom", "direct")), 403);
+    assert_eq!(code(&mut s, exchange("", "direct")), 403);
+    assert_eq!(code(&mut s, exchange("x", "nonsense")), 503);
+    // Redeclaring a predeclared exchange with its own settings is fine.
+    ok(&mut s, exchange("amq.topic", "topic"));
+    let mut transient = exchange("logs", "fanout");
+    if let MetaCmd::DeclareExchange(d) = &mut transient {
+        d.durable = false;
+    }
+    assert_eq!(code(&mut s, transient), 406);
+}
+
+#[test]
+fn queue_declare_rules() {
+    let mut s = MetaState::new();
+    let fx = ok(&mut s, MetaCmd::DeclareQueue(queue("q")));
+    assert!(matches!(&fx[..], [MetaEffect::QueueCreated { .. }]));
+    // Redeclare: no new effect, same group.
+    let fx = ok(&mut s, MetaCmd::DeclareQueue(queue("q")));
+    assert!(fx.is_empty());
+    let mut transient = queue("q");
+    transient.durable = false;
+    assert_eq!(code(&mut s, MetaCmd::DeclareQueue(transient)), 406);
+    let mut ttl = queue("q");
+    ttl.arguments.insert(
+        ShortStr::try_from("x-message-ttl").unwrap(),
+        FieldValue::I32(1000),
+    );
+    assert_eq!(code(&mut s, MetaCmd::DeclareQueue(ttl)), 406);
+    // Unknown arguments are not compared, as in RabbitMQ.
+    let mut other = queue("q");
+    other
+        .arguments
+        .insert(ShortStr::try_from("x-custom").unwrap(), FieldValue::I32(1));
+    ok(&mut s, MetaCmd::DeclareQueue(other));
+    assert_eq!(code(&mut s, MetaCmd::DeclareQueue(queue("amq.q"))), 403);
+    ok(&mut s, MetaCmd::DeclareQueue(queue("amq.gen-abc")));
+
+    let mut excl = queue("mine");
+    excl.exclusive_owner = Some(conn(1));
+    ok(&mut s, MetaCmd::DeclareQueue(excl.clone()));
+    excl.exclusive_owner = Some(conn(2));
+    assert_eq!(code(&mut s, MetaCmd::DeclareQueue(excl)), 405);
+    assert_eq!(
+        s.check_queue_access("/", "mine", Some(conn(2)))
+            .unwrap_err()
+            .code,
+        405
+    );
+    assert!(s.check_queue_access("/", "mine", Some(conn(1))).is_ok());
+    assert_eq!(
+        s.check_queue_access("/", "none", None).unwrap_err().code,
+        404
+    );
+}
+
+#[test]
+fn placement_and_groups() {
+    let mut s = MetaState::new();
+    ok(&mut s, MetaCmd::DeclareQueue(queue("a")));
+    ok(&mut s, MetaCmd::DeclareQueue(queue("b")));
+    let mut t = queue("t");
+    t.durable = false;
+    ok(&mut s, MetaCmd::DeclareQueue(t));
+    let (ga, gb) = (
+        s.queue("/", "a").unwrap().group(),
+        s.queue("/", "b").unwrap().group(),
+    );
+    assert!(ga.is_some() && gb.is_some() && ga != gb);
+    assert_ne!(ga, Some(crate::ids::METADATA_GROUP));
+    assert_eq!(
+        s.queue("/", "t").unwrap().placement,
+        Placement::Local { run: RUN }
+    );
+}
+
+#[test]
+fn routing_through_every_exchange_type() {
+    let mut s = MetaState::new();
+    for q in ["q1", "q2", "q3"] {
+        ok(&mut s, MetaCmd::DeclareQueue(queue(q)));
+    }
+    ok(&mut s, exchange("d", "direct"));
+    ok(&mut s, exchange("f", "fanout"));
+    ok(&mut s, exchange("t", "topic"));
+    ok(&mut s, bind("d", "q1", "k"));
+    ok(&mut s, bind("d", "q2", "k"));
+    ok(&mut s, bind("d", "q3", "other"));
+    ok(&mut s, bind("f", "q1", "ignored"));
+    ok(&mut s, bind("f", "q3", ""));
+    ok(&mut s, bind("t", "q1", "*.orange.*"));
+    ok(&mut s, bind("t", "q2", "lazy.#"));
+    ok(&mut s, bind("t", "q2", "*.*.rabbit"));
+    assert_eq!(route(&s, "", "q2"), vec!["q2"]);
+    assert!(route(&s, "", "nope").is_empty());
+    assert_eq!(route(&s, "d", "k"), vec!["q1", "q2"]);
+    assert_eq!(route(&s, "f", "anything"), vec!["q1", "q3"]);
+    assert_eq!(route(&s, "t", "quick.orange.rabbit"), vec!["q1", "q2"]);
+    assert_eq!(route(&s, "t", "lazy.pink.rabbit"), vec!["q2"]);
+    assert!(route(&s, "t", "quick.brown.fox").is_empty());
+    assert_eq!(s.route("/", "missing", "", None).unwrap_err().code, 404);
+    // Binding twice is idempotent; unbinding removes it.
+    ok(&mut s, bind("d", "q1", "k"));
+    assert_eq!(s.bindings().filter(|(_, b)| b.source == "d").count(), 3);
+    let MetaCmd::Bind(decl) = bind("d", "q1", "k") else {
+        unreachable!()
+    };
+    ok(&mut s, MetaCmd::Unbind(decl));
+    assert_eq!(route(&s, "d", "k"), vec!["q2"]);
+}
+
+#[test]
+fn headers_exchange_routes_on_table() {
+    let mut s = MetaState::new();
+    ok(&mut s, MetaCmd::DeclareQueue(queue("q")));
+    let mut args = FieldTable::new();
+    args.insert(
+        ShortStr::try_from("x-match").unwrap(),
+        FieldValue::LongStr(LongStr::from("any")),
+    );
+    args.insert(
+        ShortStr::try_from("kind").unwrap(),
+        FieldValue::LongStr(LongStr::from("pdf")),
+    );
+    ok(
+        &mut s,
+        MetaCmd::Bind(BindingDecl {
+            vhost: "/".into(),
+            source: "amq.headers".into(),
+            destination: Destination::Queue("q".into()),
+            routing_key: String::new(),
+            arguments: args,
+            by: None,
+        }),
+    );
+    let mut headers = FieldTable::new();
+    headers.insert(
+        ShortStr::try_from("kind").unwrap(),
+        FieldValue::LongStr(LongStr::from("pdf")),
+    );
+    let hit = s.route("/", "amq.headers", "", Some(&headers)).unwrap();
+    assert_eq!(hit.queues.len(), 1);
+    let miss = s.route("/", "amq.headers", "", None).unwrap();
+    assert!(miss.queues.is_empty());
+    let mut bad = FieldTable::new();
+    bad.insert(
+        ShortStr::try_from("x-match").unwrap(),
+        FieldValue::LongStr(LongStr::from("most")),
+    );
+    let cmd = MetaCmd::Bind(BindingDecl {
+        vhost: "/".into(),
+        source: "amq.headers".into(),
+        destination: Destination::Queue("q".into()),
+        routing_key: String::new(),
+        arguments: bad,
+        by: None,
+    });
+    assert_eq!(code(&mut s, cmd), 406);
+}
+
+#[test]
+fn exchange_to_exchange_with_cycles_and_alternate() {
+    let mut s = MetaState::new();
+    ok(&mut s, MetaCmd::DeclareQueue(queue("q")));
+    ok(&mut s, MetaCmd::DeclareQueue(queue("unrouted")));
+    ok(&mut s, exchange("a", "fanout"));
+    ok(&mut s, exchange("b", "fanout"));
+    let e2e = |src: &str, dst: &str| {
+        MetaCmd::Bind(BindingDecl {
+            vhost: "/".into(),
+            source: src.into(),
+            destination: Destination::Exchange(dst.into()),
+            routing_key: String::new(),
+            arguments: FieldTable::new(),
+            by: None,
+        })
+    };
+    ok(&mut s, e2e("a", "b"));
+    ok(&mut s, e2e("b", "a"));
+    ok(&mut s, bind("b", "q", ""));
+    assert_eq!(route(&s, "a", "x"), vec!["q"]);
+    assert_eq!(code(&mut s, e2e("a", "missing")), 404);
+    assert_eq!(code(&mut s, e2e("", "a")), 403);
+
+    let mut alt_args = FieldTable::new();
+    alt_args.insert(
+        ShortStr::try_from("alternate-exchange").unwrap(),
+        FieldValue::LongStr(LongStr::from("ae")),
+    );
+    ok(&mut s, exchange("ae", "fanout"));
+    ok(&mut s, bind("ae", "unrouted", ""));
+    ok(
+        &mut s,
+        MetaCmd::DeclareExchange(ExchangeDecl {
+            vhost: "/".into(),
+            name: "main".into(),
+            kind: "direct".into(),
+            durable: true,
+            auto_delete: false,
+            internal: false,
+            arguments: alt_args,
+            declared_by: RUN,
+        }),
+    );
+    ok(&mut s, bind("main", "q", "known"));
+    assert_eq!(route(&s, "main", "known"), vec!["q"]);
+    assert_eq!(route(&s, "main", "unknown"), vec!["unrouted"]);
+
+    ok(
+        &mut s,
+        MetaCmd::DeclareExchange(ExchangeDecl {
+            vhost: "/".into(),
+            name: "hidden".into(),
+            kind: "fanout".into(),
+            durable: true,
+            auto_delete: false,
+            internal: true,
+            arguments: FieldTable::new(),
+            declared_by: RUN,
+        }),
+    );
+    assert_eq!(s.route("/", "hidden", "", None).unwrap_err().code, 403);
+}
+
+#[test]
+fn deletes_cascade_to_bindings_and_auto_delete_exchanges() {
+    let mut s = MetaState::new();
+    ok(&mut s, MetaCmd::DeclareQueue(queue("q")));
+    ok(
+        &mut s,
+        MetaCmd::DeclareExchange(ExchangeDecl {
+            vhost: "/".into(),
+            name: "auto".into(),
+            kind: "direct".into(),
+            durable: true,
+            auto_delete: true,
+            internal: false,
+            arguments: FieldTable::new(),
+            declared_by: RUN,
+        }),
+    );
+    ok(&mut s, exchange("busy", "direct"));
+    ok(&mut s, bind("auto", "q", "k"));
+    ok(&mut s, bind("busy", "q", "k"));
+    assert_eq!(
+        code(
+            &mut s,
+            MetaCmd::DeleteExchange {
+                vhost: "/".into(),
+                name: "busy".into(),
+                if_unused: true,
+            }
+        ),
+        406
+    );
+    let fx = ok(
+        &mut s,
+        MetaCmd::DeleteQueue {
+            vhost: "/".into(),
+            name: "q".into(),
+            by: None,
+        },
+    );
+    assert!(matches!(&fx[..], [MetaEffect::QueueDeleted { .. }]));
+    assert!(
+        s.exchange("/", "auto").is_none(),
+        "auto-delete exchange goes"
+    );
+    assert!(s.exchange("/", "busy").is_some());
+    assert_eq!(s.bindings().count(), 0);
+    // Deleting what does not exist is not an error.
+    ok(
+        &mut s,
+        MetaCmd::DeleteQueue {
+            vhost: "/".into(),
+            name: "q".into(),
+            by: None,
+        },
+    );
+    ok(
+        &mut s,
+        MetaCmd::DeleteExchange {
+            vhost: "/".into(),
+            name: "nope".into(),
+            if_unused: false,
+        },
+    );
+    assert_eq!(
+        code(
+            &mut s,
+            MetaCmd::DeleteExchange {
+                vhost: "/".into(),
+                name: "amq.direct".into(),
+                if_unused: false,
+            }
+        ),
+        403
+    );
+}
+
+#[test]
+fn dead_connections_and_node_runs_are_cleaned_up() {
+    let mut s = MetaState::new();
+    let mut excl = queue("excl");
+    excl.exclusive_owner = Some(conn(7));
+    ok(&mut s, MetaCmd::DeclareQueue(excl));
+    let mut transient = queue("transient");
+    transient.durable = false;
+    ok(&mut s, MetaCmd::DeclareQueue(transient));
+    ok(&mut s, MetaCmd::DeclareQueue(queue("durable")));
+    let mut tx = exchange("tx", "fanout");
+    if let MetaCmd::DeclareExchange(d) = &mut tx {
+        d.durable = false;
+    }
+    ok(&mut s, tx);
+    ok(&mut s, bind("tx", "durable", ""));
+
+    let fx = ok(&mut s, MetaCmd::ConnectionClosed { conn: conn(7) });
+    assert_eq!(fx.len(), 1);
+    assert!(s.queue("/", "excl").is_none());
+
+    let fx = ok(
+        &mut s,
+        MetaCmd::NodeRestarted {
+            run: NodeRun {
+                node: 1,
+                incarnation: 2,
+            },
+        },
+    );
+    assert_eq!(fx.len(), 1, "only the transient queue is a queue effect");
+    assert!(s.queue("/", "transient").is_none());
+    assert!(s.queue("/", "durable").is_some());
+    assert!(s.exchange("/", "tx").is_none());
+    assert_eq!(s.bindings().count(), 0);
+}
+
+// ---- snapshot equivalence ----
+
+fn arb_cmd() -> impl Strategy<Value = MetaCmd> {
+    use proptest::sample::select;
+    let names = select(vec!["a".to_string(), "b".into(), "c".into()]);
+    let qnames = select(vec!["q1".to_string(), "q2".into(), "q3".into()]);
+    let keys = select(vec![
+        String::new(),
+        "k".into(),
+        "x.y".into(),
+        "#".into(),
+        "*.y".into(),
+    ]);
+    prop_oneof![
+        (
+            names.clone(),
+            select(vec!["direct", "fanout", "topic"]),
+            any::<bool>()
+        )
+            .prop_map(|(n, k, auto)| {
+                let mut cmd = exchange(&n, k);
+                if let MetaCmd::DeclareExchange(d) = &mut cmd {
+                    d.auto_delete = auto;
+                }
+                cmd
+            }),
+        qnames
+            .clone()
+            .prop_map(|q| MetaCmd::DeclareQueue(queue(&q))),
+        (names.clone(), qnames.clone(), keys.clone()).prop_map(|(e, q, k)| bind(&e, &q, &k)),
+        (names.clone(), qnames.clone(), keys).prop_map(|(e, q, k)| match bind(&e, &q, &k) {
+            MetaCmd::Bind(d) => MetaCmd::Unbind(d),
+            other => other,
+        }),
+        qnames.prop_map(|q| MetaCmd::DeleteQueue {
+            vhost: "/".into(),
+            name: q,
+            by: None
+        }),
+        (names, any::<bool>()).prop_map(|(n, if_unused)| MetaCmd::DeleteExchange {
+            vhost: "/".into(),
+            name: n,
+            if_unused
+        }),
+    ]
+}
+
+fn all_routes(s: &MetaState) -> Vec<(String, String, Vec<String>)> {
+    let mut out = vec![];
+    for ex in ["a", "b", "c"] {
+        for key in ["", "k", "x.y", "z.y", "q"] {
+            if let Ok(r) = s.route("/", ex, key, None) {
+                out.push((ex.into(), key.into(), r.queues.into_iter().collect()));
+            }
+        }
+    }
+    out
+}
+
+proptest! {
+    #[test]
+    fn snapshot_restore_routes_like_the_original(
+        before in proptest::collection::vec(arb_cmd(), 0..30),
+        after in proptest::collection::vec(arb_cmd(), 0..30),
+    ) {
+        let mut live = MetaState::new();
+        for c in before {
+            live.apply(c);
+        }
+        let bytes = postcard::to_allocvec(&live).unwrap();
+        let mut restored: MetaState = postcard::from_bytes(&bytes).unwrap();
+        restored.rebuild_indexes();
+        prop_assert_eq!(all_routes(&live), all_routes(&restored));
+        for c in after {
+            let (r1, f1) = live.apply(c.clone());
+            let (r2, f2) = restored.apply(c);
+            prop_assert_eq!(r1, r2);
+            prop_assert_eq!(f1, f2);
+        }
+        prop_assert_eq!(all_routes(&live), all_routes(&restored));
+        prop_assert_eq!(postcard::to_allocvec(&live).unwrap(), postcard::to_allocvec(&restored).unwrap());
+        // No binding points at something that no longer exists.
+        for (_, b) in live.bindings() {
+            prop_assert!(live.exchange("/", &b.source).is_some());
+            match &b.destination {
+                Destination::Queue(q) => prop_assert!(live.queue("/", q).is_some()),
+                Destination::Exchange(e) => prop_assert!(live.exchange("/", e).is_some()),
+            }
+        }
+    }
+}
