@@ -1,0 +1,372 @@
+//! The node's one RocksDB instance, shared by every Raft group on the node.
+//!
+//! A node hosts one metadata group and one group per durable queue, possibly hundreds in all.
+//! Giving each its own RocksDB would multiply WAL files, background threads and fsyncs, so they
+//! all share one database opened here by [`Storage`], and tell their data apart by a key prefix:
+//! the [`GroupId`] as 8 big-endian bytes, so that one group's keys are contiguous and sort by
+//! what follows the prefix (see [`keys`]).
+//!
+//! Column families:
+//! - [`CF_LOG`]: Raft log entries, written by [`crate::log_store`];
+//! - [`CF_META`]: per-group vote, committed and last-purged log ids, also [`crate::log_store`];
+//! - [`CF_SM`] and [`CF_SNAPSHOT`]: state-machine data and snapshots, for the state-machine side,
+//!   which reaches them through [`Storage::db`] and [`Storage::cf`].
+//!
+//! Every write goes through the same WAL, so durability is prefix-ordered across all column
+//! families and groups: once the WAL is synced, everything written before is durable. The
+//! [`crate::flusher`] builds group commit on that, and [`Storage::when_durable`] /
+//! [`Storage::sync`] let the state-machine side share it.
+//!
+//! Values are encoded by [`encode`] / [`decode`]: one format byte, then postcard.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rocksdb::ColumnFamily;
+use rocksdb::ColumnFamilyDescriptor;
+use rocksdb::DB;
+use rocksdb::Options;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::flusher::Completion;
+use crate::flusher::FlushStats;
+use crate::flusher::Flusher;
+use crate::log_store::LogStore;
+
+/// Identifies one Raft group on a node: the metadata group or one durable queue's group.
+pub type GroupId = u64;
+
+/// Column family of Raft log entries: key = group prefix + log index (both big-endian u64).
+pub const CF_LOG: &str = "log";
+/// Column family of per-group Raft metadata: key = group prefix + a short tag.
+pub const CF_META: &str = "meta";
+/// Column family reserved for state-machine data; keys should start with the group prefix.
+pub const CF_SM: &str = "sm";
+/// Column family reserved for snapshots; keys should start with the group prefix.
+pub const CF_SNAPSHOT: &str = "snapshot";
+
+/// Every column family this crate creates, in creation order.
+pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
+
+/// The first byte of every value written by [`encode`]: the format it is in. A later format
+/// change can then read old values instead of misreading them.
+const FORMAT_POSTCARD_V1: u8 = 1;
+
+/// Errors from opening or reading the node database outside of the openraft traits (which
+/// speak [`io::Error`]; this converts into it).
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("rocksdb: {0}")]
+    RocksDb(#[from] rocksdb::Error),
+    #[error("column family `{0}` is missing")]
+    MissingColumnFamily(&'static str),
+    #[error("cannot encode value: {0}")]
+    Encode(#[source] postcard::Error),
+    #[error("cannot decode value: {0}")]
+    Decode(#[source] postcard::Error),
+    #[error("unknown value format {0} (written by a newer version?)")]
+    UnknownFormat(u8),
+    #[error("empty value where an encoded one was expected")]
+    EmptyValue,
+    #[error("cannot start the WAL flusher thread: {0}")]
+    Flusher(#[source] io::Error),
+    #[error("storage is closed")]
+    Closed,
+}
+
+impl From<DbError> for io::Error {
+    fn from(e: DbError) -> Self {
+        let kind = match &e {
+            DbError::Decode(_) | DbError::UnknownFormat(_) | DbError::EmptyValue => {
+                io::ErrorKind::InvalidData
+            }
+            DbError::Encode(_) => io::ErrorKind::InvalidInput,
+            DbError::Closed => io::ErrorKind::BrokenPipe,
+            DbError::Flusher(inner) => inner.kind(),
+            DbError::RocksDb(_) | DbError::MissingColumnFamily(_) => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+/// Key layout shared by all column families: `group (8 bytes BE) ++ suffix`.
+///
+/// Big-endian keeps numeric order equal to byte order, which RocksDB iterates in.
+pub mod keys {
+    use super::GroupId;
+
+    /// Length of the group prefix.
+    pub const PREFIX_LEN: usize = 8;
+
+    /// Meta tag of the saved vote.
+    pub const TAG_VOTE: &[u8] = b"vote";
+    /// Meta tag of the saved committed log id.
+    pub const TAG_COMMITTED: &[u8] = b"committed";
+    /// Meta tag of the last purged log id.
+    pub const TAG_LAST_PURGED: &[u8] = b"last_purged";
+
+    /// The 8-byte prefix of every key of `group`.
+    pub fn group_prefix(group: GroupId) -> [u8; PREFIX_LEN] {
+        group.to_be_bytes()
+    }
+
+    /// Smallest key greater than every key of `group`, or `None` for the last possible group
+    /// (whose keys are then bounded only by the end of the column family).
+    pub fn group_upper_bound(group: GroupId) -> Option<[u8; PREFIX_LEN]> {
+        group.checked_add(1).map(group_prefix)
+    }
+
+    /// `group` prefix followed by `suffix`: the key form of every column family.
+    pub fn group_key(group: GroupId, suffix: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(PREFIX_LEN + suffix.len());
+        k.extend_from_slice(&group_prefix(group));
+        k.extend_from_slice(suffix);
+        k
+    }
+
+    /// Key of the log entry at `index` of `group`.
+    pub fn log_key(group: GroupId, index: u64) -> [u8; 16] {
+        let mut k = [0u8; 16];
+        k[..8].copy_from_slice(&group.to_be_bytes());
+        k[8..].copy_from_slice(&index.to_be_bytes());
+        k
+    }
+
+    /// Exclusive upper bound for log keys of `group` with index `< end`; `None` means no index
+    /// limit. The unlimited form is 17 bytes: it sorts after every 16-byte log key of `group`
+    /// (including index `u64::MAX`) and before any key of the next group.
+    pub fn log_key_bound(group: GroupId, end: Option<u64>) -> Vec<u8> {
+        match end {
+            Some(end) => log_key(group, end).to_vec(),
+            None => {
+                let mut k = log_key(group, u64::MAX).to_vec();
+                k.push(0);
+                k
+            }
+        }
+    }
+
+    /// The log index of a 16-byte log key, if it has that length.
+    pub fn log_index(key: &[u8]) -> Option<u64> {
+        let index: [u8; 8] = key.get(PREFIX_LEN..)?.try_into().ok()?;
+        Some(u64::from_be_bytes(index))
+    }
+}
+
+/// Encodes `value` in the on-disk format of this crate: one format byte, then postcard.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, DbError> {
+    postcard::to_extend(value, vec![FORMAT_POSTCARD_V1]).map_err(DbError::Encode)
+}
+
+/// Decodes a value written by [`encode`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DbError> {
+    match bytes.split_first() {
+        Some((&FORMAT_POSTCARD_V1, rest)) => postcard::from_bytes(rest).map_err(DbError::Decode),
+        Some((&other, _)) => Err(DbError::UnknownFormat(other)),
+        None => Err(DbError::EmptyValue),
+    }
+}
+
+/// Handle to the node's RocksDB and its WAL flusher; cheap to clone.
+///
+/// One per node. Each Raft group gets its [`LogStore`] from [`Storage::log_store`]; every store
+/// keeps the database (and the flusher thread) alive, so it closes when the last handle is gone,
+/// or earlier through [`Storage::close`].
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    flusher: Flusher,
+    path: PathBuf,
+}
+
+impl Storage {
+    /// Opens (creating if needed) the node database in directory `path` with all
+    /// [`COLUMN_FAMILIES`], and starts the WAL flusher thread.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, DbError> {
+        let path = path.as_ref().to_path_buf();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Writes must reach the WAL (the default) and the WAL must be written to the OS on
+        // every write (manual_wal_flush = false, the default): the flusher's fsync then covers
+        // every write that returned before it started. Both defaults are relied upon, so set
+        // them explicitly.
+        opts.set_manual_wal_flush(false);
+        // Recover the longest consistent prefix of the WAL after a crash (RocksDB's default).
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+
+        let cfs = COLUMN_FAMILIES
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = Arc::new(DB::open_cf_descriptors(&opts, &path, cfs)?);
+        for name in COLUMN_FAMILIES {
+            if db.cf_handle(name).is_none() {
+                return Err(DbError::MissingColumnFamily(name));
+            }
+        }
+        let flusher = Flusher::start(db.clone()).map_err(DbError::Flusher)?;
+        Ok(Storage {
+            inner: Arc::new(Inner { db, flusher, path }),
+        })
+    }
+
+    /// The RocksDB instance, for the state-machine side. Writes it makes go through the same
+    /// WAL; use [`Storage::when_durable`] or [`Storage::sync`] rather than synced writes so that
+    /// they share the node's fsyncs.
+    pub fn db(&self) -> &Arc<DB> {
+        &self.inner.db
+    }
+
+    /// Handle of one of the [`COLUMN_FAMILIES`].
+    ///
+    /// # Panics
+    /// If `name` is not one of them: their presence is checked at open.
+    pub fn cf(&self, name: &str) -> &ColumnFamily {
+        self.inner
+            .db
+            .cf_handle(name)
+            .unwrap_or_else(|| panic!("unknown column family `{name}`"))
+    }
+
+    /// The directory the database lives in.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The log store of `group`. Stores of different groups are independent; stores of the same
+    /// group are clones of each other (openraft wants one per `Raft`).
+    pub fn log_store<C: openraft::RaftTypeConfig>(&self, group: GroupId) -> LogStore<C> {
+        LogStore::new(self.clone(), group)
+    }
+
+    /// Calls `done` once everything written to the database before this call is durable (or
+    /// with the error of the fsync that should have made it so), from the flusher thread: keep
+    /// `done` short. Calls it at once with an error if the storage is closed.
+    pub fn when_durable(&self, done: impl FnOnce(io::Result<()>) + Send + 'static) {
+        // On a closed storage `done` has already been told; nothing more to report.
+        let _ = self.queue_completion(Box::new(done));
+    }
+
+    /// Queues `done` on the flusher; if the storage is closed, runs it with that error and
+    /// returns the error too.
+    pub(crate) fn queue_completion(&self, done: Completion) -> Result<(), DbError> {
+        self.inner.flusher.enqueue(done).map_err(|done| {
+            done(Err(DbError::Closed.into()));
+            DbError::Closed
+        })
+    }
+
+    /// Resolves once everything written before the call is durable. Shares the fsync with
+    /// concurrent appends of all groups.
+    pub async fn sync(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.when_durable(move |res| {
+            // The receiver is gone only if the caller stopped waiting; nothing to tell then.
+            let _ = tx.send(res);
+        });
+        rx.await.unwrap_or_else(|_| {
+            Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "WAL flusher stopped",
+            ))
+        })
+    }
+
+    /// Fails with [`DbError::Closed`] once [`Storage::close`] has been called: writers check
+    /// this first so that nothing is written that could never be reported durable.
+    pub(crate) fn ensure_open(&self) -> Result<(), DbError> {
+        if self.inner.flusher.is_closed() {
+            Err(DbError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Counters of the group-commit flusher.
+    pub fn flush_stats(&self) -> FlushStats {
+        self.inner.flusher.stats()
+    }
+
+    /// Stops the flusher after it has synced and completed everything queued so far. Later
+    /// appends, vote saves and [`Storage::sync`] calls fail; reads still work. The database
+    /// itself closes when the last handle is dropped. Idempotent.
+    pub fn close(&self) {
+        self.inner.flusher.close();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn flusher(&self) -> &Flusher {
+        &self.inner.flusher
+    }
+}
+
+impl fmt::Debug for Storage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Storage")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Drain and join the flusher before the DB handle goes: the thread holds its own Arc,
+        // so this also lets RocksDB close here rather than whenever the thread happens to end.
+        self.flusher.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys::*;
+    use super::*;
+
+    #[test]
+    fn log_keys_sort_by_group_then_index() {
+        let mut ks = vec![
+            log_key(2, 0),
+            log_key(1, u64::MAX),
+            log_key(1, 256),
+            log_key(1, 255),
+            log_key(0, 7),
+        ];
+        ks.sort();
+        assert_eq!(
+            ks,
+            vec![
+                log_key(0, 7),
+                log_key(1, 255),
+                log_key(1, 256),
+                log_key(1, u64::MAX),
+                log_key(2, 0)
+            ]
+        );
+        let bound = log_key_bound(1, None);
+        assert!(log_key(1, u64::MAX).as_slice() < bound.as_slice());
+        assert!(bound.as_slice() < log_key(2, 0).as_slice());
+        assert_eq!(log_index(&log_key(9, 42)), Some(42));
+        assert_eq!(group_upper_bound(u64::MAX), None);
+        assert_eq!(group_upper_bound(1), Some(group_prefix(2)));
+    }
+
+    #[test]
+    fn values_round_trip_and_reject_unknown_formats() {
+        let v = (7u64, String::from("x"), Some(3u32));
+        let bytes = encode(&v).unwrap();
+        assert_eq!(bytes[0], FORMAT_POSTCARD_V1);
+        assert_eq!(decode::<(u64, String, Option<u32>)>(&bytes).unwrap(), v);
+        assert!(matches!(
+            decode::<u64>(&[9, 1]),
+            Err(DbError::UnknownFormat(9))
+        ));
+        assert!(matches!(decode::<u64>(&[]), Err(DbError::EmptyValue)));
+    }
+}

@@ -1,0 +1,451 @@
+//! The Raft log of one group, kept in the node's shared RocksDB: openraft's `RaftLogStorage`
+//! and `RaftLogReader`.
+//!
+//! Neighbours: [`crate::db`] opens the database and defines the key layout and value encoding;
+//! [`crate::flusher`] makes appends durable in groups. Each `Raft` group gets its store from
+//! [`crate::db::Storage::log_store`]; the state machine lives elsewhere and only shares the DB.
+//!
+//! Layout: entries in `CF_LOG` under `group ++ index`; in `CF_META` under `group ++ tag` the
+//! vote, the committed log id and the last purged log id.
+//!
+//! Durability: `append` writes its batch to the WAL without sync, so the entries are readable
+//! as soon as it returns, and hands its `IOFlushed` callback to the flusher, which fires it after
+//! the next WAL fsync. `save_vote` does the same but waits for that fsync before returning, as
+//! openraft requires. `truncate_after`, `purge` and `save_committed` do not wait: every write of
+//! the node goes through one WAL, recovered as a prefix, so each of them is durable no later
+//! than the next append or vote that follows it, and losing one in a crash only rolls this group
+//! back to an earlier consistent state (entries not yet truncated or purged, an older committed
+//! id — which openraft tolerates since committed entries are durable on a quorum).
+//!
+//! RocksDB calls here block the calling task briefly (memtable writes and reads); only fsyncs
+//! are moved off the async runtime.
+
+use std::fmt;
+use std::fmt::Debug;
+use std::io;
+use std::marker::PhantomData;
+use std::ops::Bound;
+use std::ops::RangeBounds;
+
+use openraft::LogState;
+use openraft::OptionalSend;
+use openraft::RaftLogReader;
+use openraft::RaftTypeConfig;
+use openraft::alias::LogIdOf;
+use openraft::alias::VoteOf;
+use openraft::entry::RaftEntry;
+use openraft::storage::IOFlushed;
+use openraft::storage::RaftLogStorage;
+use rocksdb::ColumnFamily;
+use rocksdb::DB;
+use rocksdb::Direction;
+use rocksdb::IteratorMode;
+use rocksdb::ReadOptions;
+use rocksdb::WriteBatch;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::db::CF_LOG;
+use crate::db::CF_META;
+use crate::db::DbError;
+use crate::db::GroupId;
+use crate::db::Storage;
+use crate::db::decode;
+use crate::db::encode;
+use crate::db::keys;
+
+/// How much entry data (encoded bytes) `limited_get_log_entries` returns at most, beyond the
+/// first entry: keeps one replication message well below common RPC size limits.
+pub const LIMITED_READ_BYTES: usize = 1 << 20;
+
+/// The Raft log of one group. Cheap to clone; clones share everything, and a clone serves as
+/// the group's log reader.
+pub struct LogStore<C> {
+    storage: Storage,
+    group: GroupId,
+    _config: PhantomData<fn() -> C>,
+}
+
+impl<C> Clone for LogStore<C> {
+    fn clone(&self) -> Self {
+        LogStore {
+            storage: self.storage.clone(),
+            group: self.group,
+            _config: PhantomData,
+        }
+    }
+}
+
+impl<C> fmt::Debug for LogStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LogStore")
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C: RaftTypeConfig> LogStore<C> {
+    pub(crate) fn new(storage: Storage, group: GroupId) -> Self {
+        LogStore {
+            storage,
+            group,
+            _config: PhantomData,
+        }
+    }
+
+    /// The group whose log this is.
+    pub fn group(&self) -> GroupId {
+        self.group
+    }
+
+    /// The node storage this log lives in.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Removes this group's whole log and Raft metadata (vote, committed, purge point), for a
+    /// deleted queue. Not synced: durable with the next fsync of the node.
+    pub fn destroy(&self) -> io::Result<()> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            keys::log_key(self.group, 0).to_vec(),
+            keys::log_key_bound(self.group, None),
+        );
+        for tag in [keys::TAG_VOTE, keys::TAG_COMMITTED, keys::TAG_LAST_PURGED] {
+            batch.delete_cf(self.cf(CF_META), keys::group_key(self.group, tag));
+        }
+        self.write(batch)
+    }
+
+    fn db(&self) -> &DB {
+        self.storage.db()
+    }
+
+    fn cf(&self, name: &str) -> &ColumnFamily {
+        self.storage.cf(name)
+    }
+
+    fn write(&self, batch: WriteBatch) -> io::Result<()> {
+        // Default write options: through the WAL, not synced (see the module comment).
+        self.db().write(batch).map_err(|e| DbError::from(e).into())
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, tag: &[u8]) -> io::Result<Option<T>> {
+        let key = keys::group_key(self.group, tag);
+        match self
+            .db()
+            .get_pinned_cf(self.cf(CF_META), key)
+            .map_err(DbError::from)?
+        {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn put_meta<T: Serialize>(&self, tag: &[u8], value: &T) -> io::Result<()> {
+        let key = keys::group_key(self.group, tag);
+        let value = encode(value)?;
+        self.db()
+            .put_cf(self.cf(CF_META), key, value)
+            .map_err(|e| DbError::from(e).into())
+    }
+
+    /// Entries with `start <= index < end` (`end == None`: no upper limit), in order. Stops after
+    /// the entry that brings the total encoded size to `max_bytes`, if given.
+    fn read_entries(
+        &self,
+        start: u64,
+        end: Option<u64>,
+        max_bytes: Option<usize>,
+    ) -> io::Result<Vec<C::Entry>> {
+        if end.is_some_and(|end| end <= start) {
+            return Ok(Vec::new());
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(keys::log_key_bound(self.group, end));
+        let first = keys::log_key(self.group, start);
+        // An iterator reads from an implicit snapshot: the result is one consistent state even
+        // if appends or truncations run concurrently.
+        let iter = self.db().iterator_cf_opt(
+            self.cf(CF_LOG),
+            opts,
+            IteratorMode::From(&first, Direction::Forward),
+        );
+
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        let mut expected = None;
+        for item in iter {
+            let (key, value) = item.map_err(DbError::from)?;
+            let index = keys::log_index(&key).ok_or_else(|| {
+                invalid_data(format!("malformed log key {key:?} in group {}", self.group))
+            })?;
+            if let Some(expected) = expected
+                && index != expected
+            {
+                return Err(invalid_data(format!(
+                    "hole in the log of group {}: expected index {expected}, found {index}",
+                    self.group
+                )));
+            }
+            let entry: C::Entry = decode(&value)?;
+            if entry.index() != index {
+                return Err(invalid_data(format!(
+                    "log entry {} of group {} stored under index {index}",
+                    entry.log_id(),
+                    self.group
+                )));
+            }
+            entries.push(entry);
+            expected = index.checked_add(1);
+            bytes += value.len();
+            if max_bytes.is_some_and(|max| bytes >= max) {
+                break;
+            }
+        }
+        Ok(entries)
+    }
+
+    /// The log id of the last present entry, if any.
+    fn last_entry_log_id(&self) -> io::Result<Option<LogIdOf<C>>> {
+        let mut iter = self.db().raw_iterator_cf(self.cf(CF_LOG));
+        iter.seek_for_prev(keys::log_key(self.group, u64::MAX));
+        if !iter.valid() {
+            iter.status().map_err(DbError::from)?;
+            return Ok(None);
+        }
+        let in_group = iter
+            .key()
+            .is_some_and(|k| k.starts_with(&keys::group_prefix(self.group)));
+        if !in_group {
+            return Ok(None);
+        }
+        let value = iter
+            .value()
+            .ok_or_else(|| invalid_data("log iterator has a key but no value".into()))?;
+        let entry: C::Entry = decode(value)?;
+        Ok(Some(entry.log_id()))
+    }
+}
+
+fn invalid_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// `[start, end)` of a range of log indexes; `end == None` means unbounded.
+fn index_range(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        // Nothing lies after u64::MAX: make the range empty.
+        Bound::Excluded(&s) => match s.checked_add(1) {
+            Some(s) => s,
+            None => return (u64::MAX, Some(u64::MAX)),
+        },
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e.checked_add(1),
+        Bound::Excluded(&e) => Some(e),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
+
+impl<C: RaftTypeConfig> RaftLogReader<C> for LogStore<C> {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<C::Entry>, io::Error> {
+        let (start, end) = index_range(&range);
+        self.read_entries(start, end, None)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<VoteOf<C>>, io::Error> {
+        self.get_meta(keys::TAG_VOTE)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<C::Entry>, io::Error> {
+        self.read_entries(start, Some(end), Some(LIMITED_READ_BYTES))
+    }
+}
+
+impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<C>, io::Error> {
+        let last_purged_log_id: Option<LogIdOf<C>> = self.get_meta(keys::TAG_LAST_PURGED)?;
+        let last_log_id = match self.last_entry_log_id()? {
+            Some(id) => Some(id),
+            None => last_purged_log_id.clone(),
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
+        self.storage.ensure_open()?;
+        self.put_meta(keys::TAG_VOTE, vote)?;
+        // openraft needs the vote durable before we return; wait for the shared fsync rather
+        // than syncing this write alone.
+        self.storage.sync().await
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        match committed {
+            Some(id) => self.put_meta(keys::TAG_COMMITTED, &id),
+            None => {
+                let key = keys::group_key(self.group, keys::TAG_COMMITTED);
+                self.db()
+                    .delete_cf(self.cf(CF_META), key)
+                    .map_err(|e| DbError::from(e).into())
+            }
+        }
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogIdOf<C>>, io::Error> {
+        self.get_meta(keys::TAG_COMMITTED)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<C>) -> Result<(), io::Error>
+    where
+        I: IntoIterator<Item = C::Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        // Any failure is reported both ways: as the return value and through the callback.
+        let written = self
+            .storage
+            .ensure_open()
+            .map_err(io::Error::from)
+            .and_then(|()| {
+                let cf = self.cf(CF_LOG);
+                let mut batch = WriteBatch::default();
+                for entry in entries {
+                    batch.put_cf(
+                        cf,
+                        keys::log_key(self.group, entry.index()),
+                        encode(&entry)?,
+                    );
+                }
+                // Readable once this returns; durable once the flusher's next fsync is done. An
+                // empty append still waits for that fsync: its callback vouches for what came before.
+                self.write(batch)
+            });
+        if let Err(e) = written {
+            callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
+            return Err(e);
+        }
+        self.storage
+            .queue_completion(Box::new(move |result| callback.io_completed(result)))
+            .map_err(io::Error::from)
+    }
+
+    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<C>>) -> Result<(), io::Error> {
+        let from = match last_log_id {
+            Some(id) => match id.index().checked_add(1) {
+                Some(from) => from,
+                None => return Ok(()),
+            },
+            None => 0,
+        };
+        let mut batch = WriteBatch::default();
+        // One range tombstone: atomic, so no hole can appear even if we crash mid-way.
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            keys::log_key(self.group, from).to_vec(),
+            keys::log_key_bound(self.group, None),
+        );
+        self.write(batch)
+    }
+
+    async fn purge(&mut self, log_id: LogIdOf<C>) -> Result<(), io::Error> {
+        let mut batch = WriteBatch::default();
+        // The purge point and the deletion go in one batch, so after a crash either both or
+        // neither are there and get_log_state stays right.
+        batch.put_cf(
+            self.cf(CF_META),
+            keys::group_key(self.group, keys::TAG_LAST_PURGED),
+            encode(&log_id)?,
+        );
+        batch.delete_range_cf(
+            self.cf(CF_LOG),
+            keys::log_key(self.group, 0).to_vec(),
+            keys::log_key_bound(self.group, log_id.index().checked_add(1)),
+        );
+        self.write(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use openraft::storage::IOFlushed;
+    use openraft::storage::RaftLogStorage;
+    use openraft::type_config::TypeConfigExt;
+
+    use super::index_range;
+    use crate::db::Storage;
+
+    openraft::declare_raft_types!(UnitConfig: D = String, R = ());
+
+    /// While the flusher is held back, appends from several groups queue up: none completes
+    /// before an fsync, and then all of them complete after exactly one.
+    #[tokio::test]
+    async fn appends_from_many_groups_share_one_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::open(dir.path()).unwrap();
+        storage.flusher().set_paused(true);
+
+        let mut receivers = Vec::new();
+        for group in 0..4u64 {
+            let mut store = storage.log_store::<UnitConfig>(group);
+            for index in 1..=25u64 {
+                let entry = openraft::testing::blank_ent::<UnitConfig>(1, 1, index);
+                let (tx, rx) = UnitConfig::oneshot();
+                store.append([entry], IOFlushed::signal(tx)).await.unwrap();
+                receivers.push(rx);
+            }
+        }
+        // Give a (wrongly) running flusher every chance to complete something.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(storage.flush_stats().fsyncs, 0);
+        assert_eq!(storage.flush_stats().callbacks_completed, 0);
+        for rx in &mut receivers {
+            assert!(rx.try_recv().is_err(), "completed before any fsync");
+        }
+
+        storage.flusher().set_paused(false);
+        for rx in receivers {
+            rx.await.unwrap().unwrap();
+        }
+        let stats = storage.flush_stats();
+        assert_eq!(stats.fsyncs, 1, "{stats:?}");
+        assert_eq!(stats.callbacks_completed, 100);
+        assert_eq!(stats.largest_batch, 100);
+    }
+
+    #[test]
+    fn index_ranges() {
+        assert_eq!(index_range(&(3..7)), (3, Some(7)));
+        assert_eq!(index_range(&(3..=7)), (3, Some(8)));
+        assert_eq!(index_range(&(3..)), (3, None));
+        assert_eq!(index_range(&(..)), (0, None));
+        assert_eq!(index_range(&(..=u64::MAX)), (0, None));
+        let excl = (
+            std::ops::Bound::Excluded(u64::MAX),
+            std::ops::Bound::Unbounded,
+        );
+        assert_eq!(index_range(&excl), (u64::MAX, Some(u64::MAX)));
+    }
+}
