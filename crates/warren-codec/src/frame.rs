@@ -50,12 +50,23 @@ impl ContentHeader {
 /// One decoded frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Frame {
-    Method { channel: u16, method: Method },
-    Header { channel: u16, header: ContentHeader },
-    Body { channel: u16, payload: Bytes },
+    Method {
+        channel: u16,
+        method: Method,
+    },
+    Header {
+        channel: u16,
+        header: ContentHeader,
+    },
+    Body {
+        channel: u16,
+        payload: Bytes,
+    },
     /// Keeps the channel so the server can reject heartbeats on a non-zero
     /// channel, which the spec forbids.
-    Heartbeat { channel: u16 },
+    Heartbeat {
+        channel: u16,
+    },
 }
 
 impl Frame {
@@ -91,7 +102,8 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
     ) {
         return Err(FrameError::frame(0, format!("unknown frame type {kind}")));
     }
-    let Some(Ok([_, c0, c1, s0, s1, s2, s3])) = buf.get(..HEADER_LEN).map(<[u8; HEADER_LEN]>::try_from)
+    let Some(Ok([_, c0, c1, s0, s1, s2, s3])) =
+        buf.get(..HEADER_LEN).map(<[u8; HEADER_LEN]>::try_from)
     else {
         return Ok(None);
     };
@@ -110,7 +122,10 @@ pub fn decode_frame(buf: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>,
         .ok()
         .and_then(|size| size.checked_add(FRAME_OVERHEAD))
     else {
-        return Err(FrameError::frame(channel, format!("frame payload of {size} bytes is too large")));
+        return Err(FrameError::frame(
+            channel,
+            format!("frame payload of {size} bytes is too large"),
+        ));
     };
     let end_octet = match buf.get(total - 1) {
         Some(&octet) => octet,
@@ -155,7 +170,10 @@ fn interpret(kind: u8, channel: u16, payload: Bytes) -> Result<Frame, FrameError
             }
             Ok(Frame::Heartbeat { channel })
         }
-        other => Err(FrameError::frame(channel, format!("unknown frame type {other}"))),
+        other => Err(FrameError::frame(
+            channel,
+            format!("unknown frame type {other}"),
+        )),
     }
 }
 
@@ -163,7 +181,10 @@ fn decode_content_header(payload: &Bytes) -> Result<ContentHeader, String> {
     let mut reader = Reader::new(payload);
     let fixed = (reader.u16(), reader.u16(), reader.u64());
     let (Ok(class_id), Ok(weight), Ok(body_size)) = fixed else {
-        return Err(format!("content header frame of {} bytes is truncated", payload.len()));
+        return Err(format!(
+            "content header frame of {} bytes is truncated",
+            payload.len()
+        ));
     };
     if weight != 0 {
         return Err(format!("content header weight {weight}, must be 0"));
@@ -187,7 +208,9 @@ fn decode_content_header(payload: &Bytes) -> Result<ContentHeader, String> {
 /// [`ProtocolHeaderMismatch`]. The AMQP 0-9 header is accepted too, as
 /// RabbitMQ does.
 pub fn decode_protocol_header(buf: &mut BytesMut) -> Result<Option<()>, ProtocolHeaderMismatch> {
-    let seen = buf.get(..buf.len().min(PROTOCOL_HEADER.len())).unwrap_or_default();
+    let seen = buf
+        .get(..buf.len().min(PROTOCOL_HEADER.len()))
+        .unwrap_or_default();
     let plausible = [PROTOCOL_HEADER, AMQP_0_9_HEADER]
         .iter()
         .any(|header| header.starts_with(seen));

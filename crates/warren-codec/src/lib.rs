@@ -32,8 +32,8 @@ mod wire;
 
 pub use error::{CodecError, FrameError, ProtocolHeaderMismatch};
 pub use frame::{
-    ContentHeader, Frame, decode_frame, decode_protocol_header, encode_body,
-    encode_content_header, encode_frame, encode_heartbeat, encode_method,
+    ContentHeader, Frame, decode_frame, decode_protocol_header, encode_body, encode_content_header,
+    encode_frame, encode_heartbeat, encode_method,
 };
 pub use method::*;
 pub use properties::BasicProperties;

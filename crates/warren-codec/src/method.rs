@@ -11,7 +11,8 @@
 //!
 //! Reserved and deprecated arguments (tickets, `reserved-1`, connection.open's
 //! capabilities and insist, ...) are not struct fields: they are written with
-//! their zero value and skipped on read, written `@type` in the table.
+//! their zero value (or the value RabbitMQ sends, `@type = value`) and
+//! skipped on read, written `@type` in the table.
 //! Consecutive `bool` (spec "bit") arguments share octets, least significant
 //! bit first, up to eight per octet, as the spec requires.
 
@@ -182,6 +183,17 @@ impl Argument for FieldTable {
     }
 }
 
+/// The value a reserved argument is written with: its type's zero unless
+/// the table gives one.
+macro_rules! reserved_value {
+    ($ty:ident) => {
+        <$ty as Default>::default()
+    };
+    ($ty:ident = $value:literal) => {
+        $value
+    };
+}
+
 macro_rules! has_content {
     () => {
         false
@@ -195,7 +207,7 @@ macro_rules! methods {
     ($(
         $(#[$doc:meta])*
         $variant:ident($class:literal, $method:literal, $name:literal $(, $content:ident)?) {
-            $( $(@$reserved:ident)? $( $(#[$field_doc:meta])* $field:ident : $ty:ty )?, )*
+            $( $(@$reserved:ident $(= $reserved_value:literal)?)? $( $(#[$field_doc:meta])* $field:ident : $ty:ty )?, )*
         }
     )*) => {
         $(
@@ -224,7 +236,10 @@ macro_rules! methods {
                 #[allow(unused_variables)]
                 fn write_args(&self, args: &mut ArgWriter<'_>) {
                     $(
-                        $( <$reserved as Default>::default().write(args); )?
+                        $( {
+                            let value: $reserved = reserved_value!($reserved $(= $reserved_value)?);
+                            value.write(args);
+                        } )?
                         $( self.$field.write(args); )?
                     )*
                 }
@@ -416,7 +431,7 @@ methods! {
         read: bool,
     }
     AccessRequestOk(30, 11, "access.request-ok") {
-        @u16, // ticket (reserved)
+        @u16 = 1, // ticket (reserved); RabbitMQ hands out 1
     }
 
     // ---- exchange (class 40) ----
@@ -656,7 +671,12 @@ pub fn decode_method(payload: &Bytes) -> Result<Method, FrameError> {
         .and_then(|method| args.reader.finish().map(|()| method))
         .map_err(|err| {
             let name = Method::name_of(class_id, method_id).unwrap_or("method");
-            FrameError::syntax(0, class_id, method_id, format!("cannot decode {name}: {err}"))
+            FrameError::syntax(
+                0,
+                class_id,
+                method_id,
+                format!("cannot decode {name}: {err}"),
+            )
         })
 }
 

@@ -36,7 +36,10 @@ impl ShortStr {
     /// If `s` is longer than 255 bytes. Used with a literal in a `const`
     /// context this is a compile-time error instead.
     pub const fn from_static(s: &'static str) -> Self {
-        assert!(s.len() <= Self::MAX_LEN, "short string longer than 255 bytes");
+        assert!(
+            s.len() <= Self::MAX_LEN,
+            "short string longer than 255 bytes"
+        );
         ShortStr(Bytes::from_static(s.as_bytes()))
     }
 

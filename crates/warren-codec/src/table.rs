@@ -141,7 +141,9 @@ impl FieldValue {
             FieldValue::I64(_) | FieldValue::F64(_) | FieldValue::Timestamp(_) => 8,
             FieldValue::Decimal { .. } => 5,
             FieldValue::LongStr(s) => s.encoded_len(),
-            FieldValue::Array(values) => 4 + values.iter().map(FieldValue::encoded_len).sum::<usize>(),
+            FieldValue::Array(values) => {
+                4 + values.iter().map(FieldValue::encoded_len).sum::<usize>()
+            }
             FieldValue::Table(t) => t.encoded_len(),
             FieldValue::Void => 0,
             FieldValue::Bytes(b) => 4 + b.len(),
@@ -435,16 +437,31 @@ mod tests {
             (FieldValue::I64(1), b"l\x00\x00\x00\x00\x00\x00\x00\x01"),
             (FieldValue::F32(1.0), b"f\x3f\x80\x00\x00"),
             (FieldValue::F64(-2.0), b"d\xc0\x00\x00\x00\x00\x00\x00\x00"),
-            (FieldValue::Decimal { scale: 2, value: 314 }, b"D\x02\x00\x00\x01\x3a"),
+            (
+                FieldValue::Decimal {
+                    scale: 2,
+                    value: 314,
+                },
+                b"D\x02\x00\x00\x01\x3a",
+            ),
             (FieldValue::from("hi"), b"S\x00\x00\x00\x02hi"),
-            (FieldValue::Array(vec![FieldValue::Void, FieldValue::U8(7)]), b"A\x00\x00\x00\x03VB\x07"),
-            (FieldValue::Timestamp(5), b"T\x00\x00\x00\x00\x00\x00\x00\x05"),
+            (
+                FieldValue::Array(vec![FieldValue::Void, FieldValue::U8(7)]),
+                b"A\x00\x00\x00\x03VB\x07",
+            ),
+            (
+                FieldValue::Timestamp(5),
+                b"T\x00\x00\x00\x00\x00\x00\x00\x05",
+            ),
             (
                 FieldValue::Table(FieldTable(vec![(key("k"), FieldValue::Void)])),
                 b"F\x00\x00\x00\x03\x01kV",
             ),
             (FieldValue::Void, b"V"),
-            (FieldValue::Bytes(Bytes::from_static(b"\x00\x01")), b"x\x00\x00\x00\x02\x00\x01"),
+            (
+                FieldValue::Bytes(Bytes::from_static(b"\x00\x01")),
+                b"x\x00\x00\x00\x02\x00\x01",
+            ),
         ];
         for (value, expected) in cases {
             let mut out = BytesMut::new();
@@ -496,7 +513,10 @@ mod tests {
         table.insert(key("b"), FieldValue::I32(2));
         table.insert(key("a"), FieldValue::I32(3));
         assert_eq!(
-            table.iter().map(|(k, v)| (k.as_str(), v.as_i64())).collect::<Vec<_>>(),
+            table
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_i64()))
+                .collect::<Vec<_>>(),
             vec![("a", Some(3)), ("b", Some(2))]
         );
         table.0.push((key("b"), FieldValue::Void));
@@ -508,10 +528,16 @@ mod tests {
 
     #[test]
     fn helpers_read_the_obvious_variants() {
-        assert_eq!(FieldValue::U32(u32::MAX).as_i64(), Some(i64::from(u32::MAX)));
+        assert_eq!(
+            FieldValue::U32(u32::MAX).as_i64(),
+            Some(i64::from(u32::MAX))
+        );
         assert_eq!(FieldValue::Timestamp(1).as_i64(), None);
         assert_eq!(FieldValue::from("all").as_str(), Some("all"));
-        assert_eq!(FieldValue::LongStr(LongStr::from(vec![0xff])).as_str(), None);
+        assert_eq!(
+            FieldValue::LongStr(LongStr::from(vec![0xff])).as_str(),
+            None
+        );
         assert_eq!(FieldValue::Bool(true).as_bool(), Some(true));
         assert!(FieldValue::Table(FieldTable::new()).as_table().is_some());
     }
@@ -545,7 +571,10 @@ mod tests {
     fn truncated_and_overlong_blocks_are_errors() {
         let table = FieldTable(vec![(key("a"), FieldValue::from("value"))]).encoded();
         for cut in 0..table.len() {
-            assert!(FieldTable::decode(&table.slice(..cut)).is_err(), "cut at {cut}");
+            assert!(
+                FieldTable::decode(&table.slice(..cut)).is_err(),
+                "cut at {cut}"
+            );
         }
         let mut padded = table.to_vec();
         padded.push(0);
