@@ -640,6 +640,39 @@ impl RawConn {
         close
     }
 
+    /// Expects the server to end the connection: either connection.close (answered with
+    /// close-ok, after which the socket must close; returned) or a bare disconnect with no
+    /// further frame (`None`). Channel-level frames before that fail the test.
+    pub fn expect_connection_end(&mut self) -> Option<Close> {
+        for _ in 0..100_000 {
+            match self.poll_frame(WAIT) {
+                Next::Eof => return None,
+                Next::Timeout => panic!("server neither closed nor dropped the connection"),
+                Next::Frame(f) if f.kind == FRAME_HEARTBEAT => {}
+                Next::Frame(f) if f.is(method::CONNECTION_CLOSE) => {
+                    let mut a = f.args();
+                    let close = Close {
+                        connection: true,
+                        channel: f.channel,
+                        reply_code: a.short(),
+                        reply_text: a.shortstr(),
+                        class_id: a.short(),
+                        method_id: a.short(),
+                    };
+                    self.send_lenient(&frame(
+                        FRAME_METHOD,
+                        0,
+                        &method_payload(method::CONNECTION_CLOSE_OK, &[]),
+                    ));
+                    self.expect_eof();
+                    return Some(close);
+                }
+                Next::Frame(f) => panic!("expected the connection to end, got {}", describe(&f)),
+            }
+        }
+        panic!("too many frames without the connection ending");
+    }
+
     /// Expects channel.close with `code` on `channel` and answers close-ok.
     pub fn expect_channel_close(&mut self, channel: u16, code: u16) -> Close {
         let close = self.expect_close();
