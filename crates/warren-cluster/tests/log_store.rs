@@ -280,6 +280,7 @@ async fn concurrent_appends_from_many_groups_share_fsyncs() {
     let stats = storage.flush_stats();
     let appends = GROUPS * PER_GROUP;
     let fsyncs = stats.fsyncs - before.fsyncs;
+    eprintln!("{appends} appends from {GROUPS} groups: {fsyncs} fsyncs, {stats:?}");
     assert_eq!(
         stats.callbacks_completed - before.callbacks_completed,
         appends

@@ -1,0 +1,318 @@
+//! openraft's state machine for one replicated queue: applies committed queue commands to the
+//! pure `QueueState` and keeps message bodies in RocksDB.
+//!
+//! The index of the queue (`QueueState`) lives in memory and in snapshots; bodies are written
+//! to the `sm` column family when their enqueue applies and deleted when they settle, so
+//! snapshots stay small however deep the queue. After a crash the node loads the last
+//! snapshot and openraft re-applies the log after it: enqueues rewrite their bodies and
+//! settlements delete them again, both idempotent. A snapshot is written with a synced write,
+//! which also makes every earlier body write durable, so every message live in a snapshot has
+//! its body on disk. Deliveries and releases go through the queue's `QueueHandle`.
+
+use std::collections::HashMap;
+use std::io::{self, Cursor};
+use std::sync::{Arc, Weak};
+
+use futures::TryStreamExt;
+use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+use warren_core::queue::{QueueReply, QueueState};
+use warren_core::{MessageContent, MsgId};
+
+use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, Storage, decode, encode};
+use crate::keys;
+use crate::queue::{Bodies, QueueHandle};
+use crate::types::{GroupRequest, GroupResponse, QueueOutcome, TypeConfig};
+
+const SNAPSHOT_TAG: &[u8] = b"current";
+
+/// A snapshot as stored in the `snapshot` column family: openraft's metadata plus the
+/// serialized state.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct StoredSnapshot {
+    pub meta: SnapshotMetaOf<TypeConfig>,
+    pub data: Vec<u8>,
+}
+
+pub(crate) fn io_err(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
+}
+
+pub(crate) fn load_snapshot(storage: &Storage, group: GroupId) -> io::Result<Option<StoredSnapshot>> {
+    let key = keys::group_key(group, SNAPSHOT_TAG);
+    match storage
+        .db()
+        .get_cf(storage.cf(CF_SNAPSHOT), key)
+        .map_err(io_err)?
+    {
+        Some(bytes) => Ok(Some(decode(&bytes).map_err(io_err)?)),
+        None => Ok(None),
+    }
+}
+
+/// Writes a snapshot with a synced write: it must survive a crash before the log it replaces
+/// is purged.
+pub(crate) fn save_snapshot(
+    storage: &Storage,
+    group: GroupId,
+    snapshot: &StoredSnapshot,
+) -> io::Result<()> {
+    let mut opts = rocksdb::WriteOptions::default();
+    opts.set_sync(true);
+    let bytes = encode(snapshot).map_err(io_err)?;
+    storage
+        .db()
+        .put_cf_opt(
+            storage.cf(CF_SNAPSHOT),
+            keys::group_key(group, SNAPSHOT_TAG),
+            bytes,
+            &opts,
+        )
+        .map_err(io_err)
+}
+
+/// Deletes everything a group's state machine stored (bodies and snapshot).
+pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()> {
+    let from = keys::group_prefix(group);
+    let to = keys::group_upper_bound(group).map(|k| k.to_vec()).unwrap_or_else(|| vec![0xff; 9]);
+    let mut batch = WriteBatch::default();
+    for cf in [CF_SM, CF_SNAPSHOT] {
+        batch.delete_range_cf(storage.cf(cf), from, &to);
+    }
+    storage.db().write(batch).map_err(io_err)
+}
+
+fn body_key(group: GroupId, msg: MsgId) -> Vec<u8> {
+    keys::group_key(group, &msg.to_be_bytes())
+}
+
+/// Bodies as seen during one apply call: writes are staged in a batch, and reads see the
+/// staged puts first so a message enqueued and delivered in the same batch is found.
+struct StagedBodies<'a> {
+    storage: &'a Storage,
+    group: GroupId,
+    batch: WriteBatch,
+    puts: HashMap<MsgId, MessageContent>,
+    error: Option<io::Error>,
+}
+
+impl StagedBodies<'_> {
+    fn put(&mut self, msg: MsgId, content: MessageContent) {
+        match encode(&content) {
+            Ok(bytes) => self
+                .batch
+                .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes),
+            Err(e) => self.error = Some(io_err(e)),
+        }
+        self.puts.insert(msg, content);
+    }
+}
+
+impl Bodies for StagedBodies<'_> {
+    fn get(&mut self, msg: MsgId) -> Option<MessageContent> {
+        if let Some(c) = self.puts.get(&msg) {
+            return Some(c.clone());
+        }
+        let bytes = self
+            .storage
+            .db()
+            .get_cf(self.storage.cf(CF_SM), body_key(self.group, msg))
+            .ok()??;
+        decode(&bytes).ok()
+    }
+
+    fn release(&mut self, msgs: &[MsgId]) {
+        for msg in msgs {
+            self.puts.remove(msg);
+            self.batch
+                .delete_cf(self.storage.cf(CF_SM), body_key(self.group, *msg));
+        }
+    }
+}
+
+pub struct QueueMachine {
+    group: GroupId,
+    storage: Storage,
+    state: QueueState,
+    last_applied: Option<LogIdOf<TypeConfig>>,
+    membership: StoredMembershipOf<TypeConfig>,
+    handle: Weak<QueueHandle>,
+    snapshots_built: u64,
+}
+
+impl QueueMachine {
+    /// Opens the state machine of `group`, restoring its last snapshot if it has one.
+    pub fn open(storage: Storage, group: GroupId, handle: &Arc<QueueHandle>) -> io::Result<Self> {
+        let mut machine = QueueMachine {
+            group,
+            storage,
+            state: QueueState::new(),
+            last_applied: None,
+            membership: StoredMembership::default(),
+            handle: Arc::downgrade(handle),
+            snapshots_built: 0,
+        };
+        if let Some(snap) = load_snapshot(&machine.storage, group)? {
+            machine.state = postcard::from_bytes(&snap.data).map_err(io_err)?;
+            machine.last_applied = snap.meta.last_log_id;
+            machine.membership = snap.meta.last_membership;
+        }
+        handle.set_stats(machine.state.stats());
+        Ok(machine)
+    }
+}
+
+pub struct QueueSnapshotBuilder {
+    group: GroupId,
+    storage: Storage,
+    state: QueueState,
+    last_applied: Option<LogIdOf<TypeConfig>>,
+    membership: StoredMembershipOf<TypeConfig>,
+    seq: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
+    type SnapshotData = Cursor<Vec<u8>>;
+
+    async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
+        let data = postcard::to_allocvec(&self.state).map_err(io_err)?;
+        let index = self.last_applied.as_ref().map_or(0, |l| l.index);
+        let meta = SnapshotMetaOf::<TypeConfig> {
+            last_log_id: self.last_applied.clone(),
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{}-{}-{}", self.group, index, self.seq),
+        };
+        let stored = StoredSnapshot { meta, data };
+        save_snapshot(&self.storage, self.group, &stored)?;
+        Ok(SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+            meta: stored.meta,
+            snapshot: Cursor::new(stored.data),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for QueueMachine {
+    type SnapshotData = Cursor<Vec<u8>>;
+    type SnapshotBuilder = QueueSnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
+        Ok((self.last_applied.clone(), self.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
+    where
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
+            + Unpin
+            + OptionalSend,
+    {
+        let handle = self.handle.upgrade();
+        let mut bodies = StagedBodies {
+            storage: &self.storage,
+            group: self.group,
+            batch: WriteBatch::default(),
+            puts: HashMap::new(),
+            error: None,
+        };
+        let mut responses = Vec::new();
+        while let Some((entry, responder)) = entries.try_next().await? {
+            self.last_applied = Some(entry.log_id.clone());
+            let response = match entry.payload {
+                EntryPayload::Blank => GroupResponse::Empty,
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    GroupResponse::Empty
+                }
+                EntryPayload::Normal(GroupRequest::Queue(req)) => {
+                    let (reply, effects) = self.state.apply(req.cmd);
+                    if let (QueueReply::Enqueued { msg }, Some(content)) = (&reply, req.content) {
+                        bodies.put(*msg, content);
+                    }
+                    let content = match &reply {
+                        QueueReply::GetOk { msg, .. } => bodies.get(*msg),
+                        _ => None,
+                    };
+                    match &handle {
+                        Some(h) => h.run_effects(effects, &mut bodies),
+                        None => {
+                            for e in effects {
+                                if let warren_core::queue::Effect::Release { msgs } = e {
+                                    bodies.release(&msgs);
+                                }
+                            }
+                        }
+                    }
+                    GroupResponse::Queue(QueueOutcome { reply, content })
+                }
+                EntryPayload::Normal(GroupRequest::Meta(_)) => GroupResponse::Empty,
+            };
+            if let Some(r) = responder {
+                responses.push((r, response));
+            }
+        }
+        if let Some(e) = bodies.error.take() {
+            return Err(e);
+        }
+        let batch = std::mem::take(&mut bodies.batch);
+        drop(bodies);
+        if !batch.is_empty() {
+            self.storage.db().write(batch).map_err(io_err)?;
+        }
+        if let Some(h) = &handle {
+            h.set_stats(self.state.stats());
+        }
+        for (responder, response) in responses {
+            responder.send(response);
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshots_built += 1;
+        QueueSnapshotBuilder {
+            group: self.group,
+            storage: self.storage.clone(),
+            state: self.state.clone(),
+            last_applied: self.last_applied.clone(),
+            membership: self.membership.clone(),
+            seq: self.snapshots_built,
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Self::SnapshotData,
+    ) -> io::Result<()> {
+        let data = snapshot.into_inner();
+        let state: QueueState = postcard::from_bytes(&data).map_err(io_err)?;
+        save_snapshot(
+            &self.storage,
+            self.group,
+            &StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            },
+        )?;
+        self.state = state;
+        self.last_applied = meta.last_log_id.clone();
+        self.membership = meta.last_membership.clone();
+        if let Some(h) = self.handle.upgrade() {
+            h.set_stats(self.state.stats());
+        }
+        Ok(())
+    }
+
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
+        Ok(load_snapshot(&self.storage, self.group)?.map(|s| SnapshotOf::<TypeConfig, _> {
+            meta: s.meta,
+            snapshot: Cursor::new(s.data),
+        }))
+    }
+}

@@ -1,0 +1,87 @@
+//! The openraft type configuration shared by every Raft group of a node, and the requests and
+//! responses its log carries.
+//!
+//! One configuration serves the metadata group and all queue groups, so one network service
+//! and one log-store implementation carry them all; the state machines (`meta_sm`,
+//! `queue_sm`) each accept only their own kind of request.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use warren_core::MessageContent;
+use warren_core::meta::{MetaCmd, MetaReply};
+use warren_core::queue::{QueueCmd, QueueReply};
+
+openraft::declare_raft_types!(
+    /// Raft types of Warren's groups: u64 node ids, default entries and vote.
+    pub TypeConfig:
+        D = GroupRequest,
+        R = GroupResponse,
+);
+
+pub type Raft<SM> = openraft::Raft<TypeConfig, SM>;
+
+/// A command for a queue, with the message content when it is an enqueue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueRequest {
+    pub cmd: QueueCmd,
+    pub content: Option<MessageContent>,
+}
+
+/// A queue command's result; `content` carries the message of a basic.get.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueOutcome {
+    pub reply: QueueReply,
+    pub content: Option<MessageContent>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GroupRequest {
+    Meta(MetaCmd),
+    Queue(QueueRequest),
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GroupResponse {
+    /// For blank and membership entries, and for requests sent to the wrong kind of group.
+    Empty,
+    Meta(MetaReply),
+    Queue(QueueOutcome),
+}
+
+impl fmt::Display for GroupRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GroupRequest::Meta(cmd) => write!(f, "meta:{}", meta_name(cmd)),
+            GroupRequest::Queue(req) => write!(f, "queue:{}", queue_name(&req.cmd)),
+        }
+    }
+}
+
+fn meta_name(cmd: &MetaCmd) -> &'static str {
+    match cmd {
+        MetaCmd::DeclareExchange(_) => "declare-exchange",
+        MetaCmd::DeleteExchange { .. } => "delete-exchange",
+        MetaCmd::DeclareQueue(_) => "declare-queue",
+        MetaCmd::DeleteQueue { .. } => "delete-queue",
+        MetaCmd::Bind(_) => "bind",
+        MetaCmd::Unbind(_) => "unbind",
+        MetaCmd::ConnectionClosed { .. } => "connection-closed",
+        MetaCmd::NodeRestarted { .. } => "node-restarted",
+    }
+}
+
+fn queue_name(cmd: &QueueCmd) -> &'static str {
+    match cmd {
+        QueueCmd::Enqueue { .. } => "enqueue",
+        QueueCmd::Consume { .. } => "consume",
+        QueueCmd::Cancel { .. } => "cancel",
+        QueueCmd::Settle { .. } => "settle",
+        QueueCmd::Requeue { .. } => "requeue",
+        QueueCmd::Discard { .. } => "discard",
+        QueueCmd::Get { .. } => "get",
+        QueueCmd::Purge => "purge",
+        QueueCmd::ChannelDown { .. } => "channel-down",
+        QueueCmd::NodeRestarted { .. } => "node-restarted",
+    }
+}
