@@ -296,8 +296,9 @@ impl Storage {
     }
 
     /// Stops the flusher after it has synced and completed everything queued so far. Later
-    /// appends, vote saves and [`Storage::sync`] calls fail; reads still work. The database
-    /// itself closes when the last handle is dropped. Idempotent.
+    /// log-store writes and [`Storage::sync`] calls fail; reads still work (and so do direct
+    /// writes through [`Storage::db`], which then wait for RocksDB's own close to be flushed).
+    /// The database itself closes when the last handle is dropped. Idempotent.
     pub fn close(&self) {
         self.inner.flusher.close();
     }

@@ -126,7 +126,10 @@ impl<C: RaftTypeConfig> LogStore<C> {
         self.storage.cf(name)
     }
 
+    /// Every write of the store goes through here. Refused once the storage is closed: nothing
+    /// should be written that the flusher could no longer make durable.
     fn write(&self, batch: WriteBatch) -> io::Result<()> {
+        self.storage.ensure_open()?;
         // Default write options: through the WAL, not synced (see the module comment).
         self.db().write(batch).map_err(|e| DbError::from(e).into())
     }
@@ -144,11 +147,13 @@ impl<C: RaftTypeConfig> LogStore<C> {
     }
 
     fn put_meta<T: Serialize>(&self, tag: &[u8], value: &T) -> io::Result<()> {
-        let key = keys::group_key(self.group, tag);
-        let value = encode(value)?;
-        self.db()
-            .put_cf(self.cf(CF_META), key, value)
-            .map_err(|e| DbError::from(e).into())
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META),
+            keys::group_key(self.group, tag),
+            encode(value)?,
+        );
+        self.write(batch)
     }
 
     /// Entries with `start <= index < end` (`end == None`: no upper limit), in order. Stops after
@@ -294,7 +299,6 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<C>) -> Result<(), io::Error> {
-        self.storage.ensure_open()?;
         self.put_meta(keys::TAG_VOTE, vote)?;
         // openraft needs the vote durable before we return; wait for the shared fsync rather
         // than syncing this write alone.
@@ -305,10 +309,12 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
         match committed {
             Some(id) => self.put_meta(keys::TAG_COMMITTED, &id),
             None => {
-                let key = keys::group_key(self.group, keys::TAG_COMMITTED);
-                self.db()
-                    .delete_cf(self.cf(CF_META), key)
-                    .map_err(|e| DbError::from(e).into())
+                let mut batch = WriteBatch::default();
+                batch.delete_cf(
+                    self.cf(CF_META),
+                    keys::group_key(self.group, keys::TAG_COMMITTED),
+                );
+                self.write(batch)
             }
         }
     }
@@ -323,24 +329,17 @@ impl<C: RaftTypeConfig> RaftLogStorage<C> for LogStore<C> {
         I::IntoIter: OptionalSend,
     {
         // Any failure is reported both ways: as the return value and through the callback.
-        let written = self
-            .storage
-            .ensure_open()
-            .map_err(io::Error::from)
-            .and_then(|()| {
-                let cf = self.cf(CF_LOG);
-                let mut batch = WriteBatch::default();
-                for entry in entries {
-                    batch.put_cf(
-                        cf,
-                        keys::log_key(self.group, entry.index()),
-                        encode(&entry)?,
-                    );
-                }
-                // Readable once this returns; durable once the flusher's next fsync is done. An
-                // empty append still waits for that fsync: its callback vouches for what came before.
-                self.write(batch)
-            });
+        let written = (|| {
+            let cf = self.cf(CF_LOG);
+            let mut batch = WriteBatch::default();
+            for entry in entries {
+                let key = keys::log_key(self.group, entry.index());
+                batch.put_cf(cf, key, encode(&entry)?);
+            }
+            // Readable once this returns; durable once the flusher's next fsync is done. An
+            // empty append still waits for that fsync: its callback vouches for what came before.
+            self.write(batch)
+        })();
         if let Err(e) = written {
             callback.io_completed(Err(io::Error::new(e.kind(), e.to_string())));
             return Err(e);

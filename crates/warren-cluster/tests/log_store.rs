@@ -315,6 +315,9 @@ async fn close_drains_then_refuses() {
     assert!(rx.await.unwrap().is_err());
     assert!(store.save_vote(&vote(1, 1, false)).await.is_err());
     assert!(storage.sync().await.is_err());
+    assert!(store.purge(log_id(1, 1)).await.is_err());
+    assert!(store.truncate_after(None).await.is_err());
+    assert!(store.save_committed(Some(log_id(1, 1))).await.is_err());
     // Nothing was written by the refused append; reads still work.
     assert_eq!(
         store.get_log_state().await.unwrap().last_log_id,
