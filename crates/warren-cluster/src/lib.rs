@@ -6,12 +6,28 @@
 //! - [`flusher`]: group commit, one WAL fsync shared by all groups' pending writes;
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` for one group.
 //!
-//! The state machines (metadata and queues) are written elsewhere and share the same
-//! [`Storage`]: see its `db`, `cf` and `when_durable` methods.
+//! - [`types`]: the openraft type configuration and the requests every group's log carries;
+//! - [`meta_sm`] and [`queue_sm`]: the state machines of the metadata group and of a queue
+//!   group, adapters around `warren-core`'s pure state machines;
+//! - [`queue`]: [`QueueHandle`], how the server submits queue commands and receives
+//!   deliveries, for replicated and for in-memory queues alike;
+//! - [`node`]: [`Node`], which opens storage, runs the groups and keeps queue handles in step
+//!   with the metadata;
+//! - [`network`]: the Raft transport (a single node has no peers).
 
 pub mod db;
 pub mod flusher;
 pub mod log_store;
+pub mod meta_sm;
+pub mod network;
+pub mod node;
+pub mod queue;
+pub mod queue_sm;
+pub mod types;
+
+pub use node::{Node, NodeConfig, NodeError};
+pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo};
+pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
 pub use db::DbError;
 pub use db::GroupId;

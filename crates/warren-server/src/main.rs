@@ -1,1 +1,173 @@
-fn main() {}
+//! The `warren` binary: reads configuration, opens the node, listens for AMQP and HTTP, and
+//! shuts down cleanly on SIGTERM/SIGINT.
+//!
+//! Start-up prints one line per bound listener and then `warren: ready` on stdout, so scripts
+//! and tests learn the ports (port 0 picks a free one) and know when clients are served.
+
+mod auth;
+mod broker;
+mod channel;
+mod config;
+mod connection;
+mod http;
+mod metrics;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tracing::{error, info, warn};
+use warren_cluster::{Node, NodeConfig};
+
+use crate::broker::Broker;
+use crate::config::{Cli, Config, Listen};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("warren: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("warren")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Binds one TCP listener. IPv6 wildcard sockets are IPv6-only so they can sit beside the
+/// IPv4 wildcard on the same port, as RabbitMQ's default listeners do.
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn bind_all(listen: &[Listen]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::new();
+    for l in listen {
+        match bind(l.addr) {
+            Ok(listener) => listeners.push(listener),
+            Err(e) if l.optional => {
+                warn!(addr = %l.addr, error = %e, "skipping optional listener");
+            }
+            Err(e) => anyhow::bail!("amqp.listen: cannot listen on {}: {e}", l.addr),
+        }
+    }
+    Ok(listeners)
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let telemetry = telemetry::init(&config.log, config.otlp_endpoint.as_deref())?;
+    let node = Node::open(NodeConfig {
+        node_id: config.node_id,
+        data_dir: config.data_dir.clone(),
+        heartbeat_ms: config.raft.heartbeat_ms,
+        election_timeout_min_ms: config.raft.election_timeout_min_ms,
+        election_timeout_max_ms: config.raft.election_timeout_max_ms,
+        snapshot_every: config.raft.snapshot_every,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
+
+    let amqp = bind_all(&config.amqp.listen)?;
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            bind(addr).map_err(|e| anyhow::anyhow!("http.listen: cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let broker = Broker::new(config, node.clone());
+    for listener in &amqp {
+        println!("warren: listening amqp {}", listener.local_addr()?);
+    }
+    if let Some(l) = http_listener {
+        println!("warren: listening http {}", l.local_addr()?);
+        tokio::spawn(http::serve(l, broker.clone()));
+    }
+    let mut accept_tasks = Vec::new();
+    for listener in amqp {
+        accept_tasks.push(tokio::spawn(accept_loop(listener, broker.clone())));
+    }
+    broker.ready.store(true, Ordering::Release);
+    println!("warren: ready");
+    info!("ready");
+
+    wait_for_signal().await;
+    info!("shutting down");
+    broker.ready.store(false, Ordering::Release);
+    let _ = broker.shutdown.send(true);
+    for task in &accept_tasks {
+        task.abort();
+    }
+    // Connections close with 320 and wait briefly for close-ok; give them that long.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while broker.metrics.connections.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    node.shutdown().await;
+    telemetry.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(listener: TcpListener, broker: Arc<Broker>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(connection::serve(broker.clone(), stream, peer));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                error!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

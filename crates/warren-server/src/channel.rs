@@ -1,0 +1,304 @@
+//! Per-channel protocol state of an AMQP connection: publish assembly, delivery tags and
+//! unacknowledged deliveries, consumers, and publisher-confirm bookkeeping.
+//!
+//! `connection` owns one `Channel` per open channel and drives it; nothing here does I/O, so
+//! the confirm arithmetic and publish assembly are tested directly below.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use warren_cluster::{Delivery, QueueHandle};
+use warren_codec::{BasicPublish, ContentHeader, Frame};
+use warren_core::{ChannelRef, MsgId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelState {
+    Open,
+    /// The server sent channel.close and waits for close-ok.
+    Closing,
+}
+
+/// A delivery the client has not settled yet.
+pub struct Unacked {
+    pub handle: Arc<QueueHandle>,
+    pub msg: MsgId,
+}
+
+pub struct ConsumerEntry {
+    pub handle: Arc<QueueHandle>,
+    pub no_ack: bool,
+    /// False until consume-ok went out; deliveries wait in `pending` so the client never sees
+    /// a basic.deliver before the consume-ok of its consumer.
+    pub ready: bool,
+    pub pending: Vec<Delivery>,
+}
+
+pub struct Channel {
+    pub chref: ChannelRef,
+    pub state: ChannelState,
+    /// A command of this channel is running; later frames wait in `backlog`.
+    pub busy: bool,
+    pub backlog: VecDeque<Frame>,
+    pub publish: Option<PendingPublish>,
+    pub confirm: Option<Confirms>,
+    next_tag: u64,
+    pub unacked: BTreeMap<u64, Unacked>,
+    pub consumers: HashMap<String, ConsumerEntry>,
+    /// basic.qos prefetch-count for consumers created from now on.
+    pub prefetch: u16,
+    /// Queues this channel consumed from or fetched from: they hear when it closes.
+    pub touched: HashMap<u64, Arc<QueueHandle>>,
+    pub last_queue: Option<String>,
+    /// channel.flow: while false, deliveries wait in `held`.
+    pub flow_active: bool,
+    pub held: VecDeque<Delivery>,
+}
+
+impl Channel {
+    pub fn new(chref: ChannelRef) -> Self {
+        Channel {
+            chref,
+            state: ChannelState::Open,
+            busy: false,
+            backlog: VecDeque::new(),
+            publish: None,
+            confirm: None,
+            next_tag: 0,
+            unacked: BTreeMap::new(),
+            consumers: HashMap::new(),
+            prefetch: 0,
+            touched: HashMap::new(),
+            last_queue: None,
+            flow_active: true,
+            held: VecDeque::new(),
+        }
+    }
+
+    pub fn next_delivery_tag(&mut self) -> u64 {
+        self.next_tag += 1;
+        self.next_tag
+    }
+
+    pub fn touch(&mut self, handle: &Arc<QueueHandle>) {
+        self.touched
+            .entry(handle.id())
+            .or_insert_with(|| handle.clone());
+    }
+}
+
+/// A basic.publish whose content is still arriving.
+pub struct PendingPublish {
+    method: BasicPublish,
+    pub header: Option<ContentHeader>,
+    expected: u64,
+    /// A single body frame stays a zero-copy slice of the read buffer; several are joined.
+    first: Option<Bytes>,
+    joined: Option<BytesMut>,
+    received: u64,
+}
+
+impl PendingPublish {
+    pub fn new(method: BasicPublish) -> Self {
+        PendingPublish {
+            method,
+            header: None,
+            expected: 0,
+            first: None,
+            joined: None,
+            received: 0,
+        }
+    }
+
+    pub fn start_body(&mut self, header: ContentHeader) {
+        self.expected = header.body_size;
+        self.header = Some(header);
+    }
+
+    /// Adds a body frame; false when it overruns the size the header announced.
+    pub fn push_body(&mut self, payload: Bytes) -> bool {
+        let len = payload.len() as u64;
+        if self.received + len > self.expected {
+            return false;
+        }
+        self.received += len;
+        match (&mut self.first, &mut self.joined) {
+            (None, None) => self.first = Some(payload),
+            (Some(first), None) => {
+                let cap = usize::try_from(self.expected).unwrap_or(usize::MAX);
+                let mut buf = BytesMut::with_capacity(cap.min(64 * 1024 * 1024));
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&payload);
+                self.first = None;
+                self.joined = Some(buf);
+            }
+            (_, Some(buf)) => buf.extend_from_slice(&payload),
+        }
+        true
+    }
+
+    pub fn complete(&self) -> bool {
+        self.header.is_some() && self.received == self.expected
+    }
+
+    pub fn into_parts(self) -> (BasicPublish, ContentHeader, Bytes) {
+        let body = match (self.first, self.joined) {
+            (_, Some(buf)) => buf.freeze(),
+            (Some(b), None) => b,
+            (None, None) => Bytes::new(),
+        };
+        let header = self.header.unwrap_or(ContentHeader {
+            class_id: warren_codec::class_id::BASIC,
+            body_size: 0,
+            properties: Bytes::new(),
+        });
+        (self.method, header, body)
+    }
+}
+
+/// Publisher confirms of one channel. Sequence numbers start at 1; a publish is confirmed
+/// once every queue it was routed to has committed it, and nacked if any failed. Acks go
+/// out with `multiple` where a run of sequence numbers allows it.
+#[derive(Debug, Default)]
+pub struct Confirms {
+    last_seq: u64,
+    /// Publishes still waiting on queues: remaining targets and whether any failed.
+    waiting: BTreeMap<u64, (usize, bool)>,
+    /// Finished publishes not yet reported, with their verdict (true = ack).
+    finished: BTreeMap<u64, bool>,
+    /// Every number at or below this has been reported to the client.
+    reported: u64,
+    /// Numbers above `reported` that were already reported one by one.
+    reported_above: BTreeSet<u64>,
+}
+
+impl Confirms {
+    pub fn next_seq(&mut self) -> u64 {
+        self.last_seq += 1;
+        self.last_seq
+    }
+
+    pub fn expect(&mut self, seq: u64, targets: usize) {
+        self.waiting.insert(seq, (targets, false));
+    }
+
+    /// A publish that needs no queue (unroutable) or failed before reaching one.
+    pub fn settle_now(&mut self, seq: u64, ack: bool) {
+        self.finished.insert(seq, ack);
+    }
+
+    pub fn target_done(&mut self, seq: u64, ok: bool) {
+        let Some((remaining, failed)) = self.waiting.get_mut(&seq) else {
+            return;
+        };
+        *remaining = remaining.saturating_sub(1);
+        *failed |= !ok;
+        if *remaining == 0 {
+            let failed = *failed;
+            self.waiting.remove(&seq);
+            self.finished.insert(seq, !failed);
+        }
+    }
+
+    /// Acks/nacks to send now, as (delivery tag, multiple, ack). A run of two or more acks
+    /// directly above everything reported becomes one `multiple` ack; the rest go one by one,
+    /// so no number is ever reported twice.
+    pub fn drain_ready(&mut self) -> Vec<(u64, bool, bool)> {
+        let mut out = Vec::new();
+        let mut run_end = self.reported;
+        while self.finished.get(&(run_end + 1)) == Some(&true) {
+            run_end += 1;
+        }
+        if run_end >= self.reported + 2 {
+            for seq in self.reported + 1..=run_end {
+                self.finished.remove(&seq);
+            }
+            out.push((run_end, true, true));
+            self.reported = run_end;
+        }
+        for (seq, ack) in std::mem::take(&mut self.finished) {
+            out.push((seq, false, ack));
+            self.reported_above.insert(seq);
+        }
+        while self.reported_above.remove(&(self.reported + 1)) {
+            self.reported += 1;
+        }
+        out
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.waiting.len() + self.finished.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contiguous_acks_collapse_into_multiple() {
+        let mut c = Confirms::default();
+        for _ in 0..3 {
+            let s = c.next_seq();
+            c.expect(s, 1);
+        }
+        c.target_done(1, true);
+        c.target_done(2, true);
+        assert_eq!(c.drain_ready(), vec![(2, true, true)]);
+        c.target_done(3, true);
+        assert_eq!(c.drain_ready(), vec![(3, false, true)]);
+        assert_eq!(c.outstanding(), 0);
+    }
+
+    #[test]
+    fn out_of_order_completion_is_reported_individually_and_never_twice() {
+        let mut c = Confirms::default();
+        for _ in 0..3 {
+            let s = c.next_seq();
+            c.expect(s, 1);
+        }
+        c.target_done(3, true);
+        assert_eq!(c.drain_ready(), vec![(3, false, true)]);
+        c.target_done(1, true);
+        // 1 alone: a multiple ack up to 2 would wrongly cover 2, which is still waiting.
+        assert_eq!(c.drain_ready(), vec![(1, false, true)]);
+        c.target_done(2, true);
+        assert_eq!(c.drain_ready(), vec![(2, false, true)]);
+        // Later runs start above everything reported.
+        let s = c.next_seq();
+        c.expect(s, 1);
+        c.target_done(4, true);
+        assert_eq!(c.drain_ready(), vec![(4, false, true)]);
+    }
+
+    #[test]
+    fn a_failed_target_nacks_the_publish() {
+        let mut c = Confirms::default();
+        let s = c.next_seq();
+        c.expect(s, 2);
+        c.target_done(s, true);
+        assert!(c.drain_ready().is_empty());
+        c.target_done(s, false);
+        assert_eq!(c.drain_ready(), vec![(1, false, false)]);
+        let s = c.next_seq();
+        c.settle_now(s, true);
+        assert_eq!(c.drain_ready(), vec![(2, false, true)]);
+    }
+
+    #[test]
+    fn multi_frame_bodies_are_joined_and_overruns_refused() {
+        let mut p = PendingPublish::new(BasicPublish::default());
+        p.start_body(ContentHeader {
+            class_id: 60,
+            body_size: 5,
+            properties: Bytes::new(),
+        });
+        assert!(p.push_body(Bytes::from_static(b"ab")));
+        assert!(!p.complete());
+        assert!(p.push_body(Bytes::from_static(b"cde")));
+        assert!(p.complete());
+        assert!(!p.push_body(Bytes::from_static(b"x")));
+        let (_, _, body) = p.into_parts();
+        assert_eq!(&body[..], b"abcde");
+    }
+}

@@ -1,0 +1,414 @@
+//! Start-up configuration: a TOML file, `WARREN_*` environment variables and command-line
+//! flags, in rising precedence, validated before anything binds a port.
+//!
+//! `main` builds a `Config` from here and hands it to the broker; errors name the setting so
+//! an operator can fix it without reading code. Users are read here too (see `auth` for how
+//! their passwords are checked).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Command line and environment. Every field is optional so that "not given" can fall back
+/// to the file and then to the default.
+#[derive(Debug, Default, Parser)]
+#[command(name = "warren", version, about = "Warren: a Raft-replicated AMQP 0-9-1 broker")]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, env = "WARREN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where RocksDB keeps this node's state.
+    #[arg(long, env = "WARREN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// AMQP listen address; repeat for several (default: every IPv4 and IPv6 address, 5672).
+    #[arg(long = "amqp-listen", env = "WARREN_AMQP_LISTEN", value_delimiter = ',')]
+    pub amqp_listen: Vec<String>,
+    /// HTTP listen address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "WARREN_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
+    /// This node's id in the cluster (a positive integer).
+    #[arg(long, env = "WARREN_NODE_ID")]
+    pub node_id: Option<u64>,
+    /// Log filter in `tracing` syntax, e.g. `info` or `warren=debug`.
+    #[arg(long, env = "WARREN_LOG")]
+    pub log: Option<String>,
+}
+
+/// The file format. Unknown keys are an error: a misspelt setting must not be silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    node_id: Option<u64>,
+    data_dir: Option<PathBuf>,
+    log: Option<String>,
+    #[serde(default)]
+    amqp: FileAmqp,
+    #[serde(default)]
+    http: FileHttp,
+    #[serde(default)]
+    raft: FileRaft,
+    #[serde(default)]
+    telemetry: FileTelemetry,
+    users: Option<Vec<UserConfig>>,
+    loopback_users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAmqp {
+    listen: Option<Vec<String>>,
+    frame_max: Option<u32>,
+    channel_max: Option<u16>,
+    heartbeat: Option<u16>,
+    max_message_size: Option<u64>,
+    handshake_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileHttp {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRaft {
+    heartbeat_ms: Option<u64>,
+    election_timeout_min_ms: Option<u64>,
+    election_timeout_max_ms: Option<u64>,
+    snapshot_every: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTelemetry {
+    otlp_endpoint: Option<String>,
+}
+
+/// A user able to log in. Exactly one of `password` (plain) or `password_hash` (RabbitMQ's
+/// salted SHA-256 format, so hashes exported from RabbitMQ work) is set.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    pub password: Option<String>,
+    pub password_hash: Option<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AmqpConfig {
+    pub listen: Vec<Listen>,
+    pub frame_max: u32,
+    pub channel_max: u16,
+    pub heartbeat: u16,
+    pub max_message_size: u64,
+    pub handshake_timeout_ms: u64,
+}
+
+impl AmqpConfig {
+    pub fn handshake_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.handshake_timeout_ms)
+    }
+}
+
+/// A listen address and whether failing to bind it is fatal. The built-in IPv6 default is
+/// not: hosts without IPv6 still start, as RabbitMQ does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listen {
+    pub addr: SocketAddr,
+    pub optional: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    pub snapshot_every: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub node_id: u64,
+    pub data_dir: PathBuf,
+    pub log: String,
+    pub amqp: AmqpConfig,
+    pub http_listen: Option<SocketAddr>,
+    pub raft: RaftConfig,
+    pub otlp_endpoint: Option<String>,
+    pub users: Vec<UserConfig>,
+    pub loopback_users: Vec<String>,
+}
+
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
+pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
+pub const DEFAULT_HEARTBEAT: u16 = 60;
+/// RabbitMQ's default `max_message_size` (128 MiB); its hard upper bound is 512 MiB.
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
+const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting}: {reason}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub reason: String,
+}
+
+fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        setting: setting.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn parse_addr(setting: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            setting,
+            format!("'{value}' is not an address:port (e.g. 127.0.0.1:5672 or [::]:5672)"),
+        )
+    })
+}
+
+impl Config {
+    /// Loads the file named by `--config`/`WARREN_CONFIG` if any, then lays environment and
+    /// flags over it.
+    pub fn load(cli: Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::merge(cli, file)
+    }
+
+    fn merge(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
+        let node_id = cli.node_id.or(file.node_id).unwrap_or(1);
+        if node_id == 0 {
+            return Err(invalid("node_id", "must be a positive integer"));
+        }
+        let data_dir = cli
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("./data"));
+        if data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+
+        let listen = if !cli.amqp_listen.is_empty() {
+            explicit_listeners("amqp.listen (--amqp-listen / WARREN_AMQP_LISTEN)", &cli.amqp_listen)?
+        } else if let Some(list) = &file.amqp.listen {
+            explicit_listeners("amqp.listen", list)?
+        } else {
+            vec![
+                Listen {
+                    addr: "0.0.0.0:5672".parse().expect("literal address"),
+                    optional: false,
+                },
+                Listen {
+                    addr: "[::]:5672".parse().expect("literal address"),
+                    optional: true,
+                },
+            ]
+        };
+        if listen.is_empty() {
+            return Err(invalid("amqp.listen", "at least one address is required"));
+        }
+        let frame_max = file.amqp.frame_max.unwrap_or(DEFAULT_FRAME_MAX);
+        if !(warren_codec::FRAME_MIN_SIZE..=1_048_576).contains(&frame_max) {
+            return Err(invalid(
+                "amqp.frame_max",
+                format!("{frame_max} is outside 4096..=1048576"),
+            ));
+        }
+        let channel_max = file.amqp.channel_max.unwrap_or(DEFAULT_CHANNEL_MAX);
+        if channel_max == 0 {
+            return Err(invalid("amqp.channel_max", "must be at least 1"));
+        }
+        let max_message_size = file
+            .amqp
+            .max_message_size
+            .unwrap_or(DEFAULT_MAX_MESSAGE_SIZE);
+        if max_message_size == 0 || max_message_size > MAX_MESSAGE_SIZE_LIMIT {
+            return Err(invalid(
+                "amqp.max_message_size",
+                format!("{max_message_size} is outside 1..={MAX_MESSAGE_SIZE_LIMIT}"),
+            ));
+        }
+        let handshake_timeout_ms = file.amqp.handshake_timeout_ms.unwrap_or(10_000);
+        if handshake_timeout_ms == 0 {
+            return Err(invalid("amqp.handshake_timeout_ms", "must be positive"));
+        }
+
+        let http_listen = match cli.http_listen.or(file.http.listen) {
+            Some(s) if s.is_empty() || s == "off" => None,
+            Some(s) => Some(parse_addr("http.listen (--http-listen / WARREN_HTTP_LISTEN)", &s)?),
+            None => Some("0.0.0.0:15692".parse().expect("literal address")),
+        };
+
+        let raft = RaftConfig {
+            heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(500),
+            election_timeout_min_ms: file.raft.election_timeout_min_ms.unwrap_or(1500),
+            election_timeout_max_ms: file.raft.election_timeout_max_ms.unwrap_or(3000),
+            snapshot_every: file.raft.snapshot_every.unwrap_or(4096),
+        };
+        if raft.heartbeat_ms == 0 {
+            return Err(invalid("raft.heartbeat_ms", "must be positive"));
+        }
+        if raft.election_timeout_min_ms <= raft.heartbeat_ms {
+            return Err(invalid(
+                "raft.election_timeout_min_ms",
+                "must be greater than raft.heartbeat_ms",
+            ));
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return Err(invalid(
+                "raft.election_timeout_max_ms",
+                "must be greater than raft.election_timeout_min_ms",
+            ));
+        }
+        if raft.snapshot_every == 0 {
+            return Err(invalid("raft.snapshot_every", "must be positive"));
+        }
+
+        let users = file.users.unwrap_or_else(|| {
+            vec![UserConfig {
+                name: "guest".into(),
+                password: Some("guest".into()),
+                password_hash: None,
+                tags: vec!["administrator".into()],
+            }]
+        });
+        for (i, user) in users.iter().enumerate() {
+            let setting = format!("users[{i}]");
+            if user.name.is_empty() {
+                return Err(invalid(&format!("{setting}.name"), "must not be empty"));
+            }
+            match (&user.password, &user.password_hash) {
+                (Some(_), None) => {}
+                (None, Some(hash)) => {
+                    crate::auth::decode_password_hash(hash).map_err(|reason| {
+                        invalid(&format!("{setting}.password_hash"), reason)
+                    })?;
+                }
+                _ => {
+                    return Err(invalid(
+                        &setting,
+                        format!(
+                            "user '{}' needs exactly one of password or password_hash",
+                            user.name
+                        ),
+                    ));
+                }
+            }
+        }
+        let loopback_users = file
+            .loopback_users
+            .unwrap_or_else(|| vec!["guest".into()]);
+
+        Ok(Config {
+            node_id,
+            data_dir,
+            log: cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
+            amqp: AmqpConfig {
+                listen,
+                frame_max,
+                channel_max,
+                heartbeat: file.amqp.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
+                max_message_size,
+                handshake_timeout_ms,
+            },
+            http_listen,
+            raft,
+            otlp_endpoint: file
+                .telemetry
+                .otlp_endpoint
+                .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+                .filter(|s| !s.is_empty()),
+            users,
+            loopback_users,
+        })
+    }
+}
+
+fn explicit_listeners(setting: &str, values: &[String]) -> Result<Vec<Listen>, ConfigError> {
+    values
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| {
+            Ok(Listen {
+                addr: parse_addr(setting, v.trim())?,
+                optional: false,
+            })
+        })
+        .collect()
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid("config", format!("cannot read {}: {e}", path.display())))?;
+    toml::from_str(&text).map_err(|e| invalid("config", format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| invalid("config", e.to_string()))?;
+        Config::merge(Cli::default(), file)
+    }
+
+    #[test]
+    fn defaults_listen_everywhere_with_optional_ipv6() {
+        let c = from_toml("").unwrap();
+        assert_eq!(c.amqp.listen.len(), 2);
+        assert!(!c.amqp.listen[0].optional && c.amqp.listen[1].optional);
+        assert_eq!(c.data_dir, PathBuf::from("./data"));
+        assert_eq!(c.users[0].name, "guest");
+        assert_eq!(c.loopback_users, vec!["guest".to_string()]);
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file: FileConfig = toml::from_str(
+            "data_dir = \"/from/file\"\n[amqp]\nlisten = [\"127.0.0.1:1\"]\n",
+        )
+        .unwrap();
+        let cli = Cli {
+            data_dir: Some("/from/flag".into()),
+            amqp_listen: vec!["127.0.0.1:2".into()],
+            ..Cli::default()
+        };
+        let c = Config::merge(cli, file).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/from/flag"));
+        assert_eq!(c.amqp.listen[0].addr.port(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_setting() {
+        let e = from_toml("[amqp]\nframe_max = 100\n").unwrap_err();
+        assert_eq!(e.setting, "amqp.frame_max");
+        let e = from_toml("[amqp]\nlisten = [\"nonsense\"]\n").unwrap_err();
+        assert_eq!(e.setting, "amqp.listen");
+        let e = from_toml("node_id = 0\n").unwrap_err();
+        assert_eq!(e.setting, "node_id");
+        let e = from_toml("[raft]\nheartbeat_ms = 500\nelection_timeout_min_ms = 400\n")
+            .unwrap_err();
+        assert_eq!(e.setting, "raft.election_timeout_min_ms");
+        let e = from_toml("[[users]]\nname = \"a\"\n").unwrap_err();
+        assert_eq!(e.setting, "users[0]");
+        let e = from_toml("[[users]]\nname = \"a\"\npassword_hash = \"!!\"\n").unwrap_err();
+        assert_eq!(e.setting, "users[0].password_hash");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = toml::from_str::<FileConfig>("[amqp]\nframe_maks = 1\n").unwrap_err();
+        assert!(e.to_string().contains("frame_maks"));
+    }
+}

@@ -1,0 +1,2162 @@
+//! One AMQP 0-9-1 client connection: the handshake, then a loop that reads frames, runs the
+//! channel methods against the broker, and writes replies and deliveries.
+//!
+//! Neighbours: the codec decodes and encodes frames; `channel` keeps each channel's protocol
+//! state (publish assembly, delivery tags, confirms); the cluster crate's `Node` and
+//! `QueueHandle` carry out metadata and queue commands through Raft. Socket writes happen on a
+//! separate writer task so a client that stops reading cannot stall the commands of its other
+//! channels; reads pause when the writer falls far behind, which throttles such a client.
+//!
+//! Commands that wait on Raft (declares, binds, consume, get, ...) run as spawned tasks; their
+//! channel is "busy" meanwhile and later frames for it wait in order, since AMQP requires a
+//! channel's methods to take effect in the order sent. Publishes and acks never wait: they are
+//! submitted in order to the queues, and confirms come back as events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use warren_cluster::{
+    ClusterError, Completion, Delivery, DeliverySink, Node, QueueHandle, QueueOutcome,
+    QueueRequest, ReplyTo,
+};
+use warren_codec::{
+    BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, FrameError, Method,
+    ShortStr, class_id, decode_frame, decode_protocol_header, encode_body,
+    encode_content_header, encode_heartbeat, encode_method, reply_code,
+};
+use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
+use warren_core::queue::{MessageMeta, QueueCmd, QueueReply};
+use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
+
+use crate::broker::Broker;
+use crate::channel::{Channel, ChannelState, ConsumerEntry, PendingPublish, Unacked};
+
+/// Outgoing bytes queued for the writer above which reading from the client pauses.
+const WRITE_BACKLOG_PAUSE: usize = 8 * 1024 * 1024;
+/// Frames waiting behind busy channels above which reading pauses.
+const CHANNEL_BACKLOG_PAUSE: usize = 20_000;
+/// How long the server waits for connection.close-ok after sending connection.close.
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Something that happened elsewhere and concerns this connection.
+pub enum ConnEvent {
+    Deliver(Delivery),
+    /// A queue command this connection submitted completed (publish confirms).
+    Completed {
+        token: u64,
+        result: Result<QueueOutcome, ClusterError>,
+    },
+    /// The queue behind a consumer went away.
+    ConsumerGone { consumer: ConsumerKey },
+    /// A spawned command finished.
+    OpDone {
+        channel: u16,
+        opened: u32,
+        outcome: OpOutcome,
+    },
+}
+
+/// Result of a channel command that ran on a task.
+pub enum OpOutcome {
+    Reply(Method),
+    NoReply,
+    ChannelError(MethodError),
+    ConnectionError(MethodError),
+    Consumed {
+        tag: ShortStr,
+        handle: Arc<QueueHandle>,
+        nowait: bool,
+    },
+    ConsumeFailed {
+        tag: ShortStr,
+        handle: Arc<QueueHandle>,
+        error: MethodError,
+    },
+    Got {
+        handle: Arc<QueueHandle>,
+        msg: MsgId,
+        delivery_count: u32,
+        remaining: u64,
+        content: MessageContent,
+        no_ack: bool,
+    },
+    Cancelled {
+        tag: ShortStr,
+        nowait: bool,
+    },
+}
+
+/// An AMQP exception together with the method that caused it, as channel.close and
+/// connection.close report it.
+#[derive(Clone, Debug)]
+pub struct MethodError {
+    pub error: AmqpError,
+    pub class_id: u16,
+    pub method_id: u16,
+}
+
+impl MethodError {
+    fn new(error: AmqpError, method: &Method) -> Self {
+        MethodError {
+            error,
+            class_id: method.class_id(),
+            method_id: method.method_id(),
+        }
+    }
+
+    fn bare(code: u16, text: impl Into<String>) -> Self {
+        MethodError {
+            error: AmqpError::new(code, text),
+            class_id: 0,
+            method_id: 0,
+        }
+    }
+}
+
+impl From<FrameError> for MethodError {
+    fn from(e: FrameError) -> Self {
+        MethodError {
+            error: AmqpError::new(e.reply_code, e.text),
+            class_id: e.class_id,
+            method_id: e.method_id,
+        }
+    }
+}
+
+/// Why the main loop stops.
+enum Stop {
+    /// Close politely with connection.close and this error.
+    Close(MethodError),
+    /// The client closed (close-ok already sent) or the socket is gone.
+    Done,
+}
+
+/// The connection's side of the cluster callbacks: everything becomes a `ConnEvent`.
+struct EventSink {
+    tx: mpsc::UnboundedSender<ConnEvent>,
+}
+
+impl DeliverySink for EventSink {
+    fn deliver(&self, delivery: Delivery) {
+        let _ = self.tx.send(ConnEvent::Deliver(delivery));
+    }
+
+    fn consumer_gone(&self, consumer: &ConsumerKey) {
+        let _ = self.tx.send(ConnEvent::ConsumerGone {
+            consumer: consumer.clone(),
+        });
+    }
+}
+
+impl Completion for EventSink {
+    fn complete(&self, token: u64, result: Result<QueueOutcome, ClusterError>) {
+        let _ = self.tx.send(ConnEvent::Completed { token, result });
+    }
+}
+
+/// Confirm tokens carry the channel number and the publish sequence number.
+fn confirm_token(channel: u16, seq: u64) -> u64 {
+    (u64::from(channel) << 48) | (seq & ((1 << 48) - 1))
+}
+
+fn split_token(token: u64) -> (u16, u64) {
+    ((token >> 48) as u16, token & ((1 << 48) - 1))
+}
+
+fn short(s: &str) -> ShortStr {
+    ShortStr::try_from(s).unwrap_or_default()
+}
+
+/// Reply texts are short strings on the wire; long ones are cut at a character boundary.
+fn reply_text(code: u16, text: &str) -> ShortStr {
+    let name = match code {
+        reply_code::CONTENT_TOO_LARGE => "CONTENT_TOO_LARGE",
+        reply_code::NO_ROUTE => "NO_ROUTE",
+        reply_code::NO_CONSUMERS => "NO_CONSUMERS",
+        reply_code::CONNECTION_FORCED => "CONNECTION_FORCED",
+        reply_code::INVALID_PATH => "INVALID_PATH",
+        reply_code::ACCESS_REFUSED => "ACCESS_REFUSED",
+        reply_code::NOT_FOUND => "NOT_FOUND",
+        reply_code::RESOURCE_LOCKED => "RESOURCE_LOCKED",
+        reply_code::PRECONDITION_FAILED => "PRECONDITION_FAILED",
+        reply_code::FRAME_ERROR => "FRAME_ERROR",
+        reply_code::SYNTAX_ERROR => "SYNTAX_ERROR",
+        reply_code::COMMAND_INVALID => "COMMAND_INVALID",
+        reply_code::CHANNEL_ERROR => "CHANNEL_ERROR",
+        reply_code::UNEXPECTED_FRAME => "UNEXPECTED_FRAME",
+        reply_code::RESOURCE_ERROR => "RESOURCE_ERROR",
+        reply_code::NOT_ALLOWED => "NOT_ALLOWED",
+        reply_code::NOT_IMPLEMENTED => "NOT_IMPLEMENTED",
+        reply_code::INTERNAL_ERROR => "INTERNAL_ERROR",
+        _ => "",
+    };
+    let mut full = if name.is_empty() || code == reply_code::REPLY_SUCCESS {
+        text.to_owned()
+    } else {
+        format!("{name} - {text}")
+    };
+    if full.len() > 255 {
+        let mut cut = 255;
+        while !full.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        full.truncate(cut);
+    }
+    ShortStr::try_from(full).unwrap_or_default()
+}
+
+/// Server-generated names: RabbitMQ's shape (`amq.gen-` + 22 base64url characters).
+pub fn generated_name(prefix: &str) -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = rand::random();
+    format!(
+        "{prefix}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    )
+}
+
+/// Capabilities the client announced in start-ok that change what the server sends.
+#[derive(Default)]
+struct ClientCapabilities {
+    consumer_cancel_notify: bool,
+}
+
+pub struct Connection {
+    broker: Arc<Broker>,
+    node: Arc<Node>,
+    conn: ConnectionRef,
+    peer: SocketAddr,
+    vhost: String,
+    user: String,
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat: Duration,
+    caps: ClientCapabilities,
+    channels: HashMap<u16, Channel>,
+    channel_opens: u32,
+    backlog_frames: usize,
+    out: BytesMut,
+    events_tx: mpsc::UnboundedSender<ConnEvent>,
+    sink: Arc<EventSink>,
+    has_exclusive_queues: bool,
+    client_properties: FieldTable,
+}
+
+/// Handles a freshly accepted socket until the connection ends. Never panics on input:
+/// every protocol problem becomes a close with the right reply code.
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let metrics = broker.metrics.clone();
+    metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
+    metrics.connections.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = run(broker, stream, peer).await {
+        debug!(%peer, error = %e, "connection ended with an I/O error");
+    }
+    metrics.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+    let handshake_deadline = Instant::now() + broker.config.amqp.handshake_timeout();
+    let mut rbuf = BytesMut::with_capacity(64 * 1024);
+
+    // Protocol header.
+    loop {
+        match decode_protocol_header(&mut rbuf) {
+            Ok(Some(())) => break,
+            Ok(None) => {}
+            Err(mismatch) => {
+                stream.write_all(mismatch.reply()).await?;
+                return Ok(());
+            }
+        }
+        if read_with_deadline(&mut stream, &mut rbuf, handshake_deadline).await? == 0 {
+            return Ok(());
+        }
+    }
+
+    let node = broker.node.clone();
+    let conn_ref = ConnectionRef {
+        run: node.run(),
+        conn: broker.next_connection_id(),
+    };
+    let (events_tx, events_rx) = mpsc::unbounded_channel();
+    let sink = Arc::new(EventSink {
+        tx: events_tx.clone(),
+    });
+    let mut conn = Connection {
+        broker: broker.clone(),
+        node,
+        conn: conn_ref,
+        peer,
+        vhost: String::new(),
+        user: String::new(),
+        frame_max: warren_codec::FRAME_MIN_SIZE,
+        channel_max: broker.config.amqp.channel_max,
+        heartbeat: Duration::ZERO,
+        caps: ClientCapabilities::default(),
+        channels: HashMap::new(),
+        channel_opens: 0,
+        backlog_frames: 0,
+        out: BytesMut::with_capacity(16 * 1024),
+        events_tx,
+        sink,
+        has_exclusive_queues: false,
+        client_properties: FieldTable::new(),
+    };
+
+    match conn
+        .handshake(&mut stream, &mut rbuf, handshake_deadline)
+        .await?
+    {
+        Some(()) => {}
+        None => return Ok(()),
+    }
+    info!(peer = %conn.peer, user = %conn.user, vhost = %conn.vhost, "connection opened");
+    let result = conn.main_loop(stream, rbuf, events_rx).await;
+    conn.cleanup().await;
+    info!(peer = %conn.peer, "connection closed");
+    result
+}
+
+async fn read_with_deadline(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> std::io::Result<usize> {
+    buf.reserve(8 * 1024);
+    match tokio::time::timeout_at(deadline.into(), stream.read_buf(buf)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "handshake timed out",
+        )),
+    }
+}
+
+impl Connection {
+    fn send_method(&mut self, channel: u16, method: &Method) {
+        encode_method(channel, method, &mut self.out);
+    }
+
+    fn send_content(&mut self, channel: u16, properties: &[u8], body: &[u8]) {
+        encode_content_header(
+            channel,
+            class_id::BASIC,
+            body.len() as u64,
+            properties,
+            &mut self.out,
+        );
+        encode_body(channel, body, self.frame_max, &mut self.out);
+    }
+
+    async fn flush_direct(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            let bytes = self.out.split();
+            stream.write_all(&bytes).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next frame during the handshake, where only frames on channel 0 are valid.
+    async fn handshake_frame(
+        &mut self,
+        stream: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        deadline: Instant,
+    ) -> std::io::Result<Result<Frame, MethodError>> {
+        loop {
+            match decode_frame(rbuf, self.frame_max) {
+                Ok(Some(Frame::Heartbeat { .. })) => continue,
+                Ok(Some(frame)) => return Ok(Ok(frame)),
+                Ok(None) => {}
+                Err(e) => return Ok(Err(e.into())),
+            }
+            if read_with_deadline(stream, rbuf, deadline).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Sends connection.close during the handshake and waits briefly for close-ok.
+    async fn handshake_close(
+        &mut self,
+        stream: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        error: MethodError,
+    ) -> std::io::Result<Option<()>> {
+        warn!(peer = %self.peer, code = error.error.code, text = %error.error.text, "refusing connection");
+        self.send_method(
+            0,
+            &Method::ConnectionClose(warren_codec::ConnectionClose {
+                reply_code: error.error.code,
+                reply_text: reply_text(error.error.code, &error.error.text),
+                class_id: error.class_id,
+                method_id: error.method_id,
+            }),
+        );
+        self.flush_direct(stream).await?;
+        let deadline = Instant::now() + CLOSE_OK_TIMEOUT;
+        while let Ok(Ok(frame)) = self.handshake_frame(stream, rbuf, deadline).await {
+            if matches!(
+                frame,
+                Frame::Method {
+                    method: Method::ConnectionCloseOk(_),
+                    ..
+                }
+            ) {
+                break;
+            }
+        }
+        Ok(None)
+    }
+
+    /// start → start-ok → tune → tune-ok → open → open-ok. Returns None when the connection
+    /// was refused (the refusal has been sent).
+    async fn handshake(
+        &mut self,
+        stream: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        deadline: Instant,
+    ) -> std::io::Result<Option<()>> {
+        self.send_method(0, &Method::ConnectionStart(self.broker.connection_start()));
+        self.flush_direct(stream).await?;
+
+        let start_ok = match self.handshake_frame(stream, rbuf, deadline).await? {
+            Ok(Frame::Method {
+                channel: 0,
+                method: Method::ConnectionStartOk(m),
+            }) => m,
+            Ok(other) => {
+                let err = unexpected_in_handshake(&other, "connection.start-ok");
+                return self.handshake_close(stream, rbuf, err).await;
+            }
+            Err(e) => return self.handshake_close(stream, rbuf, e).await,
+        };
+        self.caps.consumer_cancel_notify = start_ok
+            .client_properties
+            .get("capabilities")
+            .and_then(FieldValue::as_table)
+            .and_then(|c| c.get("consumer_cancel_notify"))
+            .and_then(FieldValue::as_bool)
+            .unwrap_or(false);
+        self.client_properties = start_ok.client_properties.clone();
+        let auth = self.broker.auth.authenticate(
+            start_ok.mechanism.as_str(),
+            start_ok.response.as_bytes(),
+            self.peer.ip(),
+        );
+        match auth {
+            Ok(user) => self.user = user.name.clone(),
+            Err(e) => {
+                self.broker
+                    .metrics
+                    .auth_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                let code = match e {
+                    crate::auth::AuthError::Mechanism(_) => reply_code::ACCESS_REFUSED,
+                    crate::auth::AuthError::Malformed(_) => reply_code::ACCESS_REFUSED,
+                    _ => reply_code::ACCESS_REFUSED,
+                };
+                return self
+                    .handshake_close(stream, rbuf, MethodError::bare(code, e.to_string()))
+                    .await;
+            }
+        }
+
+        let cfg = &self.broker.config.amqp;
+        let server_heartbeat = cfg.heartbeat;
+        self.send_method(
+            0,
+            &Method::ConnectionTune(warren_codec::ConnectionTune {
+                channel_max: cfg.channel_max,
+                frame_max: cfg.frame_max,
+                heartbeat: server_heartbeat,
+            }),
+        );
+        self.flush_direct(stream).await?;
+
+        let tune_ok = match self.handshake_frame(stream, rbuf, deadline).await? {
+            Ok(Frame::Method {
+                channel: 0,
+                method: Method::ConnectionTuneOk(m),
+            }) => m,
+            Ok(other) => {
+                let err = unexpected_in_handshake(&other, "connection.tune-ok");
+                return self.handshake_close(stream, rbuf, err).await;
+            }
+            Err(e) => return self.handshake_close(stream, rbuf, e).await,
+        };
+        let cfg = &self.broker.config.amqp;
+        // Zero means "no limit" from the client: our own limit then applies.
+        let frame_max = if tune_ok.frame_max == 0 {
+            cfg.frame_max
+        } else {
+            tune_ok.frame_max
+        };
+        if frame_max < warren_codec::FRAME_MIN_SIZE || frame_max > cfg.frame_max {
+            let err = MethodError::bare(
+                reply_code::FRAME_ERROR,
+                format!(
+                    "negotiated frame_max = {frame_max} is outside {}..={}",
+                    warren_codec::FRAME_MIN_SIZE,
+                    cfg.frame_max
+                ),
+            );
+            return self.handshake_close(stream, rbuf, err).await;
+        }
+        let channel_max = match tune_ok.channel_max {
+            0 => cfg.channel_max,
+            n => n.min(cfg.channel_max),
+        };
+        self.frame_max = frame_max;
+        self.channel_max = channel_max;
+        self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
+
+        let open = match self.handshake_frame(stream, rbuf, deadline).await? {
+            Ok(Frame::Method {
+                channel: 0,
+                method: Method::ConnectionOpen(m),
+            }) => m,
+            Ok(other) => {
+                let err = unexpected_in_handshake(&other, "connection.open");
+                return self.handshake_close(stream, rbuf, err).await;
+            }
+            Err(e) => return self.handshake_close(stream, rbuf, e).await,
+        };
+        let vhost = open.virtual_host.as_str().to_owned();
+        let vhost = if vhost.is_empty() { "/".to_owned() } else { vhost };
+        if !self.node.meta().vhost_exists(&vhost) {
+            let err = MethodError {
+                error: AmqpError::new(
+                    reply_code::NOT_ALLOWED,
+                    format!("vhost {vhost} not found"),
+                ),
+                class_id: class_id::CONNECTION,
+                method_id: 40,
+            };
+            return self.handshake_close(stream, rbuf, err).await;
+        }
+        self.vhost = vhost;
+        self.send_method(
+            0,
+            &Method::ConnectionOpenOk(warren_codec::ConnectionOpenOk {}),
+        );
+        self.flush_direct(stream).await?;
+        Ok(Some(()))
+    }
+
+    async fn main_loop(
+        &mut self,
+        stream: TcpStream,
+        mut rbuf: BytesMut,
+        mut events: mpsc::UnboundedReceiver<ConnEvent>,
+    ) -> std::io::Result<()> {
+        let (mut reader, writer) = stream.into_split();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let (wtx, wrx) = mpsc::unbounded_channel::<Bytes>();
+        let writer_task = tokio::spawn(write_loop(writer, wrx, queued.clone()));
+        let mut shutdown = self.broker.shutdown.subscribe();
+
+        let heartbeat = self.heartbeat;
+        let mut hb_timer = tokio::time::interval(if heartbeat.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            heartbeat / 2
+        });
+        hb_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_read = Instant::now();
+        let mut sent_since_tick = false;
+
+        // Frames already buffered after the handshake.
+        let mut stop = self.process_buffer(&mut rbuf);
+
+        while stop.is_none() {
+            if !self.out.is_empty() {
+                sent_since_tick = true;
+                queued.fetch_add(self.out.len(), Ordering::Relaxed);
+                if wtx.send(self.out.split().freeze()).is_err() {
+                    stop = Some(Stop::Done);
+                    break;
+                }
+            }
+            let may_read = queued.load(Ordering::Relaxed) < WRITE_BACKLOG_PAUSE
+                && self.backlog_frames < CHANNEL_BACKLOG_PAUSE;
+            rbuf.reserve(64 * 1024);
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    stop = Some(Stop::Close(MethodError::bare(
+                        reply_code::CONNECTION_FORCED,
+                        "broker forced connection closure with reason 'shutdown'",
+                    )));
+                }
+                Some(event) = events.recv() => {
+                    stop = self.on_event(event);
+                    // Drain what else is ready so replies and deliveries go out in one write.
+                    while stop.is_none() {
+                        match events.try_recv() {
+                            Ok(event) => stop = self.on_event(event),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                read = reader.read_buf(&mut rbuf), if may_read => {
+                    match read {
+                        Ok(0) | Err(_) => stop = Some(Stop::Done),
+                        Ok(_) => {
+                            last_read = Instant::now();
+                            stop = self.process_buffer(&mut rbuf);
+                        }
+                    }
+                }
+                _ = hb_timer.tick(), if !heartbeat.is_zero() => {
+                    if last_read.elapsed() > heartbeat * 2 {
+                        warn!(peer = %self.peer, "missed heartbeats from client, timeout: {}s", heartbeat.as_secs());
+                        stop = Some(Stop::Done);
+                    } else if !sent_since_tick {
+                        encode_heartbeat(&mut self.out);
+                    }
+                    sent_since_tick = false;
+                }
+            }
+        }
+
+        if let Some(Stop::Close(err)) = stop {
+            self.send_method(
+                0,
+                &Method::ConnectionClose(warren_codec::ConnectionClose {
+                    reply_code: err.error.code,
+                    reply_text: reply_text(err.error.code, &err.error.text),
+                    class_id: err.class_id,
+                    method_id: err.method_id,
+                }),
+            );
+            if err.error.code != reply_code::CONNECTION_FORCED {
+                warn!(peer = %self.peer, code = err.error.code, text = %err.error.text, "closing connection");
+            }
+            let _ = wtx.send(self.out.split().freeze());
+            // Wait for close-ok, ignoring everything else (spec 2.2.4), but not forever.
+            let deadline = tokio::time::Instant::now() + CLOSE_OK_TIMEOUT;
+            'wait: loop {
+                loop {
+                    match decode_frame(&mut rbuf, self.frame_max) {
+                        Ok(Some(Frame::Method {
+                            method: Method::ConnectionCloseOk(_) | Method::ConnectionClose(_),
+                            ..
+                        })) => break 'wait,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break,
+                        Err(_) => break 'wait,
+                    }
+                }
+                rbuf.reserve(8 * 1024);
+                match tokio::time::timeout_at(deadline, reader.read_buf(&mut rbuf)).await {
+                    Ok(Ok(n)) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        } else if !self.out.is_empty() {
+            let _ = wtx.send(self.out.split().freeze());
+        }
+        drop(wtx);
+        let _ = writer_task.await;
+        Ok(())
+    }
+
+    /// Decodes and handles every complete frame in the buffer.
+    fn process_buffer(&mut self, rbuf: &mut BytesMut) -> Option<Stop> {
+        loop {
+            match decode_frame(rbuf, self.frame_max) {
+                Ok(Some(frame)) => {
+                    self.broker.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                    if let Some(stop) = self.on_frame(frame) {
+                        return Some(stop);
+                    }
+                }
+                Ok(None) => return None,
+                Err(e) => return Some(Stop::Close(e.into())),
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Option<Stop> {
+        let channel = frame.channel();
+        if channel == 0 {
+            return self.on_channel_zero(frame);
+        }
+        if channel > self.channel_max {
+            return Some(Stop::Close(MethodError::bare(
+                reply_code::CHANNEL_ERROR,
+                format!(
+                    "channel {channel} is above the negotiated channel_max {}",
+                    self.channel_max
+                ),
+            )));
+        }
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return match frame {
+                Frame::Method {
+                    method: Method::ChannelOpen(_),
+                    ..
+                } => {
+                    self.open_channel(channel);
+                    None
+                }
+                Frame::Method { method, .. } => Some(Stop::Close(MethodError::new(
+                    AmqpError::new(
+                        reply_code::CHANNEL_ERROR,
+                        format!("expected 'channel.open' on channel {channel}"),
+                    ),
+                    &method,
+                ))),
+                Frame::Heartbeat { .. } => Some(Stop::Close(MethodError::bare(
+                    reply_code::FRAME_ERROR,
+                    "heartbeat frame on a non-zero channel",
+                ))),
+                _ => Some(Stop::Close(MethodError::bare(
+                    reply_code::CHANNEL_ERROR,
+                    format!("content frame on channel {channel}, which is not open"),
+                ))),
+            };
+        };
+        if ch.state == ChannelState::Closing {
+            // After sending channel.close the server discards everything but close/close-ok.
+            if let Frame::Method { method, .. } = frame {
+                match method {
+                    Method::ChannelCloseOk(_) => {
+                        self.channels.remove(&channel);
+                    }
+                    Method::ChannelClose(_) => {
+                        self.send_method(
+                            channel,
+                            &Method::ChannelCloseOk(warren_codec::ChannelCloseOk {}),
+                        );
+                    }
+                    _ => {}
+                }
+            }
+            return None;
+        }
+        if ch.busy {
+            ch.backlog.push_back(frame);
+            self.backlog_frames += 1;
+            return None;
+        }
+        self.on_channel_frame(channel, frame)
+    }
+
+    fn on_channel_zero(&mut self, frame: Frame) -> Option<Stop> {
+        match frame {
+            Frame::Heartbeat { .. } => None,
+            Frame::Method { method, .. } => match method {
+                Method::ConnectionClose(_) => {
+                    self.send_method(
+                        0,
+                        &Method::ConnectionCloseOk(warren_codec::ConnectionCloseOk {}),
+                    );
+                    Some(Stop::Done)
+                }
+                // A close-ok we did not ask for: nothing to do but stop.
+                Method::ConnectionCloseOk(_) => Some(Stop::Done),
+                Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_) => None,
+                Method::ConnectionUpdateSecret(_) => {
+                    self.send_method(
+                        0,
+                        &Method::ConnectionUpdateSecretOk(warren_codec::ConnectionUpdateSecretOk {}),
+                    );
+                    None
+                }
+                other => Some(Stop::Close(MethodError::new(
+                    AmqpError::command_invalid(format!(
+                        "unexpected method {} on channel 0",
+                        other.name()
+                    )),
+                    &other,
+                ))),
+            },
+            _ => Some(Stop::Close(MethodError::bare(
+                reply_code::COMMAND_INVALID,
+                "content frame on channel 0",
+            ))),
+        }
+    }
+
+    fn open_channel(&mut self, channel: u16) {
+        self.channel_opens += 1;
+        let chref = ChannelRef {
+            conn: self.conn,
+            channel,
+            opened: self.channel_opens,
+        };
+        self.channels.insert(channel, Channel::new(chref));
+        self.broker.metrics.channels.fetch_add(1, Ordering::Relaxed);
+        self.send_method(channel, &Method::ChannelOpenOk(warren_codec::ChannelOpenOk {}));
+    }
+
+    /// Runs frames that waited while the channel was busy, until it is busy again.
+    fn drain_backlog(&mut self, channel: u16) -> Option<Stop> {
+        loop {
+            let frame = {
+                let ch = self.channels.get_mut(&channel)?;
+                if ch.busy || ch.state != ChannelState::Open {
+                    return None;
+                }
+                let frame = ch.backlog.pop_front()?;
+                self.backlog_frames -= 1;
+                frame
+            };
+            if let Some(stop) = self.on_channel_frame(channel, frame) {
+                return Some(stop);
+            }
+        }
+    }
+
+    fn on_channel_frame(&mut self, channel: u16, frame: Frame) -> Option<Stop> {
+        let result = match frame {
+            Frame::Method { method, .. } => self.on_method(channel, method),
+            Frame::Header { header, .. } => self.on_header(channel, header),
+            Frame::Body { payload, .. } => self.on_body(channel, payload),
+            Frame::Heartbeat { .. } => Err(Failure::Connection(MethodError::bare(
+                reply_code::FRAME_ERROR,
+                "heartbeat frame on a non-zero channel",
+            ))),
+        };
+        match result {
+            Ok(()) => None,
+            Err(Failure::Channel(err)) => {
+                self.close_channel_with(channel, err);
+                None
+            }
+            Err(Failure::Connection(err)) => Some(Stop::Close(err)),
+        }
+    }
+
+    fn channel(&mut self, channel: u16) -> &mut Channel {
+        self.channels
+            .get_mut(&channel)
+            .expect("callers only pass open channels")
+    }
+
+    fn on_method(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        if self.channel(channel).publish.is_some() {
+            return Err(Failure::Connection(MethodError::new(
+                AmqpError::new(
+                    reply_code::UNEXPECTED_FRAME,
+                    format!(
+                        "expected content header for class 60, got non content header frame {}",
+                        method.name()
+                    ),
+                ),
+                &method,
+            )));
+        }
+        let fail = |e: AmqpError, m: &Method| {
+            if e.is_connection_error() {
+                Failure::Connection(MethodError::new(e, m))
+            } else {
+                Failure::Channel(MethodError::new(e, m))
+            }
+        };
+        match method {
+            Method::ChannelOpen(_) => Err(Failure::Connection(MethodError::new(
+                AmqpError::new(
+                    reply_code::CHANNEL_ERROR,
+                    format!("second 'channel.open' seen on channel {channel}"),
+                ),
+                &method,
+            ))),
+            Method::ChannelClose(_) => {
+                self.release_channel(channel);
+                self.channels.remove(&channel);
+                self.send_method(channel, &Method::ChannelCloseOk(warren_codec::ChannelCloseOk {}));
+                Ok(())
+            }
+            Method::ChannelCloseOk(_) => Ok(()),
+            Method::ChannelFlow(ref m) => {
+                let active = m.active;
+                self.channel(channel).flow_active = active;
+                self.send_method(
+                    channel,
+                    &Method::ChannelFlowOk(warren_codec::ChannelFlowOk { active }),
+                );
+                if active {
+                    let held: Vec<Delivery> = self.channel(channel).held.drain(..).collect();
+                    for d in held {
+                        self.deliver(d);
+                    }
+                }
+                Ok(())
+            }
+            Method::ChannelFlowOk(_) => Ok(()),
+            Method::AccessRequest(_) => {
+                self.send_method(
+                    channel,
+                    &Method::AccessRequestOk(warren_codec::AccessRequestOk {}),
+                );
+                Ok(())
+            }
+            Method::ExchangeDeclare(ref m) => {
+                if m.passive {
+                    let meta = self.node.meta();
+                    match meta.exchange(&self.vhost, m.exchange.as_str()) {
+                        Some(_) => {}
+                        None => {
+                            let e = AmqpError::not_found(format!(
+                                "no exchange '{}' in vhost '{}'",
+                                m.exchange, self.vhost
+                            ));
+                            drop(meta);
+                            return Err(fail(e, &method));
+                        }
+                    }
+                    drop(meta);
+                    if !m.nowait {
+                        self.send_method(
+                            channel,
+                            &Method::ExchangeDeclareOk(warren_codec::ExchangeDeclareOk {}),
+                        );
+                    }
+                    return Ok(());
+                }
+                let cmd = MetaCmd::DeclareExchange(ExchangeDecl {
+                    vhost: self.vhost.clone(),
+                    name: m.exchange.as_str().to_owned(),
+                    kind: m.kind.as_str().to_owned(),
+                    durable: m.durable,
+                    auto_delete: m.auto_delete,
+                    internal: m.internal,
+                    arguments: m.arguments.clone(),
+                    declared_by: self.conn.run,
+                });
+                let reply = (!m.nowait)
+                    .then(|| Method::ExchangeDeclareOk(warren_codec::ExchangeDeclareOk {}));
+                self.spawn_meta(channel, method, cmd, reply);
+                Ok(())
+            }
+            Method::ExchangeDelete(ref m) => {
+                let cmd = MetaCmd::DeleteExchange {
+                    vhost: self.vhost.clone(),
+                    name: m.exchange.as_str().to_owned(),
+                    if_unused: m.if_unused,
+                };
+                let reply = (!m.nowait)
+                    .then(|| Method::ExchangeDeleteOk(warren_codec::ExchangeDeleteOk {}));
+                self.spawn_meta(channel, method, cmd, reply);
+                Ok(())
+            }
+            Method::ExchangeBind(ref m) => {
+                let cmd = MetaCmd::Bind(BindingDecl {
+                    vhost: self.vhost.clone(),
+                    source: m.source.as_str().to_owned(),
+                    destination: Destination::Exchange(m.destination.as_str().to_owned()),
+                    routing_key: m.routing_key.as_str().to_owned(),
+                    arguments: m.arguments.clone(),
+                    by: Some(self.conn),
+                });
+                let reply =
+                    (!m.nowait).then(|| Method::ExchangeBindOk(warren_codec::ExchangeBindOk {}));
+                self.spawn_meta(channel, method, cmd, reply);
+                Ok(())
+            }
+            Method::ExchangeUnbind(ref m) => {
+                let cmd = MetaCmd::Unbind(BindingDecl {
+                    vhost: self.vhost.clone(),
+                    source: m.source.as_str().to_owned(),
+                    destination: Destination::Exchange(m.destination.as_str().to_owned()),
+                    routing_key: m.routing_key.as_str().to_owned(),
+                    arguments: m.arguments.clone(),
+                    by: Some(self.conn),
+                });
+                let reply = (!m.nowait)
+                    .then(|| Method::ExchangeUnbindOk(warren_codec::ExchangeUnbindOk {}));
+                self.spawn_meta(channel, method, cmd, reply);
+                Ok(())
+            }
+            Method::QueueDeclare(_) => self.queue_declare(channel, method),
+            Method::QueueBind(ref m) => {
+                let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                let cmd = MetaCmd::Bind(BindingDecl {
+                    vhost: self.vhost.clone(),
+                    source: m.exchange.as_str().to_owned(),
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key.as_str().to_owned(),
+                    arguments: m.arguments.clone(),
+                    by: Some(self.conn),
+                });
+                let reply = (!m.nowait).then(|| Method::QueueBindOk(warren_codec::QueueBindOk {}));
+                self.spawn_meta(channel, method, cmd, reply);
+                Ok(())
+            }
+            Method::QueueUnbind(ref m) => {
+                let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                let cmd = MetaCmd::Unbind(BindingDecl {
+                    vhost: self.vhost.clone(),
+                    source: m.exchange.as_str().to_owned(),
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key.as_str().to_owned(),
+                    arguments: m.arguments.clone(),
+                    by: Some(self.conn),
+                });
+                self.spawn_meta(
+                    channel,
+                    method,
+                    cmd,
+                    Some(Method::QueueUnbindOk(warren_codec::QueueUnbindOk {})),
+                );
+                Ok(())
+            }
+            Method::QueuePurge(ref m) => {
+                let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                let handle = self.accessible_queue(&queue, &method)?;
+                let nowait = m.nowait;
+                self.spawn_op(channel, async move {
+                    match handle.call(QueueCmd::Purge, None).await {
+                        Ok(QueueOutcome {
+                            reply: QueueReply::Purged { count },
+                            ..
+                        }) => {
+                            if nowait {
+                                OpOutcome::NoReply
+                            } else {
+                                OpOutcome::Reply(Method::QueuePurgeOk(
+                                    warren_codec::QueuePurgeOk {
+                                        message_count: count as u32,
+                                    },
+                                ))
+                            }
+                        }
+                        other => op_failure(other, &method),
+                    }
+                });
+                Ok(())
+            }
+            Method::QueueDelete(_) => self.queue_delete(channel, method),
+            Method::BasicQos(ref m) => {
+                if m.prefetch_size != 0 {
+                    return Err(Failure::Connection(MethodError::new(
+                        AmqpError::not_implemented(format!(
+                            "prefetch_size!=0 ({})",
+                            m.prefetch_size
+                        )),
+                        &method,
+                    )));
+                }
+                self.channel(channel).prefetch = m.prefetch_count;
+                self.send_method(channel, &Method::BasicQosOk(warren_codec::BasicQosOk {}));
+                Ok(())
+            }
+            Method::BasicConsume(_) => self.basic_consume(channel, method),
+            Method::BasicCancel(ref m) => {
+                let tag = m.consumer_tag.clone();
+                let nowait = m.nowait;
+                let Some(entry) = self.channel(channel).consumers.get(tag.as_str()) else {
+                    // RabbitMQ answers cancel-ok for an unknown tag.
+                    if !nowait {
+                        self.send_method(
+                            channel,
+                            &Method::BasicCancelOk(warren_codec::BasicCancelOk {
+                                consumer_tag: tag,
+                            }),
+                        );
+                    }
+                    return Ok(());
+                };
+                let handle = entry.handle.clone();
+                let key = ConsumerKey {
+                    channel: self.channel(channel).chref,
+                    tag: tag.as_str().to_owned(),
+                };
+                self.spawn_op(channel, async move {
+                    let _ = handle
+                        .call(
+                            QueueCmd::Cancel {
+                                consumer: key.clone(),
+                            },
+                            None,
+                        )
+                        .await;
+                    handle.detach(&key);
+                    OpOutcome::Cancelled { tag, nowait }
+                });
+                Ok(())
+            }
+            Method::BasicPublish(m) => {
+                if m.immediate {
+                    return Err(Failure::Connection(MethodError {
+                        error: AmqpError::not_implemented("immediate=true"),
+                        class_id: class_id::BASIC,
+                        method_id: 40,
+                    }));
+                }
+                self.channel(channel).publish = Some(PendingPublish::new(m));
+                Ok(())
+            }
+            Method::BasicGet(ref m) => {
+                let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                let handle = self.accessible_queue(&queue, &method)?;
+                let chref = self.channel(channel).chref;
+                let no_ack = m.no_ack;
+                self.channel(channel).touch(&handle);
+                self.spawn_op(channel, async move {
+                    match handle
+                        .call(
+                            QueueCmd::Get {
+                                channel: chref,
+                                no_ack,
+                            },
+                            None,
+                        )
+                        .await
+                    {
+                        Ok(QueueOutcome {
+                            reply:
+                                QueueReply::GetOk {
+                                    msg,
+                                    delivery_count,
+                                    remaining,
+                                },
+                            content: Some(content),
+                        }) => OpOutcome::Got {
+                            handle,
+                            msg,
+                            delivery_count,
+                            remaining,
+                            content,
+                            no_ack,
+                        },
+                        Ok(QueueOutcome {
+                            reply: QueueReply::GetEmpty,
+                            ..
+                        }) => OpOutcome::Reply(Method::BasicGetEmpty(
+                            warren_codec::BasicGetEmpty {},
+                        )),
+                        other => op_failure(other, &method),
+                    }
+                });
+                Ok(())
+            }
+            Method::BasicAck(ref m) => {
+                let entries = self.take_unacked(channel, m.delivery_tag, m.multiple, &method)?;
+                self.settle(channel, entries, Settlement::Ack);
+                Ok(())
+            }
+            Method::BasicNack(ref m) => {
+                let entries = self.take_unacked(channel, m.delivery_tag, m.multiple, &method)?;
+                let how = if m.requeue {
+                    Settlement::Requeue
+                } else {
+                    Settlement::Discard
+                };
+                self.settle(channel, entries, how);
+                Ok(())
+            }
+            Method::BasicReject(ref m) => {
+                let entries = self.take_unacked(channel, m.delivery_tag, false, &method)?;
+                let how = if m.requeue {
+                    Settlement::Requeue
+                } else {
+                    Settlement::Discard
+                };
+                self.settle(channel, entries, how);
+                Ok(())
+            }
+            Method::BasicRecoverAsync(_) => {
+                let entries = std::mem::take(&mut self.channel(channel).unacked);
+                self.settle(channel, entries.into_values().collect(), Settlement::Requeue);
+                Ok(())
+            }
+            Method::BasicRecover(_) => {
+                // RabbitMQ treats requeue=false like requeue=true; so does Warren.
+                let entries = std::mem::take(&mut self.channel(channel).unacked);
+                let calls = self.group_by_queue(entries.into_values().collect());
+                let chref = self.channel(channel).chref;
+                self.spawn_op(channel, async move {
+                    for (handle, msgs) in calls {
+                        let _ = handle
+                            .call(
+                                QueueCmd::Requeue {
+                                    channel: chref,
+                                    msgs,
+                                },
+                                None,
+                            )
+                            .await;
+                    }
+                    OpOutcome::Reply(Method::BasicRecoverOk(warren_codec::BasicRecoverOk {}))
+                });
+                Ok(())
+            }
+            Method::ConfirmSelect(ref m) => {
+                let ch = self.channel(channel);
+                if ch.confirm.is_none() {
+                    ch.confirm = Some(Default::default());
+                }
+                if !m.nowait {
+                    self.send_method(
+                        channel,
+                        &Method::ConfirmSelectOk(warren_codec::ConfirmSelectOk {}),
+                    );
+                }
+                Ok(())
+            }
+            Method::TxSelect(_) | Method::TxCommit(_) | Method::TxRollback(_) => {
+                Err(Failure::Connection(MethodError::new(
+                    AmqpError::not_implemented("transactions are not supported yet"),
+                    &method,
+                )))
+            }
+            // Methods only a server sends.
+            other => Err(Failure::Connection(MethodError::new(
+                AmqpError::command_invalid(format!(
+                    "method {} is not valid from a client",
+                    other.name()
+                )),
+                &other,
+            ))),
+        }
+    }
+
+    /// An empty queue name means "the last queue declared on this channel", as in RabbitMQ.
+    fn resolve_queue_name(
+        &mut self,
+        channel: u16,
+        name: &ShortStr,
+        method: &Method,
+    ) -> Result<String, Failure> {
+        if !name.is_empty() {
+            return Ok(name.as_str().to_owned());
+        }
+        match &self.channel(channel).last_queue {
+            Some(q) => Ok(q.clone()),
+            None => Err(Failure::Connection(MethodError::new(
+                AmqpError::new(
+                    reply_code::NOT_ALLOWED,
+                    "no previously declared queue",
+                ),
+                method,
+            ))),
+        }
+    }
+
+    /// Looks a queue up for a queue or basic method: 404 if absent, 405 if another
+    /// connection's exclusive queue.
+    fn accessible_queue(&self, name: &str, method: &Method) -> Result<Arc<QueueHandle>, Failure> {
+        let meta = self.node.meta();
+        meta.check_queue_access(&self.vhost, name, Some(self.conn))
+            .map_err(|e| Failure::Channel(MethodError::new(e, method)))?;
+        drop(meta);
+        self.node.queue(&self.vhost, name).ok_or_else(|| {
+            Failure::Channel(MethodError::new(
+                AmqpError::not_found(format!(
+                    "queue '{name}' in vhost '{}' is not available on this node",
+                    self.vhost
+                )),
+                method,
+            ))
+        })
+    }
+
+    fn queue_declare(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        let Method::QueueDeclare(ref m) = method else {
+            unreachable!("called for queue.declare only")
+        };
+        let name = if m.passive {
+            self.resolve_queue_name(channel, &m.queue, &method)?
+        } else if m.queue.is_empty() {
+            generated_name("amq.gen-")
+        } else {
+            m.queue.as_str().to_owned()
+        };
+        if m.passive {
+            let handle = self.accessible_queue(&name, &method)?;
+            let stats = handle.stats();
+            self.channel(channel).last_queue = Some(name.clone());
+            if !m.nowait {
+                self.send_method(
+                    channel,
+                    &Method::QueueDeclareOk(warren_codec::QueueDeclareOk {
+                        queue: short(&name),
+                        message_count: stats.ready as u32,
+                        consumer_count: stats.consumers as u32,
+                    }),
+                );
+            }
+            return Ok(());
+        }
+        let exclusive = m.exclusive;
+        let cmd = MetaCmd::DeclareQueue(QueueDecl {
+            vhost: self.vhost.clone(),
+            name: name.clone(),
+            durable: m.durable,
+            exclusive_owner: exclusive.then_some(self.conn),
+            auto_delete: m.auto_delete,
+            arguments: m.arguments.clone(),
+            declared_by: self.conn.run,
+            replicas: self.node.replica_set(),
+        });
+        if exclusive {
+            self.has_exclusive_queues = true;
+        }
+        self.channel(channel).last_queue = Some(name.clone());
+        let nowait = m.nowait;
+        let node = self.node.clone();
+        let vhost = self.vhost.clone();
+        self.spawn_op(channel, async move {
+            match node.meta_write(cmd).await {
+                Ok(MetaReply::QueueDeclared { .. }) => {
+                    if nowait {
+                        return OpOutcome::NoReply;
+                    }
+                    let stats = match node.queue(&vhost, &name) {
+                        Some(handle) => handle.stats(),
+                        None => Default::default(),
+                    };
+                    OpOutcome::Reply(Method::QueueDeclareOk(warren_codec::QueueDeclareOk {
+                        queue: short(&name),
+                        message_count: stats.ready as u32,
+                        consumer_count: stats.consumers as u32,
+                    }))
+                }
+                Ok(MetaReply::Error(e)) => meta_failure(e, &method),
+                Ok(other) => meta_failure(
+                    AmqpError::internal(format!("unexpected reply {other:?}")),
+                    &method,
+                ),
+                Err(e) => meta_failure(cluster_error(e), &method),
+            }
+        });
+        Ok(())
+    }
+
+    fn queue_delete(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        let Method::QueueDelete(ref m) = method else {
+            unreachable!("called for queue.delete only")
+        };
+        let name = self.resolve_queue_name(channel, &m.queue, &method)?;
+        let (if_unused, if_empty, nowait) = (m.if_unused, m.if_empty, m.nowait);
+        let meta_check = {
+            let meta = self.node.meta();
+            match meta.check_queue_access(&self.vhost, &name, Some(self.conn)) {
+                Ok(_) => Ok(true),
+                Err(e) if e.code == reply_code::NOT_FOUND => Ok(false),
+                Err(e) => Err(e),
+            }
+        };
+        let exists = meta_check.map_err(|e| Failure::Channel(MethodError::new(e, &method)))?;
+        let handle = if exists {
+            self.node.queue(&self.vhost, &name)
+        } else {
+            None
+        };
+        let (count, consumers) = handle
+            .as_ref()
+            .map(|h| {
+                let s = h.stats();
+                (s.ready, s.consumers)
+            })
+            .unwrap_or((0, 0));
+        if exists && if_unused && consumers > 0 {
+            return Err(Failure::Channel(MethodError::new(
+                AmqpError::precondition_failed(format!(
+                    "queue '{name}' in vhost '{}' in use",
+                    self.vhost
+                )),
+                &method,
+            )));
+        }
+        if exists && if_empty && count > 0 {
+            return Err(Failure::Channel(MethodError::new(
+                AmqpError::precondition_failed(format!(
+                    "queue '{name}' in vhost '{}' is not empty",
+                    self.vhost
+                )),
+                &method,
+            )));
+        }
+        let cmd = MetaCmd::DeleteQueue {
+            vhost: self.vhost.clone(),
+            name,
+            by: Some(self.conn),
+        };
+        let reply = (!nowait).then(|| {
+            Method::QueueDeleteOk(warren_codec::QueueDeleteOk {
+                message_count: count as u32,
+            })
+        });
+        self.spawn_meta(channel, method, cmd, reply);
+        Ok(())
+    }
+
+    fn basic_consume(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        let Method::BasicConsume(ref m) = method else {
+            unreachable!("called for basic.consume only")
+        };
+        let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+        let handle = self.accessible_queue(&queue, &method)?;
+        let tag = if m.consumer_tag.is_empty() {
+            short(&generated_name("amq.ctag-"))
+        } else {
+            m.consumer_tag.clone()
+        };
+        let ch = self.channel(channel);
+        if ch.consumers.contains_key(tag.as_str()) {
+            return Err(Failure::Connection(MethodError::new(
+                AmqpError::new(
+                    reply_code::NOT_ALLOWED,
+                    format!("attempt to reuse consumer tag '{tag}'"),
+                ),
+                &method,
+            )));
+        }
+        let key = ConsumerKey {
+            channel: ch.chref,
+            tag: tag.as_str().to_owned(),
+        };
+        let prefetch = u32::from(ch.prefetch);
+        ch.consumers.insert(
+            tag.as_str().to_owned(),
+            ConsumerEntry {
+                handle: handle.clone(),
+                no_ack: m.no_ack,
+                ready: false,
+                pending: Vec::new(),
+            },
+        );
+        ch.touch(&handle);
+        // Attach before the command commits: deliveries may follow it immediately.
+        handle.attach(key.clone(), self.sink.clone());
+        let (no_ack, exclusive, nowait) = (m.no_ack, m.exclusive, m.nowait);
+        self.spawn_op(channel, async move {
+            let result = handle
+                .call(
+                    QueueCmd::Consume {
+                        consumer: key.clone(),
+                        prefetch,
+                        no_ack,
+                        exclusive,
+                    },
+                    None,
+                )
+                .await;
+            match result {
+                Ok(QueueOutcome {
+                    reply: QueueReply::Done,
+                    ..
+                }) => OpOutcome::Consumed {
+                    tag,
+                    handle,
+                    nowait,
+                },
+                other => {
+                    handle.detach(&key);
+                    let error = match other {
+                        Ok(QueueOutcome {
+                            reply: QueueReply::Error(e),
+                            ..
+                        }) => e,
+                        Ok(o) => AmqpError::internal(format!("unexpected reply {:?}", o.reply)),
+                        Err(e) => cluster_error(e),
+                    };
+                    OpOutcome::ConsumeFailed {
+                        tag,
+                        handle,
+                        error: MethodError::new(error, &method),
+                    }
+                }
+            }
+        });
+        Ok(())
+    }
+
+    fn on_header(&mut self, channel: u16, header: ContentHeader) -> Result<(), Failure> {
+        let max = self.broker.config.amqp.max_message_size;
+        let ch = self.channel(channel);
+        let Some(publish) = ch.publish.as_mut() else {
+            return Err(Failure::Connection(MethodError::bare(
+                reply_code::UNEXPECTED_FRAME,
+                format!("unexpected content header on channel {channel}"),
+            )));
+        };
+        if publish.header.is_some() {
+            return Err(Failure::Connection(MethodError::bare(
+                reply_code::UNEXPECTED_FRAME,
+                format!("second content header on channel {channel}"),
+            )));
+        }
+        if header.class_id != class_id::BASIC {
+            return Err(Failure::Connection(MethodError::bare(
+                reply_code::FRAME_ERROR,
+                format!("content header for class {} on channel {channel}", header.class_id),
+            )));
+        }
+        if header.body_size > max {
+            ch.publish = None;
+            return Err(Failure::Channel(MethodError {
+                error: AmqpError::precondition_failed(format!(
+                    "message size {} is larger than configured max size {max}",
+                    header.body_size
+                )),
+                class_id: class_id::BASIC,
+                method_id: 40,
+            }));
+        }
+        publish.start_body(header);
+        if publish.complete() {
+            return self.finish_publish(channel);
+        }
+        Ok(())
+    }
+
+    fn on_body(&mut self, channel: u16, payload: Bytes) -> Result<(), Failure> {
+        let ch = self.channel(channel);
+        let Some(publish) = ch.publish.as_mut().filter(|p| p.header.is_some()) else {
+            return Err(Failure::Connection(MethodError::bare(
+                reply_code::UNEXPECTED_FRAME,
+                format!("unexpected content body on channel {channel}"),
+            )));
+        };
+        if !publish.push_body(payload) {
+            return Err(Failure::Connection(MethodError::bare(
+                reply_code::FRAME_ERROR,
+                format!("content body on channel {channel} is longer than its header said"),
+            )));
+        }
+        if publish.complete() {
+            return self.finish_publish(channel);
+        }
+        Ok(())
+    }
+
+    /// A publish is complete: route it, submit it to its queues, and arrange its confirm.
+    fn finish_publish(&mut self, channel: u16) -> Result<(), Failure> {
+        let ch = self.channel(channel);
+        let Some(publish) = ch.publish.take() else {
+            return Ok(());
+        };
+        let (method, header, body) = publish.into_parts();
+        let seq = ch.confirm.as_mut().map(|c| c.next_seq());
+        let metrics = &self.broker.metrics;
+        metrics.published.fetch_add(1, Ordering::Relaxed);
+
+        let headers = if header.properties.len() > 2
+            && header.properties[0] & 0x20 != 0
+        {
+            // Only decode properties when the headers flag is set: routing needs the table
+            // for headers exchanges and nothing else on this path looks inside.
+            BasicProperties::decode(&header.properties)
+                .map_err(|e| {
+                    Failure::Connection(MethodError::bare(
+                        reply_code::SYNTAX_ERROR,
+                        format!("malformed content properties: {e}"),
+                    ))
+                })?
+                .headers
+        } else {
+            None
+        };
+        let routed = {
+            let meta = self.node.meta();
+            meta.route(
+                &self.vhost,
+                method.exchange.as_str(),
+                method.routing_key.as_str(),
+                headers.as_ref(),
+            )
+        };
+        let routed = match routed {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Failure::Channel(MethodError {
+                    error: e,
+                    class_id: class_id::BASIC,
+                    method_id: 40,
+                }));
+            }
+        };
+        let content = MessageContent {
+            exchange: method.exchange.clone(),
+            routing_key: method.routing_key.clone(),
+            properties: header.properties.clone(),
+            body,
+        };
+        let mut handles = Vec::with_capacity(routed.queues.len());
+        for q in &routed.queues {
+            if let Some(h) = self.node.queue(&self.vhost, q) {
+                handles.push(h);
+            }
+        }
+        if handles.is_empty() {
+            metrics.unroutable.fetch_add(1, Ordering::Relaxed);
+            if method.mandatory {
+                self.send_method(
+                    channel,
+                    &Method::BasicReturn(warren_codec::BasicReturn {
+                        reply_code: reply_code::NO_ROUTE,
+                        reply_text: short("NO_ROUTE"),
+                        exchange: content.exchange.clone(),
+                        routing_key: content.routing_key.clone(),
+                    }),
+                );
+                self.send_content(channel, &content.properties, &content.body);
+            }
+            if let Some(seq) = seq {
+                if routed.queues.is_empty() {
+                    self.channel(channel)
+                        .confirm
+                        .as_mut()
+                        .expect("seq implies confirm mode")
+                        .settle_now(seq, true);
+                } else {
+                    // Routed to queues this node cannot reach: the broker did not take it.
+                    self.channel(channel)
+                        .confirm
+                        .as_mut()
+                        .expect("seq implies confirm mode")
+                        .settle_now(seq, false);
+                }
+                self.flush_confirms(channel);
+            }
+            return Ok(());
+        }
+        let meta = MessageMeta {
+            size: content.body.len() as u64,
+        };
+        if let Some(seq) = seq {
+            self.channel(channel)
+                .confirm
+                .as_mut()
+                .expect("seq implies confirm mode")
+                .expect(seq, handles.len());
+        }
+        for h in handles {
+            let reply = match seq {
+                Some(seq) => ReplyTo::Sink(self.sink.clone(), confirm_token(channel, seq)),
+                None => ReplyTo::None,
+            };
+            h.submit(
+                QueueRequest {
+                    cmd: QueueCmd::Enqueue { meta },
+                    content: Some(content.clone()),
+                },
+                reply,
+            );
+        }
+        Ok(())
+    }
+
+    /// Removes the unacked entries an ack/nack/reject names; an unknown tag is 406.
+    fn take_unacked(
+        &mut self,
+        channel: u16,
+        tag: u64,
+        multiple: bool,
+        method: &Method,
+    ) -> Result<Vec<Unacked>, Failure> {
+        let ch = self.channel(channel);
+        if multiple {
+            if tag == 0 {
+                return Ok(std::mem::take(&mut ch.unacked).into_values().collect());
+            }
+            if !ch.unacked.contains_key(&tag) && ch.unacked.range(..=tag).next().is_none() {
+                return Err(unknown_tag(tag, method));
+            }
+            let rest = ch.unacked.split_off(&(tag + 1));
+            let taken = std::mem::replace(&mut ch.unacked, rest);
+            return Ok(taken.into_values().collect());
+        }
+        match ch.unacked.remove(&tag) {
+            Some(u) => Ok(vec![u]),
+            None => Err(unknown_tag(tag, method)),
+        }
+    }
+
+    fn group_by_queue(&self, entries: Vec<Unacked>) -> Vec<(Arc<QueueHandle>, Vec<MsgId>)> {
+        let mut groups: BTreeMap<u64, (Arc<QueueHandle>, Vec<MsgId>)> = BTreeMap::new();
+        for u in entries {
+            groups
+                .entry(u.handle.id())
+                .or_insert_with(|| (u.handle.clone(), Vec::new()))
+                .1
+                .push(u.msg);
+        }
+        groups.into_values().collect()
+    }
+
+    fn settle(&mut self, channel: u16, entries: Vec<Unacked>, how: Settlement) {
+        if entries.is_empty() {
+            return;
+        }
+        let chref = self.channel(channel).chref;
+        let metrics = &self.broker.metrics;
+        match how {
+            Settlement::Ack => metrics.acked.fetch_add(entries.len() as u64, Ordering::Relaxed),
+            _ => metrics.nacked.fetch_add(entries.len() as u64, Ordering::Relaxed),
+        };
+        for (handle, msgs) in self.group_by_queue(entries) {
+            let cmd = match how {
+                Settlement::Ack => QueueCmd::Settle {
+                    channel: chref,
+                    msgs,
+                },
+                Settlement::Requeue => QueueCmd::Requeue {
+                    channel: chref,
+                    msgs,
+                },
+                Settlement::Discard => QueueCmd::Discard {
+                    channel: chref,
+                    msgs,
+                },
+            };
+            handle.submit(QueueRequest { cmd, content: None }, ReplyTo::None);
+        }
+    }
+
+    /// Runs a metadata command on a task and replies with `reply` once it committed.
+    fn spawn_meta(&mut self, channel: u16, method: Method, cmd: MetaCmd, reply: Option<Method>) {
+        let node = self.node.clone();
+        self.spawn_op(channel, async move {
+            match node.meta_write(cmd).await {
+                Ok(MetaReply::Error(e)) => meta_failure(e, &method),
+                Ok(_) => reply.map_or(OpOutcome::NoReply, OpOutcome::Reply),
+                Err(e) => meta_failure(cluster_error(e), &method),
+            }
+        });
+    }
+
+    fn spawn_op(
+        &mut self,
+        channel: u16,
+        op: impl std::future::Future<Output = OpOutcome> + Send + 'static,
+    ) {
+        let ch = self.channel(channel);
+        ch.busy = true;
+        let opened = ch.chref.opened;
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            let outcome = op.await;
+            let _ = tx.send(ConnEvent::OpDone {
+                channel,
+                opened,
+                outcome,
+            });
+        });
+    }
+
+    fn on_event(&mut self, event: ConnEvent) -> Option<Stop> {
+        match event {
+            ConnEvent::Deliver(d) => {
+                self.deliver(d);
+                None
+            }
+            ConnEvent::Completed { token, result } => {
+                let (channel, seq) = split_token(token);
+                let ok = matches!(
+                    &result,
+                    Ok(QueueOutcome {
+                        reply: QueueReply::Enqueued { .. },
+                        ..
+                    })
+                );
+                if let Some(confirm) = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|c| c.confirm.as_mut())
+                {
+                    confirm.target_done(seq, ok);
+                    self.flush_confirms(channel);
+                }
+                None
+            }
+            ConnEvent::ConsumerGone { consumer } => {
+                let channel = consumer.channel.channel;
+                let Some(ch) = self.channels.get_mut(&channel) else {
+                    return None;
+                };
+                if ch.chref != consumer.channel || ch.consumers.remove(&consumer.tag).is_none() {
+                    return None;
+                }
+                if self.caps.consumer_cancel_notify {
+                    self.send_method(
+                        channel,
+                        &Method::BasicCancel(warren_codec::BasicCancel {
+                            consumer_tag: short(&consumer.tag),
+                            nowait: true,
+                        }),
+                    );
+                }
+                None
+            }
+            ConnEvent::OpDone {
+                channel,
+                opened,
+                outcome,
+            } => {
+                match self.channels.get_mut(&channel) {
+                    Some(ch) if ch.chref.opened == opened => ch.busy = false,
+                    _ => return None,
+                }
+                if let Some(stop) = self.on_op_done(channel, outcome) {
+                    return Some(stop);
+                }
+                self.drain_backlog(channel)
+            }
+        }
+    }
+
+    fn on_op_done(&mut self, channel: u16, outcome: OpOutcome) -> Option<Stop> {
+        match outcome {
+            OpOutcome::Reply(m) => self.send_method(channel, &m),
+            OpOutcome::NoReply => {}
+            OpOutcome::ChannelError(e) => self.close_channel_with(channel, e),
+            OpOutcome::ConnectionError(e) => return Some(Stop::Close(e)),
+            OpOutcome::Consumed {
+                tag,
+                handle: _,
+                nowait,
+            } => {
+                if !nowait {
+                    self.send_method(
+                        channel,
+                        &Method::BasicConsumeOk(warren_codec::BasicConsumeOk {
+                            consumer_tag: tag.clone(),
+                        }),
+                    );
+                }
+                let pending = match self.channel(channel).consumers.get_mut(tag.as_str()) {
+                    Some(entry) => {
+                        entry.ready = true;
+                        std::mem::take(&mut entry.pending)
+                    }
+                    None => Vec::new(),
+                };
+                for d in pending {
+                    self.deliver(d);
+                }
+            }
+            OpOutcome::ConsumeFailed { tag, handle: _, error } => {
+                if let Some(entry) = self.channel(channel).consumers.remove(tag.as_str()) {
+                    // Deliveries cannot exist for a consumer that never registered, but if
+                    // any arrived, give them back rather than lose them.
+                    let chref = self.channel(channel).chref;
+                    let msgs: Vec<MsgId> = entry
+                        .pending
+                        .iter()
+                        .filter(|d| !d.no_ack)
+                        .map(|d| d.msg)
+                        .collect();
+                    if !msgs.is_empty() {
+                        entry.handle.submit(
+                            QueueRequest {
+                                cmd: QueueCmd::Requeue {
+                                    channel: chref,
+                                    msgs,
+                                },
+                                content: None,
+                            },
+                            ReplyTo::None,
+                        );
+                    }
+                }
+                if error.error.is_connection_error() {
+                    return Some(Stop::Close(error));
+                }
+                self.close_channel_with(channel, error);
+            }
+            OpOutcome::Got {
+                handle,
+                msg,
+                delivery_count,
+                remaining,
+                content,
+                no_ack,
+            } => {
+                let ch = self.channel(channel);
+                let tag = ch.next_delivery_tag();
+                if !no_ack {
+                    ch.unacked.insert(
+                        tag,
+                        Unacked {
+                            handle,
+                            msg,
+                        },
+                    );
+                }
+                self.broker.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                self.send_method(
+                    channel,
+                    &Method::BasicGetOk(warren_codec::BasicGetOk {
+                        delivery_tag: tag,
+                        redelivered: delivery_count > 0,
+                        exchange: content.exchange.clone(),
+                        routing_key: content.routing_key.clone(),
+                        message_count: remaining as u32,
+                    }),
+                );
+                self.send_content(channel, &content.properties, &content.body);
+            }
+            OpOutcome::Cancelled { tag, nowait } => {
+                self.channel(channel).consumers.remove(tag.as_str());
+                if !nowait {
+                    self.send_method(
+                        channel,
+                        &Method::BasicCancelOk(warren_codec::BasicCancelOk { consumer_tag: tag }),
+                    );
+                }
+            }
+        }
+        None
+    }
+
+    /// Writes a delivery to its consumer, or gives it back when the consumer is gone.
+    fn deliver(&mut self, d: Delivery) {
+        let channel = d.consumer.channel.channel;
+        let live = self
+            .channels
+            .get(&channel)
+            .is_some_and(|c| c.chref == d.consumer.channel && c.state == ChannelState::Open);
+        if !live {
+            // The channel closed: its clean-up returns what it held; nothing to do.
+            return;
+        }
+        let ch = self.channel(channel);
+        let Some(entry) = ch.consumers.get_mut(&d.consumer.tag) else {
+            // Cancelled consumer: the message is checked out to this channel; give it back.
+            if !d.no_ack {
+                let chref = ch.chref;
+                d.handle.submit(
+                    QueueRequest {
+                        cmd: QueueCmd::Requeue {
+                            channel: chref,
+                            msgs: vec![d.msg],
+                        },
+                        content: None,
+                    },
+                    ReplyTo::None,
+                );
+            }
+            return;
+        };
+        if !entry.ready {
+            entry.pending.push(d);
+            return;
+        }
+        if !ch.flow_active {
+            ch.held.push_back(d);
+            return;
+        }
+        let tag = ch.next_delivery_tag();
+        if !d.no_ack {
+            ch.unacked.insert(
+                tag,
+                Unacked {
+                    handle: d.handle.clone(),
+                    msg: d.msg,
+                },
+            );
+        }
+        self.broker.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+        self.send_method(
+            channel,
+            &Method::BasicDeliver(warren_codec::BasicDeliver {
+                consumer_tag: short(&d.consumer.tag),
+                delivery_tag: tag,
+                redelivered: d.delivery_count > 0,
+                exchange: d.content.exchange.clone(),
+                routing_key: d.content.routing_key.clone(),
+            }),
+        );
+        self.send_content(channel, &d.content.properties, &d.content.body);
+    }
+
+    fn flush_confirms(&mut self, channel: u16) {
+        let Some(confirm) = self
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.confirm.as_mut())
+        else {
+            return;
+        };
+        for (tag, multiple, ack) in confirm.drain_ready() {
+            let method = if ack {
+                Method::BasicAck(warren_codec::BasicAck {
+                    delivery_tag: tag,
+                    multiple,
+                })
+            } else {
+                Method::BasicNack(warren_codec::BasicNack {
+                    delivery_tag: tag,
+                    multiple,
+                    requeue: false,
+                })
+            };
+            encode_method(channel, &method, &mut self.out);
+        }
+    }
+
+    /// Server-initiated channel close: release what the channel held, send channel.close and
+    /// wait for close-ok in the Closing state.
+    fn close_channel_with(&mut self, channel: u16, err: MethodError) {
+        debug!(peer = %self.peer, channel, code = err.error.code, text = %err.error.text, "closing channel");
+        self.release_channel(channel);
+        if let Some(ch) = self.channels.get_mut(&channel) {
+            ch.state = ChannelState::Closing;
+            self.backlog_frames -= ch.backlog.len();
+            ch.backlog.clear();
+            ch.publish = None;
+        }
+        self.send_method(
+            channel,
+            &Method::ChannelClose(warren_codec::ChannelClose {
+                reply_code: err.error.code,
+                reply_text: reply_text(err.error.code, &err.error.text),
+                class_id: err.class_id,
+                method_id: err.method_id,
+            }),
+        );
+    }
+
+    /// The channel ends: its consumers detach and every queue it touched gets its unacked
+    /// messages back.
+    fn release_channel(&mut self, channel: u16) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        if ch.state == ChannelState::Open {
+            self.broker.metrics.channels.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.backlog_frames -= ch.backlog.len();
+        ch.backlog.clear();
+        let chref = ch.chref;
+        for (tag, entry) in ch.consumers.drain() {
+            entry.handle.detach(&ConsumerKey {
+                channel: chref,
+                tag,
+            });
+        }
+        ch.unacked.clear();
+        ch.held.clear();
+        for handle in ch.touched.values() {
+            handle.submit(
+                QueueRequest {
+                    cmd: QueueCmd::ChannelDown { channel: chref },
+                    content: None,
+                },
+                ReplyTo::None,
+            );
+        }
+        ch.touched.clear();
+        ch.confirm = None;
+    }
+
+    async fn cleanup(&mut self) {
+        let channels: Vec<u16> = self.channels.keys().copied().collect();
+        for channel in channels {
+            self.release_channel(channel);
+        }
+        self.channels.clear();
+        if self.has_exclusive_queues {
+            let _ = self
+                .node
+                .meta_write(MetaCmd::ConnectionClosed { conn: self.conn })
+                .await;
+        }
+    }
+}
+
+async fn write_loop(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<AtomicUsize>,
+) {
+    let mut batch: Vec<Bytes> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(b) => batch.push(b),
+                Err(_) => break,
+            }
+        }
+        let total: usize = batch.iter().map(Bytes::len).sum();
+        let mut failed = false;
+        for chunk in batch.drain(..) {
+            if writer.write_all(&chunk).await.is_err() {
+                failed = true;
+                break;
+            }
+        }
+        queued.fetch_sub(total, Ordering::Relaxed);
+        if failed {
+            return;
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+enum Failure {
+    Channel(MethodError),
+    Connection(MethodError),
+}
+
+#[derive(Clone, Copy)]
+enum Settlement {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+fn unknown_tag(tag: u64, method: &Method) -> Failure {
+    Failure::Channel(MethodError::new(
+        AmqpError::precondition_failed(format!("unknown delivery tag {tag}")),
+        method,
+    ))
+}
+
+fn unexpected_in_handshake(frame: &Frame, expected: &str) -> MethodError {
+    match frame {
+        Frame::Method { method, .. } => MethodError::new(
+            AmqpError::command_invalid(format!(
+                "expected {expected}, got {}",
+                method.name()
+            )),
+            method,
+        ),
+        _ => MethodError::bare(
+            reply_code::UNEXPECTED_FRAME,
+            format!("expected {expected}, got a content or heartbeat frame"),
+        ),
+    }
+}
+
+fn cluster_error(e: ClusterError) -> AmqpError {
+    AmqpError::internal(format!("cluster error: {e}"))
+}
+
+fn meta_failure(e: AmqpError, method: &Method) -> OpOutcome {
+    let err = MethodError::new(e, method);
+    if err.error.is_connection_error() {
+        OpOutcome::ConnectionError(err)
+    } else {
+        OpOutcome::ChannelError(err)
+    }
+}
+
+fn op_failure(result: Result<QueueOutcome, ClusterError>, method: &Method) -> OpOutcome {
+    let e = match result {
+        Ok(QueueOutcome {
+            reply: QueueReply::Error(e),
+            ..
+        }) => e,
+        Ok(other) => AmqpError::internal(format!("unexpected reply {:?}", other.reply)),
+        Err(e) => cluster_error(e),
+    };
+    meta_failure(e, method)
+}
