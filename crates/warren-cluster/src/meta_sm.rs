@@ -83,7 +83,7 @@ impl RaftSnapshotBuilder<TypeConfig> for MetaSnapshotBuilder {
         let data = std::mem::replace(&mut self.data, Ok(Vec::new()))?;
         let stored = StoredSnapshot {
             meta: SnapshotMetaOf::<TypeConfig> {
-                last_log_id: self.last_applied.clone(),
+                last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
             },
             data,
@@ -103,7 +103,7 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
     async fn applied_state(
         &mut self,
     ) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
-        Ok((self.last_applied.clone(), self.membership.clone()))
+        Ok((self.last_applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
@@ -111,11 +111,11 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
         Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         while let Some((entry, responder)) = entries.try_next().await? {
-            self.last_applied = Some(entry.log_id.clone());
+            self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => GroupResponse::Empty,
                 EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
                     GroupResponse::Empty
                 }
                 EntryPayload::Normal(GroupRequest::Meta(cmd)) => {
@@ -146,7 +146,7 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
             group: self.group,
             storage: self.storage.clone(),
             data,
-            last_applied: self.last_applied.clone(),
+            last_applied: self.last_applied,
             membership: self.membership.clone(),
         }
     }
@@ -166,7 +166,7 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
                 data,
             },
         )?;
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         Ok(())
     }

@@ -23,8 +23,8 @@ use warren_core::meta::{MetaCmd, MetaEffect, MetaReply, MetaState, Placement, Qu
 use warren_core::queue::QueueCmd;
 use warren_core::{ConnectionRef, GroupId};
 
-use crate::db::{CF_META, DbError, Storage};
 use crate::db::keys;
+use crate::db::{CF_META, DbError, Storage};
 use crate::meta_sm::{MetaEffects, MetaMachine};
 use crate::network::NoPeers;
 use crate::queue::{Backend, ClusterError, QueueHandle, Submission, UnusedHook};

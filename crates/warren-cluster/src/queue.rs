@@ -147,7 +147,11 @@ impl QueueHandle {
         handle
     }
 
-    pub(crate) fn new_local(vhost: String, def: QueueDef, on_unused: Option<UnusedHook>) -> Arc<Self> {
+    pub(crate) fn new_local(
+        vhost: String,
+        def: QueueDef,
+        on_unused: Option<UnusedHook>,
+    ) -> Arc<Self> {
         Self::new(
             vhost,
             def,

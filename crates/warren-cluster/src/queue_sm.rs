@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use warren_core::queue::{QueueReply, QueueState};
 use warren_core::{MessageContent, MsgId};
 
+use crate::db::keys;
 use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, Storage, decode, encode};
-use crate::keys;
 use crate::queue::{Bodies, QueueHandle};
 use crate::types::{GroupRequest, GroupResponse, QueueOutcome, TypeConfig};
 
@@ -41,7 +41,10 @@ pub(crate) fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-pub(crate) fn load_snapshot(storage: &Storage, group: GroupId) -> io::Result<Option<StoredSnapshot>> {
+pub(crate) fn load_snapshot(
+    storage: &Storage,
+    group: GroupId,
+) -> io::Result<Option<StoredSnapshot>> {
     let key = keys::group_key(group, SNAPSHOT_TAG);
     match storage
         .db()
@@ -77,10 +80,12 @@ pub(crate) fn save_snapshot(
 /// Deletes everything a group's state machine stored (bodies and snapshot).
 pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()> {
     let from = keys::group_prefix(group);
-    let to = keys::group_upper_bound(group).map(|k| k.to_vec()).unwrap_or_else(|| vec![0xff; 9]);
+    let to = keys::group_upper_bound(group)
+        .map(|k| k.to_vec())
+        .unwrap_or_else(|| vec![0xff; 9]);
     let mut batch = WriteBatch::default();
     for cf in [CF_SM, CF_SNAPSHOT] {
-        batch.delete_range_cf(storage.cf(cf), from, &to);
+        batch.delete_range_cf(storage.cf(cf), from.to_vec(), to.clone());
     }
     storage.db().write(batch).map_err(io_err)
 }
@@ -102,9 +107,10 @@ struct StagedBodies<'a> {
 impl StagedBodies<'_> {
     fn put(&mut self, msg: MsgId, content: MessageContent) {
         match encode(&content) {
-            Ok(bytes) => self
-                .batch
-                .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes),
+            Ok(bytes) => {
+                self.batch
+                    .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes)
+            }
             Err(e) => self.error = Some(io_err(e)),
         }
         self.puts.insert(msg, content);
@@ -140,7 +146,6 @@ pub struct QueueMachine {
     last_applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
     handle: Weak<QueueHandle>,
-    snapshots_built: u64,
 }
 
 impl QueueMachine {
@@ -153,7 +158,6 @@ impl QueueMachine {
             last_applied: None,
             membership: StoredMembership::default(),
             handle: Arc::downgrade(handle),
-            snapshots_built: 0,
         };
         if let Some(snap) = load_snapshot(&machine.storage, group)? {
             machine.state = postcard::from_bytes(&snap.data).map_err(io_err)?;
@@ -171,7 +175,6 @@ pub struct QueueSnapshotBuilder {
     state: QueueState,
     last_applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
-    seq: u64,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
@@ -179,11 +182,9 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
         let data = postcard::to_allocvec(&self.state).map_err(io_err)?;
-        let index = self.last_applied.as_ref().map_or(0, |l| l.index);
         let meta = SnapshotMetaOf::<TypeConfig> {
-            last_log_id: self.last_applied.clone(),
+            last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
-            snapshot_id: format!("{}-{}-{}", self.group, index, self.seq),
         };
         let stored = StoredSnapshot { meta, data };
         save_snapshot(&self.storage, self.group, &stored)?;
@@ -201,14 +202,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
     async fn applied_state(
         &mut self,
     ) -> io::Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>)> {
-        Ok((self.last_applied.clone(), self.membership.clone()))
+        Ok((self.last_applied, self.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> io::Result<()>
     where
-        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>>
-            + Unpin
-            + OptionalSend,
+        Strm: futures::Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let handle = self.handle.upgrade();
         let mut bodies = StagedBodies {
@@ -220,11 +219,11 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         };
         let mut responses = Vec::new();
         while let Some((entry, responder)) = entries.try_next().await? {
-            self.last_applied = Some(entry.log_id.clone());
+            self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
                 EntryPayload::Blank => GroupResponse::Empty,
                 EntryPayload::Membership(m) => {
-                    self.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
                     GroupResponse::Empty
                 }
                 EntryPayload::Normal(GroupRequest::Queue(req)) => {
@@ -272,14 +271,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.snapshots_built += 1;
         QueueSnapshotBuilder {
             group: self.group,
             storage: self.storage.clone(),
             state: self.state.clone(),
-            last_applied: self.last_applied.clone(),
+            last_applied: self.last_applied,
             membership: self.membership.clone(),
-            seq: self.snapshots_built,
         }
     }
 
@@ -299,7 +296,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
             },
         )?;
         self.state = state;
-        self.last_applied = meta.last_log_id.clone();
+        self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         if let Some(h) = self.handle.upgrade() {
             h.set_stats(self.state.stats());
@@ -310,9 +307,11 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
-        Ok(load_snapshot(&self.storage, self.group)?.map(|s| SnapshotOf::<TypeConfig, _> {
-            meta: s.meta,
-            snapshot: Cursor::new(s.data),
-        }))
+        Ok(
+            load_snapshot(&self.storage, self.group)?.map(|s| SnapshotOf::<TypeConfig, _> {
+                meta: s.meta,
+                snapshot: Cursor::new(s.data),
+            }),
+        )
     }
 }

@@ -51,9 +51,10 @@ fn describe_octet(octet: u8) -> String {
 /// `reply_code` is [`reply_code::FRAME_ERROR`] (501) for framing problems:
 /// oversized frame, bad frame-end octet, unknown frame type, a content or
 /// heartbeat frame that is malformed or on the wrong channel.
-/// It is [`reply_code::SYNTAX_ERROR`] (502) for a method whose arguments do
-/// not parse (truncated, trailing bytes, invalid UTF-8 in a short string, bad
-/// field table), and [`reply_code::NOT_IMPLEMENTED`] (540) for a class or
+/// It is also 501 for a method whose arguments do not parse (truncated,
+/// trailing bytes, invalid UTF-8 in a short string, bad field table): that is
+/// what RabbitMQ answers ("cannot decode"), and clients written against it
+/// expect that code. It is [`reply_code::NOT_IMPLEMENTED`] (540) for a class or
 /// method id this protocol does not define. `class_id` and `method_id` name
 /// the offending method when there is one, so they can go straight into
 /// connection.close.
@@ -85,10 +86,15 @@ impl FrameError {
         }
     }
 
-    /// A malformed-arguments error (502) in the given method.
-    pub fn syntax(channel: u16, class_id: u16, method_id: u16, text: impl Into<String>) -> Self {
+    /// Arguments of the given method that cannot be decoded: 501, as RabbitMQ answers.
+    pub fn undecodable(
+        channel: u16,
+        class_id: u16,
+        method_id: u16,
+        text: impl Into<String>,
+    ) -> Self {
         FrameError {
-            reply_code: reply_code::SYNTAX_ERROR,
+            reply_code: reply_code::FRAME_ERROR,
             text: text.into(),
             channel,
             class_id,

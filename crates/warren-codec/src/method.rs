@@ -639,7 +639,8 @@ methods! {
 /// this protocol does not define is [`reply_code::NOT_IMPLEMENTED`] (RabbitMQ
 /// itself drops such a connection without a close; any hard error is
 /// equivalent for the client). Anything wrong with the arguments, including
-/// bytes left over after the last one, is [`reply_code::SYNTAX_ERROR`].
+/// bytes left over after the last one, is [`reply_code::FRAME_ERROR`], as
+/// RabbitMQ answers it.
 pub fn decode_method(payload: &Bytes) -> Result<Method, FrameError> {
     let mut reader = Reader::new(payload);
     let (class_id, method_id) = match (reader.u16(), reader.u16()) {
@@ -671,7 +672,7 @@ pub fn decode_method(payload: &Bytes) -> Result<Method, FrameError> {
         .and_then(|method| args.reader.finish().map(|()| method))
         .map_err(|err| {
             let name = Method::name_of(class_id, method_id).unwrap_or("method");
-            FrameError::syntax(
+            FrameError::undecodable(
                 0,
                 class_id,
                 method_id,

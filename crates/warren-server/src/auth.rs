@@ -27,7 +27,6 @@ enum Secret {
 #[derive(Clone, Debug)]
 pub struct User {
     pub name: String,
-    pub tags: Vec<String>,
     secret: Secret,
     loopback_only: bool,
 }
@@ -69,7 +68,8 @@ pub fn decode_password_hash(hash: &str) -> Result<([u8; 4], [u8; 32]), String> {
     Ok((salt, digest))
 }
 
-/// Produces a RabbitMQ-format hash; used by tests and handy for writing config files.
+/// Produces a RabbitMQ-format hash, as tests write them into user lists.
+#[cfg(test)]
 pub fn hash_password(salt: [u8; 4], password: &str) -> String {
     let mut raw = salt.to_vec();
     raw.extend_from_slice(&salted_digest(salt, password));
@@ -96,7 +96,8 @@ impl Authenticator {
                 let secret = match (&u.password, &u.password_hash) {
                     (_, Some(hash)) => {
                         // Config validation already decoded it once; a failure here cannot happen.
-                        let (salt, digest) = decode_password_hash(hash).unwrap_or(([0; 4], [0; 32]));
+                        let (salt, digest) =
+                            decode_password_hash(hash).unwrap_or(([0; 4], [0; 32]));
                         Secret::Salted { salt, digest }
                     }
                     (Some(p), None) => Secret::Plain(p.clone()),
@@ -104,7 +105,6 @@ impl Authenticator {
                 };
                 let user = User {
                     name: u.name.clone(),
-                    tags: u.tags.clone(),
                     secret,
                     loopback_only: loopback_users.contains(&u.name),
                 };
@@ -162,9 +162,7 @@ fn parse_plain(response: &[u8]) -> Result<(String, String), AuthError> {
     else {
         return Err(AuthError::Malformed("PLAIN"));
     };
-    let text = |b: &[u8]| {
-        String::from_utf8(b.to_vec()).map_err(|_| AuthError::Malformed("PLAIN"))
-    };
+    let text = |b: &[u8]| String::from_utf8(b.to_vec()).map_err(|_| AuthError::Malformed("PLAIN"));
     Ok((text(user)?, text(pass)?))
 }
 
@@ -175,7 +173,7 @@ fn parse_amqplain(response: &[u8]) -> Result<(String, String), AuthError> {
     let mut framed = BytesMut::with_capacity(response.len() + 4);
     framed.put_u32(len);
     framed.put_slice(response);
-    let table = FieldTable::decode(&mut Bytes::from(framed)).map_err(|_| malformed())?;
+    let table = FieldTable::decode(&Bytes::from(framed)).map_err(|_| malformed())?;
     let field = |key: &str| {
         table
             .get(key)
@@ -241,7 +239,8 @@ mod tests {
     fn guest_only_from_loopback() {
         let a = users();
         assert_eq!(
-            a.authenticate("PLAIN", b"\0guest\0guest", REMOTE).unwrap_err(),
+            a.authenticate("PLAIN", b"\0guest\0guest", REMOTE)
+                .unwrap_err(),
             AuthError::LoopbackOnly("guest".into())
         );
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();

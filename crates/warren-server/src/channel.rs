@@ -27,7 +27,6 @@ pub struct Unacked {
 
 pub struct ConsumerEntry {
     pub handle: Arc<QueueHandle>,
-    pub no_ack: bool,
     /// False until consume-ok went out; deliveries wait in `pending` so the client never sees
     /// a basic.deliver before the consume-ok of its consumer.
     pub ready: bool,
@@ -225,10 +224,6 @@ impl Confirms {
         }
         out
     }
-
-    pub fn outstanding(&self) -> usize {
-        self.waiting.len() + self.finished.len()
-    }
 }
 
 #[cfg(test)]
@@ -247,7 +242,6 @@ mod tests {
         assert_eq!(c.drain_ready(), vec![(2, true, true)]);
         c.target_done(3, true);
         assert_eq!(c.drain_ready(), vec![(3, false, true)]);
-        assert_eq!(c.outstanding(), 0);
     }
 
     #[test]

@@ -14,7 +14,11 @@ use serde::Deserialize;
 /// Command line and environment. Every field is optional so that "not given" can fall back
 /// to the file and then to the default.
 #[derive(Debug, Default, Parser)]
-#[command(name = "warren", version, about = "Warren: a Raft-replicated AMQP 0-9-1 broker")]
+#[command(
+    name = "warren",
+    version,
+    about = "Warren: a Raft-replicated AMQP 0-9-1 broker"
+)]
 pub struct Cli {
     /// TOML configuration file.
     #[arg(long, env = "WARREN_CONFIG")]
@@ -23,7 +27,11 @@ pub struct Cli {
     #[arg(long, env = "WARREN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
     /// AMQP listen address; repeat for several (default: every IPv4 and IPv6 address, 5672).
-    #[arg(long = "amqp-listen", env = "WARREN_AMQP_LISTEN", value_delimiter = ',')]
+    #[arg(
+        long = "amqp-listen",
+        env = "WARREN_AMQP_LISTEN",
+        value_delimiter = ','
+    )]
     pub amqp_listen: Vec<String>,
     /// HTTP listen address for /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_HTTP_LISTEN")]
@@ -199,7 +207,10 @@ impl Config {
         }
 
         let listen = if !cli.amqp_listen.is_empty() {
-            explicit_listeners("amqp.listen (--amqp-listen / WARREN_AMQP_LISTEN)", &cli.amqp_listen)?
+            explicit_listeners(
+                "amqp.listen (--amqp-listen / WARREN_AMQP_LISTEN)",
+                &cli.amqp_listen,
+            )?
         } else if let Some(list) = &file.amqp.listen {
             explicit_listeners("amqp.listen", list)?
         } else {
@@ -245,7 +256,10 @@ impl Config {
 
         let http_listen = match cli.http_listen.or(file.http.listen) {
             Some(s) if s.is_empty() || s == "off" => None,
-            Some(s) => Some(parse_addr("http.listen (--http-listen / WARREN_HTTP_LISTEN)", &s)?),
+            Some(s) => Some(parse_addr(
+                "http.listen (--http-listen / WARREN_HTTP_LISTEN)",
+                &s,
+            )?),
             None => Some("0.0.0.0:15692".parse().expect("literal address")),
         };
 
@@ -290,9 +304,8 @@ impl Config {
             match (&user.password, &user.password_hash) {
                 (Some(_), None) => {}
                 (None, Some(hash)) => {
-                    crate::auth::decode_password_hash(hash).map_err(|reason| {
-                        invalid(&format!("{setting}.password_hash"), reason)
-                    })?;
+                    crate::auth::decode_password_hash(hash)
+                        .map_err(|reason| invalid(&format!("{setting}.password_hash"), reason))?;
                 }
                 _ => {
                     return Err(invalid(
@@ -305,14 +318,15 @@ impl Config {
                 }
             }
         }
-        let loopback_users = file
-            .loopback_users
-            .unwrap_or_else(|| vec!["guest".into()]);
+        let loopback_users = file.loopback_users.unwrap_or_else(|| vec!["guest".into()]);
 
         Ok(Config {
             node_id,
             data_dir,
-            log: cli.log.or(file.log).unwrap_or_else(|| "info,openraft=warn".into()),
+            log: cli
+                .log
+                .or(file.log)
+                .unwrap_or_else(|| "info,openraft=warn".into()),
             amqp: AmqpConfig {
                 listen,
                 frame_max,
@@ -375,10 +389,9 @@ mod tests {
 
     #[test]
     fn flags_override_file() {
-        let file: FileConfig = toml::from_str(
-            "data_dir = \"/from/file\"\n[amqp]\nlisten = [\"127.0.0.1:1\"]\n",
-        )
-        .unwrap();
+        let file: FileConfig =
+            toml::from_str("data_dir = \"/from/file\"\n[amqp]\nlisten = [\"127.0.0.1:1\"]\n")
+                .unwrap();
         let cli = Cli {
             data_dir: Some("/from/flag".into()),
             amqp_listen: vec!["127.0.0.1:2".into()],
@@ -397,8 +410,8 @@ mod tests {
         assert_eq!(e.setting, "amqp.listen");
         let e = from_toml("node_id = 0\n").unwrap_err();
         assert_eq!(e.setting, "node_id");
-        let e = from_toml("[raft]\nheartbeat_ms = 500\nelection_timeout_min_ms = 400\n")
-            .unwrap_err();
+        let e =
+            from_toml("[raft]\nheartbeat_ms = 500\nelection_timeout_min_ms = 400\n").unwrap_err();
         assert_eq!(e.setting, "raft.election_timeout_min_ms");
         let e = from_toml("[[users]]\nname = \"a\"\n").unwrap_err();
         assert_eq!(e.setting, "users[0]");

@@ -28,9 +28,9 @@ use warren_cluster::{
     QueueRequest, ReplyTo,
 };
 use warren_codec::{
-    BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, FrameError, Method,
-    ShortStr, class_id, decode_frame, decode_protocol_header, encode_body,
-    encode_content_header, encode_heartbeat, encode_method, reply_code,
+    BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, FrameError, Method, ShortStr,
+    class_id, decode_frame, decode_protocol_header, encode_body, encode_content_header,
+    encode_heartbeat, encode_method, reply_code,
 };
 use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
 use warren_core::queue::{MessageMeta, QueueCmd, QueueReply};
@@ -55,7 +55,9 @@ pub enum ConnEvent {
         result: Result<QueueOutcome, ClusterError>,
     },
     /// The queue behind a consumer went away.
-    ConsumerGone { consumer: ConsumerKey },
+    ConsumerGone {
+        consumer: ConsumerKey,
+    },
     /// A spawned command finished.
     OpDone {
         channel: u16,
@@ -72,12 +74,10 @@ pub enum OpOutcome {
     ConnectionError(MethodError),
     Consumed {
         tag: ShortStr,
-        handle: Arc<QueueHandle>,
         nowait: bool,
     },
     ConsumeFailed {
         tag: ShortStr,
-        handle: Arc<QueueHandle>,
         error: MethodError,
     },
     Got {
@@ -440,13 +440,17 @@ impl Connection {
             }
             Err(e) => return self.handshake_close(stream, rbuf, e).await,
         };
-        self.caps.consumer_cancel_notify = start_ok
-            .client_properties
-            .get("capabilities")
-            .and_then(FieldValue::as_table)
-            .and_then(|c| c.get("consumer_cancel_notify"))
-            .and_then(FieldValue::as_bool)
-            .unwrap_or(false);
+        let capability = |name: &str| {
+            start_ok
+                .client_properties
+                .get("capabilities")
+                .and_then(FieldValue::as_table)
+                .and_then(|c| c.get(name))
+                .and_then(FieldValue::as_bool)
+                .unwrap_or(false)
+        };
+        self.caps.consumer_cancel_notify = capability("consumer_cancel_notify");
+        let failure_close = capability("authentication_failure_close");
         self.client_properties = start_ok.client_properties.clone();
         let auth = self.broker.auth.authenticate(
             start_ok.mechanism.as_str(),
@@ -460,14 +464,14 @@ impl Connection {
                     .metrics
                     .auth_failures
                     .fetch_add(1, Ordering::Relaxed);
-                let code = match e {
-                    crate::auth::AuthError::Mechanism(_) => reply_code::ACCESS_REFUSED,
-                    crate::auth::AuthError::Malformed(_) => reply_code::ACCESS_REFUSED,
-                    _ => reply_code::ACCESS_REFUSED,
-                };
-                return self
-                    .handshake_close(stream, rbuf, MethodError::bare(code, e.to_string()))
-                    .await;
+                // Clients that did not announce authentication_failure_close get what the
+                // spec prescribes and RabbitMQ does: the socket closes without a reason.
+                if !failure_close {
+                    warn!(peer = %self.peer, error = %e, "login refused");
+                    return Ok(None);
+                }
+                let err = MethodError::bare(reply_code::ACCESS_REFUSED, e.to_string());
+                return self.handshake_close(stream, rbuf, err).await;
             }
         }
 
@@ -532,13 +536,14 @@ impl Connection {
             Err(e) => return self.handshake_close(stream, rbuf, e).await,
         };
         let vhost = open.virtual_host.as_str().to_owned();
-        let vhost = if vhost.is_empty() { "/".to_owned() } else { vhost };
+        let vhost = if vhost.is_empty() {
+            "/".to_owned()
+        } else {
+            vhost
+        };
         if !self.node.meta().vhost_exists(&vhost) {
             let err = MethodError {
-                error: AmqpError::new(
-                    reply_code::NOT_ALLOWED,
-                    format!("vhost {vhost} not found"),
-                ),
+                error: AmqpError::new(reply_code::NOT_ALLOWED, format!("vhost {vhost} not found")),
                 class_id: class_id::CONNECTION,
                 method_id: 40,
             };
@@ -676,7 +681,10 @@ impl Connection {
         loop {
             match decode_frame(rbuf, self.frame_max) {
                 Ok(Some(frame)) => {
-                    self.broker.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+                    self.broker
+                        .metrics
+                        .frames_in
+                        .fetch_add(1, Ordering::Relaxed);
                     if let Some(stop) = self.on_frame(frame) {
                         return Some(stop);
                     }
@@ -694,7 +702,7 @@ impl Connection {
         }
         if channel > self.channel_max {
             return Some(Stop::Close(MethodError::bare(
-                reply_code::CHANNEL_ERROR,
+                reply_code::NOT_ALLOWED,
                 format!(
                     "channel {channel} is above the negotiated channel_max {}",
                     self.channel_max
@@ -718,7 +726,7 @@ impl Connection {
                     &method,
                 ))),
                 Frame::Heartbeat { .. } => Some(Stop::Close(MethodError::bare(
-                    reply_code::FRAME_ERROR,
+                    reply_code::UNEXPECTED_FRAME,
                     "heartbeat frame on a non-zero channel",
                 ))),
                 _ => Some(Stop::Close(MethodError::bare(
@@ -770,7 +778,9 @@ impl Connection {
                 Method::ConnectionUpdateSecret(_) => {
                     self.send_method(
                         0,
-                        &Method::ConnectionUpdateSecretOk(warren_codec::ConnectionUpdateSecretOk {}),
+                        &Method::ConnectionUpdateSecretOk(
+                            warren_codec::ConnectionUpdateSecretOk {},
+                        ),
                     );
                     None
                 }
@@ -798,7 +808,10 @@ impl Connection {
         };
         self.channels.insert(channel, Channel::new(chref));
         self.broker.metrics.channels.fetch_add(1, Ordering::Relaxed);
-        self.send_method(channel, &Method::ChannelOpenOk(warren_codec::ChannelOpenOk {}));
+        self.send_method(
+            channel,
+            &Method::ChannelOpenOk(warren_codec::ChannelOpenOk {}),
+        );
     }
 
     /// Runs frames that waited while the channel was busy, until it is busy again.
@@ -825,7 +838,7 @@ impl Connection {
             Frame::Header { header, .. } => self.on_header(channel, header),
             Frame::Body { payload, .. } => self.on_body(channel, payload),
             Frame::Heartbeat { .. } => Err(Failure::Connection(MethodError::bare(
-                reply_code::FRAME_ERROR,
+                reply_code::UNEXPECTED_FRAME,
                 "heartbeat frame on a non-zero channel",
             ))),
         };
@@ -876,7 +889,10 @@ impl Connection {
             Method::ChannelClose(_) => {
                 self.release_channel(channel);
                 self.channels.remove(&channel);
-                self.send_method(channel, &Method::ChannelCloseOk(warren_codec::ChannelCloseOk {}));
+                self.send_method(
+                    channel,
+                    &Method::ChannelCloseOk(warren_codec::ChannelCloseOk {}),
+                );
                 Ok(())
             }
             Method::ChannelCloseOk(_) => Ok(()),
@@ -1026,11 +1042,9 @@ impl Connection {
                             if nowait {
                                 OpOutcome::NoReply
                             } else {
-                                OpOutcome::Reply(Method::QueuePurgeOk(
-                                    warren_codec::QueuePurgeOk {
-                                        message_count: count as u32,
-                                    },
-                                ))
+                                OpOutcome::Reply(Method::QueuePurgeOk(warren_codec::QueuePurgeOk {
+                                    message_count: count as u32,
+                                }))
                             }
                         }
                         other => op_failure(other, &method),
@@ -1135,9 +1149,9 @@ impl Connection {
                         Ok(QueueOutcome {
                             reply: QueueReply::GetEmpty,
                             ..
-                        }) => OpOutcome::Reply(Method::BasicGetEmpty(
-                            warren_codec::BasicGetEmpty {},
-                        )),
+                        }) => {
+                            OpOutcome::Reply(Method::BasicGetEmpty(warren_codec::BasicGetEmpty {}))
+                        }
                         other => op_failure(other, &method),
                     }
                 });
@@ -1170,7 +1184,11 @@ impl Connection {
             }
             Method::BasicRecoverAsync(_) => {
                 let entries = std::mem::take(&mut self.channel(channel).unacked);
-                self.settle(channel, entries.into_values().collect(), Settlement::Requeue);
+                self.settle(
+                    channel,
+                    entries.into_values().collect(),
+                    Settlement::Requeue,
+                );
                 Ok(())
             }
             Method::BasicRecover(_) => {
@@ -1237,10 +1255,7 @@ impl Connection {
         match &self.channel(channel).last_queue {
             Some(q) => Ok(q.clone()),
             None => Err(Failure::Connection(MethodError::new(
-                AmqpError::new(
-                    reply_code::NOT_ALLOWED,
-                    "no previously declared queue",
-                ),
+                AmqpError::new(reply_code::NOT_ALLOWED, "no previously declared queue"),
                 method,
             ))),
         }
@@ -1425,7 +1440,6 @@ impl Connection {
             tag.as_str().to_owned(),
             ConsumerEntry {
                 handle: handle.clone(),
-                no_ack: m.no_ack,
                 ready: false,
                 pending: Vec::new(),
             },
@@ -1450,11 +1464,7 @@ impl Connection {
                 Ok(QueueOutcome {
                     reply: QueueReply::Done,
                     ..
-                }) => OpOutcome::Consumed {
-                    tag,
-                    handle,
-                    nowait,
-                },
+                }) => OpOutcome::Consumed { tag, nowait },
                 other => {
                     handle.detach(&key);
                     let error = match other {
@@ -1467,7 +1477,6 @@ impl Connection {
                     };
                     OpOutcome::ConsumeFailed {
                         tag,
-                        handle,
                         error: MethodError::new(error, &method),
                     }
                 }
@@ -1494,7 +1503,10 @@ impl Connection {
         if header.class_id != class_id::BASIC {
             return Err(Failure::Connection(MethodError::bare(
                 reply_code::FRAME_ERROR,
-                format!("content header for class {} on channel {channel}", header.class_id),
+                format!(
+                    "content header for class {} on channel {channel}",
+                    header.class_id
+                ),
             )));
         }
         if header.body_size > max {
@@ -1546,9 +1558,7 @@ impl Connection {
         let metrics = &self.broker.metrics;
         metrics.published.fetch_add(1, Ordering::Relaxed);
 
-        let headers = if header.properties.len() > 2
-            && header.properties[0] & 0x20 != 0
-        {
+        let headers = if header.properties.len() > 2 && header.properties[0] & 0x20 != 0 {
             // Only decode properties when the headers flag is set: routing needs the table
             // for headers exchanges and nothing else on this path looks inside.
             BasicProperties::decode(&header.properties)
@@ -1697,8 +1707,12 @@ impl Connection {
         let chref = self.channel(channel).chref;
         let metrics = &self.broker.metrics;
         match how {
-            Settlement::Ack => metrics.acked.fetch_add(entries.len() as u64, Ordering::Relaxed),
-            _ => metrics.nacked.fetch_add(entries.len() as u64, Ordering::Relaxed),
+            Settlement::Ack => metrics
+                .acked
+                .fetch_add(entries.len() as u64, Ordering::Relaxed),
+            _ => metrics
+                .nacked
+                .fetch_add(entries.len() as u64, Ordering::Relaxed),
         };
         for (handle, msgs) in self.group_by_queue(entries) {
             let cmd = match how {
@@ -1777,9 +1791,7 @@ impl Connection {
             }
             ConnEvent::ConsumerGone { consumer } => {
                 let channel = consumer.channel.channel;
-                let Some(ch) = self.channels.get_mut(&channel) else {
-                    return None;
-                };
+                let ch = self.channels.get_mut(&channel)?;
                 if ch.chref != consumer.channel || ch.consumers.remove(&consumer.tag).is_none() {
                     return None;
                 }
@@ -1817,11 +1829,7 @@ impl Connection {
             OpOutcome::NoReply => {}
             OpOutcome::ChannelError(e) => self.close_channel_with(channel, e),
             OpOutcome::ConnectionError(e) => return Some(Stop::Close(e)),
-            OpOutcome::Consumed {
-                tag,
-                handle: _,
-                nowait,
-            } => {
+            OpOutcome::Consumed { tag, nowait } => {
                 if !nowait {
                     self.send_method(
                         channel,
@@ -1841,7 +1849,7 @@ impl Connection {
                     self.deliver(d);
                 }
             }
-            OpOutcome::ConsumeFailed { tag, handle: _, error } => {
+            OpOutcome::ConsumeFailed { tag, error } => {
                 if let Some(entry) = self.channel(channel).consumers.remove(tag.as_str()) {
                     // Deliveries cannot exist for a consumer that never registered, but if
                     // any arrived, give them back rather than lose them.
@@ -1881,15 +1889,12 @@ impl Connection {
                 let ch = self.channel(channel);
                 let tag = ch.next_delivery_tag();
                 if !no_ack {
-                    ch.unacked.insert(
-                        tag,
-                        Unacked {
-                            handle,
-                            msg,
-                        },
-                    );
+                    ch.unacked.insert(tag, Unacked { handle, msg });
                 }
-                self.broker.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+                self.broker
+                    .metrics
+                    .delivered
+                    .fetch_add(1, Ordering::Relaxed);
                 self.send_method(
                     channel,
                     &Method::BasicGetOk(warren_codec::BasicGetOk {
@@ -1962,7 +1967,10 @@ impl Connection {
                 },
             );
         }
-        self.broker.metrics.delivered.fetch_add(1, Ordering::Relaxed);
+        self.broker
+            .metrics
+            .delivered
+            .fetch_add(1, Ordering::Relaxed);
         self.send_method(
             channel,
             &Method::BasicDeliver(warren_codec::BasicDeliver {
@@ -2123,10 +2131,7 @@ fn unknown_tag(tag: u64, method: &Method) -> Failure {
 fn unexpected_in_handshake(frame: &Frame, expected: &str) -> MethodError {
     match frame {
         Frame::Method { method, .. } => MethodError::new(
-            AmqpError::command_invalid(format!(
-                "expected {expected}, got {}",
-                method.name()
-            )),
+            AmqpError::command_invalid(format!("expected {expected}, got {}", method.name())),
             method,
         ),
         _ => MethodError::bare(

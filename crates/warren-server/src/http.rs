@@ -31,7 +31,10 @@ async fn readyz(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
 
 async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         broker.metrics.render(&broker.node),
     )
 }

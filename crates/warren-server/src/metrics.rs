@@ -34,17 +34,30 @@ impl Metrics {
     pub fn render(&self, node: &Node) -> String {
         let mut out = String::with_capacity(4096);
         let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        metric("warren_connections", "gauge", "Open AMQP connections.", get(&self.connections));
+        metric(
+            "warren_connections",
+            "gauge",
+            "Open AMQP connections.",
+            get(&self.connections),
+        );
         metric(
             "warren_connections_opened_total",
             "counter",
             "AMQP connections accepted.",
             get(&self.connections_opened),
         );
-        metric("warren_channels", "gauge", "Open AMQP channels.", get(&self.channels));
+        metric(
+            "warren_channels",
+            "gauge",
+            "Open AMQP channels.",
+            get(&self.channels),
+        );
         metric(
             "warren_published_total",
             "counter",
@@ -140,8 +153,18 @@ impl Metrics {
             ready += s.ready;
             unacked += s.unacked;
         }
-        metric("warren_queues", "gauge", "Queues held by this node.", handles.len() as u64);
-        metric("warren_messages_ready", "gauge", "Messages ready for delivery.", ready);
+        metric(
+            "warren_queues",
+            "gauge",
+            "Queues held by this node.",
+            handles.len() as u64,
+        );
+        metric(
+            "warren_messages_ready",
+            "gauge",
+            "Messages ready for delivery.",
+            ready,
+        );
         metric(
             "warren_messages_unacked",
             "gauge",

@@ -6,7 +6,7 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 
 use super::strategies;
-use crate::reply_code::{FRAME_ERROR, NOT_IMPLEMENTED, SYNTAX_ERROR};
+use crate::reply_code::{FRAME_ERROR, NOT_IMPLEMENTED};
 use crate::*;
 
 fn method_frame(channel: u16, payload: &[u8]) -> BytesMut {
@@ -145,7 +145,7 @@ fn malformed_arguments_are_syntax_errors_naming_the_method() {
             u16::from_be_bytes([payload[0], payload[1]]),
             u16::from_be_bytes([payload[2], payload[3]]),
         );
-        assert_eq!(err.reply_code, SYNTAX_ERROR, "{what}: {err}");
+        assert_eq!(err.reply_code, FRAME_ERROR, "{what}: {err}");
         assert_eq!(err.channel, 2, "{what}");
         assert_eq!((err.class_id, err.method_id), expected_ids, "{what}");
     }
@@ -163,7 +163,7 @@ fn a_rejected_method_frame_is_consumed_so_reading_can_continue() {
         decode_frame(&mut buf, FRAME_MIN_SIZE)
             .unwrap_err()
             .reply_code,
-        SYNTAX_ERROR
+        FRAME_ERROR
     );
     assert!(matches!(
         decode_frame(&mut buf, FRAME_MIN_SIZE),
@@ -187,7 +187,7 @@ fn deep_nesting_in_arguments_is_bounded() {
     let mut payload = b"\x00\x32\x00\x0a\x00\x00\x01q\x00".to_vec();
     payload.extend_from_slice(&table);
     let err = decode_err(method_frame(1, &payload), 0);
-    assert_eq!(err.reply_code, SYNTAX_ERROR);
+    assert_eq!(err.reply_code, FRAME_ERROR);
     assert!(err.text.contains("nested"), "{}", err.text);
 
     // Arrays nest the same way.
