@@ -182,7 +182,9 @@ fn ack_multiple_and_requeue_on_channel_close() {
         let conn = support::connect(b.url()).await;
         let q = {
             let ch = support::channel(&conn).await;
-            support::temp_queue(&ch, "ackmulti").await
+            let q = support::temp_queue(&ch, "ackmulti").await;
+            ch.close(200, "bye".into()).await.expect("close");
+            q
         };
         fill(&conn, &q, &["a", "b", "c", "d", "e"]).await;
         let ch = support::channel(&conn).await;

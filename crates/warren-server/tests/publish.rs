@@ -533,7 +533,7 @@ fn mandatory_return_without_confirms() {
             }
         })
         .await;
-        let returned = returned.lock().unwrap();
+        let returned = std::mem::take(&mut *returned.lock().unwrap());
         assert_eq!(returned.len(), 1);
         assert_eq!(returned[0].reply_code, code::NO_ROUTE);
         assert_eq!(returned[0].delivery.data, b"bounce");
