@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-use warren_codec::{FieldTable, FieldValue};
+use warren_codec::{FieldTable, FieldValue, reply_code};
 
 use crate::error::{AmqpError, AmqpResult};
 use crate::ids::{ConnectionRef, GroupId, NodeId, NodeRun};
@@ -885,12 +885,17 @@ impl MetaState {
         Ok(MetaReply::Done)
     }
 
+    /// Unbinding is idempotent, as in RabbitMQ: a missing binding, exchange or queue is not an
+    /// error. Exclusivity and the default exchange still are.
     fn unbind(
         &mut self,
         decl: BindingDecl,
         effects: &mut Vec<MetaEffect>,
     ) -> AmqpResult<MetaReply> {
-        self.check_binding_ends(&decl)?;
+        match self.check_binding_ends(&decl) {
+            Err(e) if e.code == reply_code::NOT_FOUND => return Ok(MetaReply::Done),
+            other => other?,
+        }
         let vh = self.vhost_mut(&decl.vhost)?;
         let Some(set) = vh.bindings.get_mut(&decl.source) else {
             return Ok(MetaReply::Done);

@@ -135,7 +135,9 @@ impl From<FrameError> for MethodError {
 enum Stop {
     /// Close politely with connection.close and this error.
     Close(MethodError),
-    /// The client closed (close-ok already sent) or the socket is gone.
+    /// The client sent connection.close: clean up, then answer close-ok.
+    ClientClosed,
+    /// The socket is gone, or the client closed after our close.
     Done,
 }
 
@@ -668,8 +670,19 @@ impl Connection {
                     _ => break,
                 }
             }
-        } else if !self.out.is_empty() {
-            let _ = wtx.send(self.out.split().freeze());
+        } else {
+            if let Some(Stop::ClientClosed) = stop {
+                // Clean up first, so that once the client has close-ok its exclusive queues
+                // are gone and its unacked messages are back in their queues.
+                self.cleanup().await;
+                self.send_method(
+                    0,
+                    &Method::ConnectionCloseOk(warren_codec::ConnectionCloseOk {}),
+                );
+            }
+            if !self.out.is_empty() {
+                let _ = wtx.send(self.out.split().freeze());
+            }
         }
         drop(wtx);
         let _ = writer_task.await;
@@ -765,13 +778,7 @@ impl Connection {
         match frame {
             Frame::Heartbeat { .. } => None,
             Frame::Method { method, .. } => match method {
-                Method::ConnectionClose(_) => {
-                    self.send_method(
-                        0,
-                        &Method::ConnectionCloseOk(warren_codec::ConnectionCloseOk {}),
-                    );
-                    Some(Stop::Done)
-                }
+                Method::ConnectionClose(_) => Some(Stop::ClientClosed),
                 // A close-ok we did not ask for: nothing to do but stop.
                 Method::ConnectionCloseOk(_) => Some(Stop::Done),
                 Method::ConnectionBlocked(_) | Method::ConnectionUnblocked(_) => None,
@@ -1192,24 +1199,19 @@ impl Connection {
                 Ok(())
             }
             Method::BasicRecover(_) => {
-                // RabbitMQ treats requeue=false like requeue=true; so does Warren.
+                // recover-ok goes out before the redeliveries: clients (lapin) drop what they
+                // had buffered when it arrives. RabbitMQ treats requeue=false like
+                // requeue=true; so does Warren.
+                self.send_method(
+                    channel,
+                    &Method::BasicRecoverOk(warren_codec::BasicRecoverOk {}),
+                );
                 let entries = std::mem::take(&mut self.channel(channel).unacked);
-                let calls = self.group_by_queue(entries.into_values().collect());
-                let chref = self.channel(channel).chref;
-                self.spawn_op(channel, async move {
-                    for (handle, msgs) in calls {
-                        let _ = handle
-                            .call(
-                                QueueCmd::Requeue {
-                                    channel: chref,
-                                    msgs,
-                                },
-                                None,
-                            )
-                            .await;
-                    }
-                    OpOutcome::Reply(Method::BasicRecoverOk(warren_codec::BasicRecoverOk {}))
-                });
+                self.settle(
+                    channel,
+                    entries.into_values().collect(),
+                    Settlement::Requeue,
+                );
                 Ok(())
             }
             Method::ConfirmSelect(ref m) => {
@@ -1558,17 +1560,34 @@ impl Connection {
         let metrics = &self.broker.metrics;
         metrics.published.fetch_add(1, Ordering::Relaxed);
 
-        let headers = if header.properties.len() > 2 && header.properties[0] & 0x20 != 0 {
-            // Only decode properties when the headers flag is set: routing needs the table
-            // for headers exchanges and nothing else on this path looks inside.
-            BasicProperties::decode(&header.properties)
-                .map_err(|e| {
-                    Failure::Connection(MethodError::bare(
-                        reply_code::SYNTAX_ERROR,
-                        format!("malformed content properties: {e}"),
-                    ))
-                })?
-                .headers
+        // Properties stay encoded on the fast path. They are decoded only when routing needs
+        // the headers table or the user-id must be checked against the login.
+        let flags = header
+            .properties
+            .get(..2)
+            .map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
+        const HEADERS_FLAG: u16 = 1 << 13;
+        const USER_ID_FLAG: u16 = 1 << 4;
+        let headers = if flags & (HEADERS_FLAG | USER_ID_FLAG) != 0 {
+            let props = BasicProperties::decode(&header.properties).map_err(|e| {
+                Failure::Connection(MethodError::bare(
+                    reply_code::FRAME_ERROR,
+                    format!("malformed content properties: {e}"),
+                ))
+            })?;
+            if let Some(user_id) = &props.user_id
+                && user_id.as_str() != self.user
+            {
+                return Err(Failure::Channel(MethodError {
+                    error: AmqpError::precondition_failed(format!(
+                        "user_id property set to '{user_id}' but authenticated user was '{}'",
+                        self.user
+                    )),
+                    class_id: class_id::BASIC,
+                    method_id: 40,
+                }));
+            }
+            props.headers
         } else {
             None
         };
@@ -2070,7 +2089,7 @@ impl Connection {
             self.release_channel(channel);
         }
         self.channels.clear();
-        if self.has_exclusive_queues {
+        if std::mem::take(&mut self.has_exclusive_queues) {
             let _ = self
                 .node
                 .meta_write(MetaCmd::ConnectionClosed { conn: self.conn })

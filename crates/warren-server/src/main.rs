@@ -87,6 +87,8 @@ fn bind_all(listen: &[Listen]) -> anyhow::Result<Vec<TcpListener>> {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let telemetry = telemetry::init(&config.log, config.otlp_endpoint.as_deref())?;
+    // Installed before anything is announced, so a signal right after "ready" is handled.
+    let signals = Signals::install()?;
     let node = Node::open(NodeConfig {
         node_id: config.node_id,
         data_dir: config.data_dir.clone(),
@@ -121,7 +123,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     println!("warren: ready");
     info!("ready");
 
-    wait_for_signal().await;
+    signals.wait().await;
     info!("shutting down");
     broker.ready.store(false, Ordering::Release);
     let _ = broker.shutdown.send(true);
@@ -156,18 +158,24 @@ async fn accept_loop(listener: TcpListener, broker: Arc<Broker>) {
     }
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        error!("cannot install signal handlers; stop with SIGKILL");
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
     }
 }
