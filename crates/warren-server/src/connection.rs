@@ -670,19 +670,27 @@ impl Connection {
                     _ => break,
                 }
             }
-        } else {
-            if let Some(Stop::ClientClosed) = stop {
-                // Clean up first, so that once the client has close-ok its exclusive queues
-                // are gone and its unacked messages are back in their queues.
-                self.cleanup().await;
-                self.send_method(
-                    0,
-                    &Method::ConnectionCloseOk(warren_codec::ConnectionCloseOk {}),
-                );
+        } else if let Some(Stop::ClientClosed) = stop {
+            // Clean up first, so that once the client has close-ok its exclusive queues are
+            // gone and its unacked messages are back in their queues.
+            self.cleanup().await;
+            self.send_method(
+                0,
+                &Method::ConnectionCloseOk(warren_codec::ConnectionCloseOk {}),
+            );
+            let _ = wtx.send(self.out.split().freeze());
+            // The client closes the socket once it has close-ok. Closing it first could make
+            // the client see the end of the stream before it processed close-ok.
+            let deadline = tokio::time::Instant::now() + CLOSE_OK_TIMEOUT;
+            let mut discard = [0u8; 4096];
+            while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, reader.read(&mut discard)).await
+            {
+                if n == 0 {
+                    break;
+                }
             }
-            if !self.out.is_empty() {
-                let _ = wtx.send(self.out.split().freeze());
-            }
+        } else if !self.out.is_empty() {
+            let _ = wtx.send(self.out.split().freeze());
         }
         drop(wtx);
         let _ = writer_task.await;
