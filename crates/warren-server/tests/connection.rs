@@ -42,7 +42,12 @@ fn open_channel_and_close_cleanly() {
         within("connection.close", conn.close(200, "done".into()))
             .await
             .expect("connection.close");
-        assert!(conn.status().closed());
+        // lapin records the closed state on its own task just after close() resolves.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !conn.status().closed() && std::time::Instant::now() < deadline {
+            tokio::task::yield_now().await;
+        }
+        assert!(conn.status().closed(), "{:?}", conn.status());
         assert!(conn.create_channel().await.is_err());
     });
 }
