@@ -336,13 +336,15 @@ fn unknown_delivery_tag_is_406() {
     run(async {
         let conn = support::connect(b.url()).await;
         let ch = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&ch).await;
         ch.basic_ack(4242, BasicAckOptions::default())
             .await
             .expect("ack is asynchronous");
-        support::assert_channel_closed_with(&ch, code::PRECONDITION_FAILED).await;
+        probe.assert_closed_with(code::PRECONDITION_FAILED).await;
 
         for op in ["nack", "reject"] {
             let ch = support::channel(&conn).await;
+            let probe = support::CloseProbe::arm(&ch).await;
             match op {
                 "nack" => ch
                     .basic_nack(77, BasicNackOptions::default())
@@ -353,7 +355,7 @@ fn unknown_delivery_tag_is_406() {
                     .await
                     .expect("reject"),
             }
-            support::assert_channel_closed_with(&ch, code::PRECONDITION_FAILED).await;
+            probe.assert_closed_with(code::PRECONDITION_FAILED).await;
         }
         assert!(conn.status().connected());
         conn.close(200, "bye".into()).await.expect("close");
@@ -374,13 +376,14 @@ fn double_ack_is_406() {
             .expect("get")
             .expect("message");
         let tag = m.delivery.delivery_tag;
+        let probe = support::CloseProbe::arm(&ch).await;
         ch.basic_ack(tag, BasicAckOptions::default())
             .await
             .expect("first ack");
         ch.basic_ack(tag, BasicAckOptions::default())
             .await
             .expect("second ack is sent");
-        support::assert_channel_closed_with(&ch, code::PRECONDITION_FAILED).await;
+        probe.assert_closed_with(code::PRECONDITION_FAILED).await;
         // The first ack counted: the message is not requeued by the channel's end.
         let ch = support::channel(&conn).await;
         assert_eq!(support::ready_count(&ch, &q).await, 0);
@@ -402,10 +405,11 @@ fn ack_of_a_no_ack_delivery_is_406() {
             .await
             .expect("get")
             .expect("message");
+        let probe = support::CloseProbe::arm(&ch).await;
         ch.basic_ack(m.delivery.delivery_tag, BasicAckOptions::default())
             .await
             .expect("ack is sent");
-        support::assert_channel_closed_with(&ch, code::PRECONDITION_FAILED).await;
+        probe.assert_closed_with(code::PRECONDITION_FAILED).await;
         support::delete_queue(&conn, &q).await;
         conn.close(200, "bye".into()).await.expect("close");
     });

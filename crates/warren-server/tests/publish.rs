@@ -393,6 +393,7 @@ fn publish_to_missing_exchange_closes_the_channel_with_404() {
     run(async {
         let conn = support::connect(b.url()).await;
         let ch = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&ch).await;
         ch.basic_publish(
             unique("missing").as_str().into(),
             "k".into(),
@@ -402,7 +403,7 @@ fn publish_to_missing_exchange_closes_the_channel_with_404() {
         )
         .await
         .expect("publish is asynchronous");
-        support::assert_channel_closed_with(&ch, code::NOT_FOUND).await;
+        probe.assert_closed_with(code::NOT_FOUND).await;
         // In confirm mode the pending confirm fails with the same code.
         let ch = confirm_channel(&conn).await;
         let confirm = ch
@@ -548,6 +549,7 @@ fn immediate_flag_is_not_implemented() {
     run(async {
         let conn = support::connect(b.url()).await;
         let ch = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&ch).await;
         let q = support::temp_queue(&ch, "imm").await;
         ch.basic_publish(
             "".into(),
@@ -562,7 +564,7 @@ fn immediate_flag_is_not_implemented() {
         .await
         .expect("publish");
         // RabbitMQ dropped `immediate` in 3.0 and closes the connection with 540.
-        support::assert_channel_closed_with(&ch, code::NOT_IMPLEMENTED).await;
+        probe.assert_closed_with(code::NOT_IMPLEMENTED).await;
         support::eventually("connection to close", support::WAIT, || {
             let closed = !conn.status().connected();
             async move { closed }
@@ -707,6 +709,7 @@ fn wrong_user_id_is_406() {
     run(async {
         let conn = support::connect(b.url()).await;
         let ch = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&ch).await;
         let q = support::temp_queue(&ch, "uid").await;
         ch.basic_publish(
             "".into(),
@@ -717,7 +720,7 @@ fn wrong_user_id_is_406() {
         )
         .await
         .expect("publish");
-        support::assert_channel_closed_with(&ch, code::PRECONDITION_FAILED).await;
+        probe.assert_closed_with(code::PRECONDITION_FAILED).await;
         let ch = support::channel(&conn).await;
         assert_eq!(support::ready_count(&ch, &q).await, 0);
         support::delete_queue(&conn, &q).await;

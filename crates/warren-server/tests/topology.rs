@@ -558,8 +558,9 @@ fn exchange_to_exchange_binding_routes_end_to_end() {
 
         // Publishing straight to an internal exchange is refused.
         let ch2 = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&ch2).await;
         publish(&ch2, &dst, "", b"refused").await;
-        support::assert_channel_closed_with(&ch2, code::ACCESS_REFUSED).await;
+        probe.assert_closed_with(code::ACCESS_REFUSED).await;
 
         ch.exchange_unbind(
             dst.as_str().into(),

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{BasicConsumeOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer, ErrorKind};
 
@@ -648,21 +648,69 @@ pub fn assert_code<T: std::fmt::Debug>(res: lapin::Result<T>, expected: u16) {
     }
 }
 
-/// For methods without a reply (basic.publish, basic.ack, ...): the server's channel.close
-/// (or connection.close) reaches the client as the failure of the next synchronous method on
-/// the channel. Sends one and asserts the close carried `expected`.
-pub async fn assert_channel_closed_with(ch: &Channel, expected: u16) {
-    let res = within(
-        "the channel to be closed by the server",
-        ch.basic_qos(0, BasicQosOptions::default()),
-    )
-    .await;
-    assert_code(res, expected);
-    assert!(
-        !ch.status().connected(),
-        "channel {} should be closed after reply code {expected}",
-        ch.id()
-    );
+/// Reads the reply code of a server-initiated channel.close (or connection.close) caused
+/// by a method without a reply of its own (basic.publish, basic.ack, ...). lapin hands such
+/// an error to the channel's consumers, so the probe keeps one: a no-ack consumer on a
+/// server-named exclusive queue declared on the channel. Arm it before the offending method;
+/// unlike probing with a later synchronous method, this cannot race the close.
+pub struct CloseProbe {
+    ch: Channel,
+    consumer: Consumer,
+}
+
+impl CloseProbe {
+    pub async fn arm(ch: &Channel) -> CloseProbe {
+        let q = within(
+            "queue.declare for the close probe",
+            ch.queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("queue.declare for the close probe");
+        let consumer = within(
+            "basic.consume for the close probe",
+            ch.basic_consume(
+                q.name().clone(),
+                "close-probe".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("basic.consume for the close probe");
+        CloseProbe {
+            ch: ch.clone(),
+            consumer,
+        }
+    }
+
+    /// Asserts that the server closed the channel (or the connection) with `expected`.
+    pub async fn assert_closed_with(mut self, expected: u16) {
+        match within("the server to close the channel", self.consumer.next()).await {
+            Some(Err(e)) => assert_eq!(
+                reply_code(&e),
+                Some(expected),
+                "expected reply code {expected}, got error: {e}"
+            ),
+            Some(Ok(d)) => panic!("close probe got a delivery: {:?}", d.data),
+            None => panic!("channel ended without an error (expected reply code {expected})"),
+        }
+        assert!(
+            !self.ch.status().connected(),
+            "channel {} should be closed after reply code {expected}",
+            self.ch.id()
+        );
+    }
 }
 
 /// Declares a fresh, non-exclusive, transient queue with a unique name and returns it.
