@@ -663,3 +663,158 @@ fn two_consumers_share_the_queue() {
         conn.close(200, "bye".into()).await.expect("close");
     });
 }
+
+#[test]
+fn global_prefetch_limits_the_whole_channel() {
+    let b = support::broker();
+    run(async {
+        let conn = support::connect(b.url()).await;
+        let ch = support::channel(&conn).await;
+        let q1 = support::temp_queue(&ch, "g1").await;
+        let q2 = support::temp_queue(&ch, "g2").await;
+        fill(&conn, &q1, &["a1", "a2", "a3", "a4", "a5"]).await;
+        fill(&conn, &q2, &["b1", "b2", "b3", "b4", "b5"]).await;
+        let cch = support::channel(&conn).await;
+        // global=true: two unacked messages for the channel as a whole.
+        cch.basic_qos(2, BasicQosOptions { global: true })
+            .await
+            .expect("qos");
+        let mut c1 = consume(&cch, &q1, "c1", BasicConsumeOptions::default()).await;
+        let mut c2 = consume(&cch, &q2, "c2", BasicConsumeOptions::default()).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            tokio::select! {
+                d = c1.next() => held.push(d.expect("c1").expect("c1")),
+                d = c2.next() => held.push(d.expect("c2").expect("c2")),
+                _ = tokio::time::sleep(support::WAIT) => panic!("no delivery within {:?}", support::WAIT),
+            }
+        }
+        support::assert_no_delivery(&mut c1, Duration::from_millis(300)).await;
+        support::assert_no_delivery(&mut c2, Duration::from_millis(300)).await;
+        let ready = support::ready_count(&ch, &q1).await + support::ready_count(&ch, &q2).await;
+        assert_eq!(ready, 8, "two messages out, eight ready");
+        held[0].ack(BasicAckOptions::default()).await.expect("ack");
+        tokio::select! {
+            d = c1.next() => { d.expect("c1").expect("c1"); }
+            d = c2.next() => { d.expect("c2").expect("c2"); }
+            _ = tokio::time::sleep(support::WAIT) => panic!("the freed slot was not used"),
+        }
+        support::delete_queue(&conn, &q1).await;
+        support::delete_queue(&conn, &q2).await;
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
+#[test]
+fn concurrent_publishers_and_consumers_lose_nothing() {
+    const PUBLISHERS: u32 = 4;
+    const PER_PUBLISHER: u32 = 500;
+    let b = support::broker();
+    run(async {
+        let conn = support::connect(b.url()).await;
+        let ch = support::channel(&conn).await;
+        let q = support::temp_queue(&ch, "concurrent").await;
+        let total = (PUBLISHERS * PER_PUBLISHER) as usize;
+
+        // Two consumers on their own connections, acking every message.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(usize, String)>();
+        let mut consumers = Vec::new();
+        for c in 0..2 {
+            let url = b.url().to_owned();
+            let q = q.clone();
+            let tx = tx.clone();
+            let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+            consumers.push(tokio::spawn(async move {
+                let conn = support::connect(&url).await;
+                let ch = support::channel(&conn).await;
+                ch.basic_qos(50, BasicQosOptions::default())
+                    .await
+                    .expect("qos");
+                let mut consumer = consume(&ch, &q, &format!("c{c}"), Default::default()).await;
+                let _ = ready_tx.send(());
+                while let Some(d) = consumer.next().await {
+                    let d = d.expect("delivery");
+                    d.ack(BasicAckOptions::default()).await.expect("ack");
+                    if tx.send((c, text(&d).to_owned())).is_err() {
+                        break;
+                    }
+                }
+                conn
+            }));
+            ready_rx.await.expect("consumer started");
+        }
+        drop(tx);
+
+        // Publishers, each on its own connection with confirms.
+        let mut publishers = Vec::new();
+        for p in 0..PUBLISHERS {
+            let url = b.url().to_owned();
+            let q = q.clone();
+            publishers.push(tokio::spawn(async move {
+                let conn = support::connect(&url).await;
+                let ch = support::channel(&conn).await;
+                ch.confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .expect("confirm.select");
+                let mut pending = Vec::new();
+                for i in 0..PER_PUBLISHER {
+                    pending.push(
+                        ch.basic_publish(
+                            "".into(),
+                            q.as_str().into(),
+                            BasicPublishOptions::default(),
+                            format!("p{p}-{i}").as_bytes(),
+                            BasicProperties::default(),
+                        )
+                        .await
+                        .expect("publish"),
+                    );
+                }
+                for c in pending {
+                    assert!(c.await.expect("confirm").is_ack());
+                }
+                conn.close(200, "bye".into()).await.expect("close");
+            }));
+        }
+        for p in publishers {
+            within("a publisher to finish", p)
+                .await
+                .expect("publisher task");
+        }
+
+        let mut seen = BTreeSet::new();
+        let mut per_publisher = vec![Vec::new(); PUBLISHERS as usize];
+        // Last sequence number each consumer saw from each publisher.
+        let mut last = [[None::<u32>; PUBLISHERS as usize]; 2];
+        while seen.len() < total {
+            let (c, body) = within("the next delivery", rx.recv())
+                .await
+                .expect("consumers stopped early");
+            assert!(seen.insert(body.clone()), "{body} delivered twice");
+            let (p, i) = body[1..].split_once('-').unwrap();
+            let (p, i) = (p.parse::<usize>().unwrap(), i.parse::<u32>().unwrap());
+            // A publisher's messages are queued in publish order, and each consumer gets
+            // its share of them in that order.
+            if let Some(prev) = last[c][p] {
+                assert!(i > prev, "consumer {c} got p{p}-{i} after p{p}-{prev}");
+            }
+            last[c][p] = Some(i);
+            per_publisher[p].push(i);
+        }
+        for (p, got) in per_publisher.iter_mut().enumerate() {
+            got.sort_unstable();
+            assert_eq!(
+                *got,
+                (0..PER_PUBLISHER).collect::<Vec<_>>(),
+                "publisher {p}"
+            );
+        }
+        assert_eq!(support::ready_count(&ch, &q).await, 0);
+        support::delete_queue(&conn, &q).await;
+        for c in consumers {
+            let conn = within("consumer to end", c).await.expect("consumer task");
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}

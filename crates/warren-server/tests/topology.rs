@@ -401,6 +401,62 @@ fn exchange_delete_if_unused() {
 }
 
 #[test]
+fn exchange_that_is_only_a_destination_counts_as_unused() {
+    let b = support::broker();
+    run(async {
+        let conn = support::connect(b.url()).await;
+        let ch = support::channel(&conn).await;
+        let src = unique("src");
+        let dst = unique("dst");
+        declare_exchange(&ch, &src, ExchangeKind::Fanout).await;
+        declare_exchange(&ch, &dst, ExchangeKind::Fanout).await;
+        ch.exchange_bind(
+            dst.as_str().into(),
+            src.as_str().into(),
+            "".into(),
+            ExchangeBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.bind");
+        // `src` is used (it is the source of a binding): if-unused refuses.
+        let res = ch
+            .exchange_delete(
+                src.as_str().into(),
+                ExchangeDeleteOptions {
+                    if_unused: true,
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert_code(res, code::PRECONDITION_FAILED);
+        // `dst` is only a destination: RabbitMQ counts only bindings from an exchange.
+        let ch = support::channel(&conn).await;
+        ch.exchange_delete(
+            dst.as_str().into(),
+            ExchangeDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("if-unused delete of a destination-only exchange");
+        assert!(!exchange_exists(&conn, &dst).await);
+        // Its binding went with it, so `src` is unused now.
+        ch.exchange_delete(
+            src.as_str().into(),
+            ExchangeDeleteOptions {
+                if_unused: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("if-unused delete once the binding is gone");
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
+#[test]
 fn exchange_delete_removes_its_bindings() {
     let b = support::broker();
     run(async {

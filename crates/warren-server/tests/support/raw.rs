@@ -34,8 +34,13 @@ pub mod method {
     pub const CHANNEL_CLOSE_OK: (u16, u16) = (20, 41);
     pub const QUEUE_DECLARE: (u16, u16) = (50, 10);
     pub const QUEUE_DECLARE_OK: (u16, u16) = (50, 11);
+    pub const QUEUE_DELETE: (u16, u16) = (50, 40);
+    pub const QUEUE_DELETE_OK: (u16, u16) = (50, 41);
     pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
     pub const BASIC_RETURN: (u16, u16) = (60, 50);
+    pub const BASIC_GET: (u16, u16) = (60, 70);
+    pub const BASIC_GET_OK: (u16, u16) = (60, 71);
+    pub const BASIC_GET_EMPTY: (u16, u16) = (60, 72);
     pub const BASIC_ACK: (u16, u16) = (60, 80);
     pub const BASIC_NACK: (u16, u16) = (60, 120);
     pub const CONFIRM_SELECT: (u16, u16) = (85, 10);
@@ -352,8 +357,14 @@ impl RawConn {
         c.read_start();
         c.send_start_ok(user, pass);
         let proposed = c.read_tune();
-        let t = tune_ok(proposed);
-        c.send_method(
+        c.finish_handshake(tune_ok(proposed));
+        c
+    }
+
+    /// After connection.tune: sends tune-ok with `t`, connection.open for vhost `/`, and
+    /// waits for open-ok.
+    pub fn finish_handshake(&mut self, t: Tune) {
+        self.send_method(
             0,
             method::CONNECTION_TUNE_OK,
             Args::new()
@@ -361,19 +372,18 @@ impl RawConn {
                 .long(t.frame_max)
                 .short(t.heartbeat),
         );
-        c.frame_max = t.frame_max;
-        c.send_method(
+        self.frame_max = t.frame_max;
+        self.send_method(
             0,
             method::CONNECTION_OPEN,
             Args::new().shortstr("/").shortstr("").bits(&[false]),
         );
-        let f = c.expect_frame("connection.open-ok");
+        let f = self.expect_frame("connection.open-ok");
         assert!(
             f.is(method::CONNECTION_OPEN_OK),
             "expected connection.open-ok, got {}",
             describe(&f)
         );
-        c
     }
 
     /// Reads connection.start (after the protocol header was sent).
@@ -406,6 +416,23 @@ impl RawConn {
     /// `authentication_failure_close` client capability.
     pub fn send_start_ok_with(&mut self, user: &str, pass: &str, auth_failure_close: bool) {
         let response = format!("\0{user}\0{pass}");
+        self.send_start_ok_raw("PLAIN", response.as_bytes(), auth_failure_close);
+    }
+
+    /// Sends start-ok with AMQPLAIN credentials (py-amqp's, and so Celery's, default): the
+    /// response is a field table's body, without its length, holding LOGIN and PASSWORD.
+    pub fn send_start_ok_amqplain(&mut self, user: &str, pass: &str) {
+        let table = encode_table(&[("LOGIN", Field::Str(user)), ("PASSWORD", Field::Str(pass))]);
+        self.send_start_ok_raw("AMQPLAIN", &table, true);
+    }
+
+    /// Sends start-ok with any mechanism and response.
+    pub fn send_start_ok_raw(
+        &mut self,
+        mechanism: &str,
+        response: &[u8],
+        auth_failure_close: bool,
+    ) {
         let capabilities = vec![
             (
                 "authentication_failure_close",
@@ -423,8 +450,8 @@ impl RawConn {
                     ("product", Field::Str("warren raw test client")),
                     ("capabilities", Field::Table(capabilities)),
                 ])
-                .shortstr("PLAIN")
-                .longstr(response.as_bytes())
+                .shortstr(mechanism)
+                .longstr(response)
                 .shortstr("en_US"),
         );
     }
