@@ -360,8 +360,12 @@ impl Broker {
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
-        self.stdout_log = Arc::new(Mutex::new(Captured::default()));
-        self.stderr = Arc::new(Mutex::new(Captured::default()));
+        // Output of earlier runs on this data directory stays in the logs, marked off.
+        if !self.stdout_log.lock().unwrap().bytes.is_empty() {
+            let mark = b"\n--- warren restarted ---\n";
+            self.stderr.lock().unwrap().push(mark);
+            self.stdout_log.lock().unwrap().push(mark);
+        }
         let log = Arc::clone(&self.stdout_log);
         self.readers
             .push(thread::spawn(move || read_stdout(stdout, tx, log)));
