@@ -214,6 +214,13 @@ pub enum MetaCmd {
     NodeRestarted {
         run: NodeRun,
     },
+    /// The replica set a replicated queue should have (grow, shrink, replace a removed node).
+    /// The first replica is the preferred leader. The queue's group converges to it.
+    SetReplicas {
+        vhost: String,
+        name: String,
+        replicas: Vec<NodeId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -229,6 +236,7 @@ pub enum MetaReply {
 pub enum MetaEffect {
     QueueCreated { vhost: String, queue: QueueDef },
     QueueDeleted { vhost: String, queue: QueueDef },
+    ReplicasChanged { vhost: String, queue: QueueDef },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -557,6 +565,11 @@ impl MetaState {
                 self.remove_queues_where(&mut effects, |q| q.exclusive_owner == Some(conn));
                 Ok(MetaReply::Done)
             }
+            MetaCmd::SetReplicas {
+                vhost,
+                name,
+                replicas,
+            } => self.set_replicas(&vhost, &name, replicas, &mut effects),
             MetaCmd::NodeRestarted { run } => {
                 self.remove_queues_where(&mut effects, |q| match q.placement {
                     Placement::Local { run: owner } => {
@@ -579,6 +592,62 @@ impl MetaState {
             }
         };
         (reply.unwrap_or_else(MetaReply::Error), effects)
+    }
+
+    fn set_replicas(
+        &mut self,
+        vhost: &str,
+        name: &str,
+        replicas: Vec<NodeId>,
+        effects: &mut Vec<MetaEffect>,
+    ) -> AmqpResult<MetaReply> {
+        let mut unique = Vec::with_capacity(replicas.len());
+        for r in replicas {
+            if !unique.contains(&r) {
+                unique.push(r);
+            }
+        }
+        if unique.is_empty() {
+            return Err(AmqpError::precondition_failed(
+                "a replicated queue needs at least one replica",
+            ));
+        }
+        let queue = self
+            .vhosts
+            .get_mut(vhost)
+            .and_then(|v| v.queues.get_mut(name))
+            .ok_or_else(|| queue_missing(vhost, name))?;
+        let Placement::Replicated { replicas, .. } = &mut queue.placement else {
+            return Err(AmqpError::precondition_failed(format!(
+                "queue '{name}' in vhost '{vhost}' is not replicated"
+            )));
+        };
+        if *replicas != unique {
+            *replicas = unique;
+            effects.push(MetaEffect::ReplicasChanged {
+                vhost: vhost.to_owned(),
+                queue: queue.clone(),
+            });
+        }
+        Ok(MetaReply::Done)
+    }
+
+    /// How many replicated queues each node holds a replica of, and leads by preference;
+    /// placement and rebalancing read it.
+    pub fn replica_counts(&self) -> BTreeMap<NodeId, (usize, usize)> {
+        let mut counts: BTreeMap<NodeId, (usize, usize)> = BTreeMap::new();
+        for (_, q) in self.queues() {
+            if let Placement::Replicated { replicas, .. } = &q.placement {
+                for (i, r) in replicas.iter().enumerate() {
+                    let c = counts.entry(*r).or_default();
+                    c.0 += 1;
+                    if i == 0 {
+                        c.1 += 1;
+                    }
+                }
+            }
+        }
+        counts
     }
 
     fn vhost_mut(&mut self, vhost: &str) -> AmqpResult<&mut VHost> {

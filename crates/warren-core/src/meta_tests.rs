@@ -509,3 +509,40 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn replica_sets_change_and_are_counted() {
+    let mut s = MetaState::new();
+    let mut q = queue("q");
+    q.replicas = vec![1, 2, 3];
+    ok(&mut s, MetaCmd::DeclareQueue(q));
+    let mut r = queue("r");
+    r.replicas = vec![2, 3, 4];
+    ok(&mut s, MetaCmd::DeclareQueue(r));
+    assert_eq!(s.replica_counts()[&2], (2, 1));
+    assert_eq!(s.replica_counts()[&1], (1, 1));
+    let set = |replicas: Vec<u64>| MetaCmd::SetReplicas {
+        vhost: "/".into(),
+        name: "q".into(),
+        replicas,
+    };
+    let fx = ok(&mut s, set(vec![4, 2, 2, 3]));
+    assert!(
+        matches!(&fx[..], [MetaEffect::ReplicasChanged { queue, .. }]
+        if queue.placement == Placement::Replicated { group: 1, replicas: vec![4, 2, 3] })
+    );
+    assert!(
+        ok(&mut s, set(vec![4, 2, 3])).is_empty(),
+        "no change, no effect"
+    );
+    assert_eq!(code(&mut s, set(vec![])), 406);
+    let mut t = queue("t");
+    t.durable = false;
+    ok(&mut s, MetaCmd::DeclareQueue(t));
+    let not_replicated = MetaCmd::SetReplicas {
+        vhost: "/".into(),
+        name: "t".into(),
+        replicas: vec![1],
+    };
+    assert_eq!(code(&mut s, not_replicated), 406);
+}

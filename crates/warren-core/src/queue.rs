@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AmqpError;
-use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeRun};
+use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun};
 
 /// What the queue needs to know about a message; the body and properties stay outside.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,10 +53,20 @@ impl ConsumerState {
     }
 }
 
+/// Who published a message: the channel and its per-queue sequence number. A publish that is
+/// resent after a leader change (its first outcome unknown) carries the same number, so the
+/// queue takes it once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    pub channel: ChannelRef,
+    pub seq: u64,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum QueueCmd {
     Enqueue {
         meta: MessageMeta,
+        publisher: Option<Publisher>,
     },
     Consume {
         consumer: ConsumerKey,
@@ -96,6 +106,16 @@ pub enum QueueCmd {
     NodeRestarted {
         run: NodeRun,
     },
+    /// A node is down (failure detector): channels of all its runs are gone.
+    NodeDown {
+        node: NodeId,
+    },
+    /// A new leader took over: what channels on `down` nodes held comes back, and every
+    /// delivery still out with a live consumer is sent again (`resend`), since the old leader
+    /// may have decided it without sending it. Connections drop resends they already have.
+    LeaderRecovery {
+        down: Vec<NodeId>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -103,6 +123,9 @@ pub enum QueueReply {
     Enqueued {
         msg: MsgId,
     },
+    /// The publisher's sequence number was already taken: this is a resend of a message the
+    /// queue has (or had) already.
+    Duplicate,
     Done,
     GetOk {
         msg: MsgId,
@@ -126,6 +149,8 @@ pub enum Effect {
         msg: MsgId,
         delivery_count: u32,
         no_ack: bool,
+        /// A repeat of a delivery already decided earlier (after a leader change).
+        resend: bool,
     },
     /// These messages left the queue for good: their bodies can be deleted. Executed after the
     /// command's reply and earlier effects have read what they need.
@@ -144,6 +169,8 @@ pub struct QueueState {
     /// Round-robin order of consumers: the front gets the next message it has credit for.
     rotation: VecDeque<ConsumerKey>,
     ready_bytes: u64,
+    /// Highest sequence number taken from each publishing channel.
+    publishers: BTreeMap<ChannelRef, u64>,
 }
 
 /// Counters for queue.declare-ok, metrics and the management API.
@@ -193,7 +220,14 @@ impl QueueState {
     pub fn apply(&mut self, cmd: QueueCmd) -> (QueueReply, Vec<Effect>) {
         let mut fx = Vec::new();
         let reply = match cmd {
-            QueueCmd::Enqueue { meta } => {
+            QueueCmd::Enqueue { meta, publisher } => {
+                if let Some(p) = publisher {
+                    let last = self.publishers.entry(p.channel).or_insert(0);
+                    if p.seq <= *last {
+                        return (QueueReply::Duplicate, Vec::new());
+                    }
+                    *last = p.seq;
+                }
                 let id = self.next_msg;
                 self.next_msg += 1;
                 self.messages.insert(
@@ -241,6 +275,7 @@ impl QueueState {
                 QueueReply::Purged { count }
             }
             QueueCmd::ChannelDown { channel } => {
+                self.publishers.remove(&channel);
                 if self.channels_down(|c| *c == channel) {
                     fx.push(Effect::LastConsumerGone);
                 }
@@ -249,9 +284,22 @@ impl QueueState {
             QueueCmd::NodeRestarted { run } => {
                 // Consumers lost to a restart do not count as unsubscribing: an auto-delete
                 // queue survives its node's restart, as it does in RabbitMQ.
-                self.channels_down(|c| {
+                let gone = |c: &ChannelRef| {
                     c.conn.run.node == run.node && c.conn.run.incarnation < run.incarnation
-                });
+                };
+                self.publishers.retain(|c, _| !gone(c));
+                self.channels_down(gone);
+                QueueReply::Done
+            }
+            QueueCmd::NodeDown { node } => {
+                self.node_down(node);
+                QueueReply::Done
+            }
+            QueueCmd::LeaderRecovery { down } => {
+                for node in down {
+                    self.node_down(node);
+                }
+                fx.extend(self.resend_unsettled());
                 QueueReply::Done
             }
         };
@@ -260,6 +308,35 @@ impl QueueState {
         let mut deliveries = self.dispatch();
         deliveries.append(&mut fx);
         (reply, deliveries)
+    }
+
+    /// A down node's consumers leave without counting as unsubscribing (the node may come
+    /// back), like a restart.
+    fn node_down(&mut self, node: NodeId) {
+        self.publishers.retain(|c, _| c.conn.run.node != node);
+        self.channels_down(|c| c.conn.run.node == node);
+    }
+
+    /// Deliveries for everything out with a consumer that still exists, in id order.
+    fn resend_unsettled(&self) -> Vec<Effect> {
+        self.checked_out
+            .iter()
+            .filter_map(|(id, out)| {
+                let tag = out.consumer.as_ref()?;
+                let key = ConsumerKey {
+                    channel: out.channel,
+                    tag: tag.clone(),
+                };
+                let consumer = self.consumers.get(&key)?;
+                Some(Effect::Deliver {
+                    consumer: key,
+                    msg: *id,
+                    delivery_count: self.messages.get(id).map_or(0, |m| m.delivery_count),
+                    no_ack: consumer.no_ack,
+                    resend: true,
+                })
+            })
+            .collect()
     }
 
     fn make_ready(&mut self, id: MsgId) {
@@ -284,7 +361,14 @@ impl QueueState {
         no_ack: bool,
         exclusive: bool,
     ) -> QueueReply {
-        if self.consumers.contains_key(&consumer) {
+        if let Some(existing) = self.consumers.get(&consumer) {
+            // The same request again (a resend after a leader change) is not a reuse.
+            if existing.prefetch == prefetch
+                && existing.no_ack == no_ack
+                && existing.exclusive == exclusive
+            {
+                return QueueReply::Done;
+            }
             return QueueReply::Error(AmqpError::new(
                 warren_codec::reply_code::NOT_ALLOWED,
                 format!("attempt to reuse consumer tag '{}'", consumer.tag),
@@ -468,6 +552,7 @@ impl QueueState {
                 msg: id,
                 delivery_count,
                 no_ack,
+                resend: false,
             });
         }
         if !released.is_empty() {

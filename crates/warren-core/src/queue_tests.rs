@@ -32,6 +32,7 @@ fn consumer(ch: u16, tag: &str) -> ConsumerKey {
 fn enqueue(q: &mut QueueState) -> (MsgId, Vec<Effect>) {
     match q.apply(QueueCmd::Enqueue {
         meta: MessageMeta { size: 10 },
+        publisher: None,
     }) {
         (QueueReply::Enqueued { msg }, fx) => (msg, fx),
         other => panic!("unexpected {other:?}"),
@@ -45,6 +46,7 @@ fn delivered(fx: &[Effect]) -> Vec<(String, MsgId, u32)> {
                 consumer,
                 msg,
                 delivery_count,
+                resend: false,
                 ..
             } => Some((consumer.tag.clone(), *msg, *delivery_count)),
             _ => None,
@@ -200,11 +202,19 @@ fn exclusive_consumer_and_tag_reuse_are_refused() {
         exclusive: false,
     });
     assert!(matches!(r, QueueReply::Error(e) if e.code == 403));
+    // The same consume again is a resend and succeeds; the tag with other settings is a reuse.
     let (r, _) = q.apply(QueueCmd::Consume {
         consumer: consumer(1, "x"),
         prefetch: 0,
         no_ack: false,
-        exclusive: false,
+        exclusive: true,
+    });
+    assert_eq!(r, QueueReply::Done);
+    let (r, _) = q.apply(QueueCmd::Consume {
+        consumer: consumer(1, "x"),
+        prefetch: 5,
+        no_ack: false,
+        exclusive: true,
     });
     assert!(matches!(r, QueueReply::Error(e) if e.code == 530));
 }
@@ -276,6 +286,7 @@ enum Op {
     ChannelDown {
         ch: u16,
     },
+    LeaderRecovery,
     Snapshot,
 }
 
@@ -294,6 +305,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (1u16..4, any::<bool>()).prop_map(|(ch, no_ack)| Op::Get { ch, no_ack }),
         1 => Just(Op::Purge),
         1 => (1u16..4).prop_map(|ch| Op::ChannelDown { ch }),
+        1 => Just(Op::LeaderRecovery),
         1 => Just(Op::Snapshot),
     ]
 }
@@ -308,6 +320,7 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
     Some(match op {
         Op::Enqueue => QueueCmd::Enqueue {
             meta: MessageMeta { size: 3 },
+            publisher: None,
         },
         Op::Consume {
             who,
@@ -348,6 +361,7 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
         Op::ChannelDown { ch } => QueueCmd::ChannelDown {
             channel: channel(*ch),
         },
+        Op::LeaderRecovery => QueueCmd::LeaderRecovery { down: vec![] },
         Op::Snapshot => return None,
     })
 }
@@ -426,13 +440,27 @@ fn step(
         took.push((msg, delivery_count));
     }
     for e in &fx {
-        if let Effect::Deliver {
-            msg,
-            delivery_count,
-            ..
-        } = e
-        {
-            took.push((*msg, *delivery_count));
+        match e {
+            Effect::Deliver {
+                msg,
+                delivery_count,
+                resend: false,
+                ..
+            } => took.push((*msg, *delivery_count)),
+            // A resend repeats a delivery that is still out, with its count unchanged.
+            Effect::Deliver {
+                msg,
+                delivery_count,
+                resend: true,
+                ..
+            } => {
+                prop_assert!(model.out.contains(msg), "resent {msg}, which is not out");
+                prop_assert_eq!(
+                    *delivery_count,
+                    model.returned.get(msg).copied().unwrap_or(0)
+                );
+            }
+            _ => {}
         }
     }
     for (msg, count) in &took {
@@ -500,4 +528,83 @@ proptest! {
         }
         prop_assert_eq!(&replica, &q);
     }
+}
+
+#[test]
+fn resent_publishes_are_taken_once() {
+    let mut q = QueueState::new();
+    let publish = |q: &mut QueueState, seq| {
+        q.apply(QueueCmd::Enqueue {
+            meta: MessageMeta { size: 1 },
+            publisher: Some(Publisher {
+                channel: channel(1),
+                seq,
+            }),
+        })
+        .0
+    };
+    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+    assert!(matches!(publish(&mut q, 2), QueueReply::Enqueued { .. }));
+    assert_eq!(publish(&mut q, 1), QueueReply::Duplicate);
+    assert_eq!(publish(&mut q, 2), QueueReply::Duplicate);
+    assert!(matches!(publish(&mut q, 3), QueueReply::Enqueued { .. }));
+    assert_eq!(q.stats().ready, 3);
+    // Once the channel is gone its numbering is forgotten (a new channel starts at 1).
+    q.apply(QueueCmd::ChannelDown {
+        channel: channel(1),
+    });
+    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+}
+
+#[test]
+fn leader_recovery_returns_down_nodes_and_resends_the_rest() {
+    let mut q = QueueState::new();
+    let local = consumer(1, "local");
+    consume(&mut q, &local, 0);
+    let remote = ConsumerKey {
+        channel: ChannelRef {
+            conn: ConnectionRef {
+                run: NodeRun {
+                    node: 2,
+                    incarnation: 1,
+                },
+                conn: 1,
+            },
+            channel: 1,
+            opened: 1,
+        },
+        tag: "remote".into(),
+    };
+    consume(&mut q, &remote, 0);
+    let a = enqueue(&mut q).0;
+    let b = enqueue(&mut q).0;
+    // a went to node 1's consumer, b to node 2's. Node 2 goes down.
+    let (_, fx) = q.apply(QueueCmd::LeaderRecovery { down: vec![2] });
+    let resent: Vec<(String, MsgId, bool)> = fx
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Deliver {
+                consumer,
+                msg,
+                resend,
+                ..
+            } => Some((consumer.tag.clone(), *msg, *resend)),
+            _ => None,
+        })
+        .collect();
+    // b comes back and goes to the live consumer (a fresh delivery, redelivered); a is resent.
+    assert!(resent.contains(&("local".into(), a, true)), "{resent:?}");
+    assert!(resent.contains(&("local".into(), b, false)), "{resent:?}");
+    assert!(q.consumer(&remote).is_none());
+}
+
+#[test]
+fn consumers_and_publishers_of_a_down_node_go() {
+    let mut q = QueueState::new();
+    let c = consumer(1, "c");
+    consume(&mut q, &c, 0);
+    let a = enqueue(&mut q).0;
+    q.apply(QueueCmd::NodeDown { node: 1 });
+    assert!(q.is_ready(a));
+    assert_eq!(q.stats().consumers, 0);
 }
