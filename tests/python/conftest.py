@@ -77,7 +77,8 @@ def _drain(stream, sink):
 def _start(binary, data_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARREN_")}
     proc = subprocess.Popen(
-        [binary, "--data-dir", data_dir, "--amqp-listen", "127.0.0.1:0"],
+        [binary, "--data-dir", data_dir, "--amqp-listen", "127.0.0.1:0",
+         "--http-listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

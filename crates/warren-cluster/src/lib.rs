@@ -13,19 +13,30 @@
 //!   deliveries, for replicated and for in-memory queues alike;
 //! - [`node`]: [`Node`], which opens storage, runs the groups and keeps queue handles in step
 //!   with the metadata;
-//! - [`network`]: the Raft transport (a single node has no peers).
+//! - [`transport`]: node-to-node calls, independent of the wire; [`grpc`] carries them over
+//!   tonic, [`mem_net`] in process for tests; [`network`] is openraft's network on top;
+//! - `registry`, `proposer`, [`supervisor`], [`outbox`]: queue handles and groups, command
+//!   routing to the serving node, failure detection and elections, remote deliveries.
 
+pub mod admin;
 pub mod db;
 pub mod flusher;
+pub mod grpc;
 pub mod log_store;
+pub mod mem_net;
 pub mod meta_sm;
 pub mod network;
 pub mod node;
+pub mod outbox;
+mod proposer;
 pub mod queue;
 pub mod queue_sm;
+mod registry;
+pub mod supervisor;
+pub mod transport;
 pub mod types;
 
-pub use node::{Node, NodeConfig, NodeError};
+pub use node::{Node, NodeConfig, NodeError, NodeHandler};
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 

@@ -1,50 +1,61 @@
-//! A Warren node's replication runtime: opens storage, runs the metadata Raft group and one
-//! Raft group per replicated queue, and keeps a registry of queue handles in step with the
-//! metadata.
+//! A Warren node's replication runtime: opens storage, runs the metadata group and the groups
+//! of the queues it replicates, answers its peers, and gives the server metadata reads,
+//! metadata writes (forwarded to the metadata leader when needed) and queue handles.
 //!
-//! The server crate talks to `Node` only: metadata reads (`meta`), metadata writes
-//! (`meta_write`), queue lookups (`queue`) and shutdown. Each node start is a new "run" with a
-//! higher incarnation number, persisted before anything else, so commands can tell state left
-//! by earlier runs (consumers, exclusive and transient queues) and clean it up.
+//! Each node start is a new "run" with a higher incarnation number, persisted before anything
+//! else, so commands can tell state left by earlier runs (consumers, exclusive and transient
+//! queues) and clean it up. Neighbours: `registry` (queue handles and groups), `supervisor`
+//! (failure detection, elections), `proposer` (queue command routing), `transport`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, Weak};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::future::BoxFuture;
 use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
 use warren_core::ids::{METADATA_GROUP, NodeId, NodeRun};
-use warren_core::meta::{MetaCmd, MetaEffect, MetaReply, MetaState, Placement, QueueDef};
+use warren_core::meta::{MetaCmd, MetaReply, MetaState};
 use warren_core::queue::QueueCmd;
-use warren_core::{ConnectionRef, GroupId};
+use warren_core::{GroupId, MsgId};
 
-use crate::db::keys;
-use crate::db::{CF_META, DbError, Storage};
-use crate::meta_sm::{MetaEffects, MetaMachine};
-use crate::network::NoPeers;
-use crate::queue::{Backend, ClusterError, QueueHandle, Submission, UnusedHook};
-use crate::queue_sm::{QueueMachine, destroy_state};
-use crate::types::{GroupRequest, GroupResponse, Raft};
+use crate::db::{CF_META, DbError, Storage, decode, encode, keys};
+use crate::meta_sm::MetaMachine;
+use crate::network::{GroupNetwork, WireSnapshot};
+use crate::outbox::{Outbox, RemoteItem};
+use crate::proposer::{ItemResult, write_local};
+use crate::queue::{ClusterError, Delivery, QueueHandle, ReplyTo};
+use crate::registry::{EffectsSink, Registry};
+use crate::supervisor::{self, LivenessTable};
+use crate::transport::{Forwarded, PeerHandler, PeerRequest, PeerResponse, RaftRpc, Transport};
+use crate::types::{GroupRequest, GroupResponse, QueueRequest, Raft, TypeConfig};
 
 /// Keys in the `meta` column family that belong to the node, not to a group.
 const NODE_KEYS: GroupId = u64::MAX;
-/// Commands one proposer hands to Raft at once; more wait for the next batch.
-const PROPOSE_BATCH: usize = 1024;
+const META_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+const META_WRITE_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
     pub node_id: NodeId,
     pub data_dir: PathBuf,
+    /// How peers reach this node (host:port of its cluster listener).
+    pub advertise: String,
+    /// The cluster's initial members with their addresses, this node included. A node that
+    /// is not in it starts empty and waits to be added (`warrenctl add-node`).
+    pub members: BTreeMap<NodeId, String>,
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Log entries between snapshots of a group.
     pub snapshot_every: u64,
+    /// A peer that has not answered pings for this long is down.
+    pub failure_timeout_ms: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,155 +66,29 @@ pub enum NodeError {
     Raft(String),
     #[error("{0}")]
     Config(String),
-}
-
-pub struct Node {
-    id: NodeId,
-    run: NodeRun,
-    storage: Storage,
-    meta_state: Arc<RwLock<MetaState>>,
-    meta_raft: Raft<MetaMachine>,
-    registry: Arc<Registry>,
-}
-
-/// Queue handles of this node and the Raft groups behind the replicated ones.
-struct Registry {
-    node_id: NodeId,
-    run: NodeRun,
-    storage: Storage,
-    raft_config: Arc<openraft::Config>,
-    queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
-    groups: Mutex<HashMap<GroupId, GroupRunner>>,
-    /// Auto-delete requests, executed by a task that owns a weak reference to the node.
-    unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
-}
-
-struct GroupRunner {
-    stop: oneshot::Sender<bool>,
-    task: JoinHandle<()>,
+    #[error("timed out: {0}")]
+    Timeout(String),
 }
 
 fn raft_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::Raft(e.to_string())
 }
 
-impl Registry {
-    fn unused_hook(&self) -> UnusedHook {
-        let tx = self.unused_tx.clone();
-        Arc::new(move |h: &QueueHandle| {
-            let _ = tx.send((
-                h.vhost().to_owned(),
-                h.name().to_owned(),
-                h.def().exclusive_owner,
-            ));
-        })
-    }
-
-    fn create(&self, vhost: &str, def: &QueueDef) {
-        let key = (vhost.to_owned(), def.name.clone());
-        if self
-            .queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains_key(&key)
-        {
-            return;
-        }
-        let hook = def.auto_delete.then(|| self.unused_hook());
-        let handle = match &def.placement {
-            Placement::Local { run } if *run == self.run => {
-                QueueHandle::new_local(vhost.to_owned(), def.clone(), hook)
-            }
-            Placement::Replicated { group, replicas } if replicas.contains(&self.node_id) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let handle =
-                    QueueHandle::new(vhost.to_owned(), def.clone(), Backend::Raft { tx }, hook);
-                let (stop_tx, stop_rx) = oneshot::channel();
-                let task = tokio::spawn(run_queue_group(
-                    *group,
-                    handle.clone(),
-                    rx,
-                    stop_rx,
-                    self.storage.clone(),
-                    self.raft_config.clone(),
-                    self.node_id,
-                    replicas.clone(),
-                ));
-                self.groups
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(
-                        *group,
-                        GroupRunner {
-                            stop: stop_tx,
-                            task,
-                        },
-                    );
-                handle
-            }
-            // Held by another node (or an earlier run of this one, about to be cleaned up).
-            _ => return,
-        };
-        self.queues
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, handle);
-    }
-
-    fn remove(&self, vhost: &str, def: &QueueDef) {
-        let handle = self
-            .queues
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(vhost.to_owned(), def.name.clone()));
-        if let Some(handle) = handle {
-            handle.close();
-        }
-        if let Some(group) = def.group()
-            && let Some(runner) = self
-                .groups
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&group)
-        {
-            // `true`: the queue is gone for good, so its group deletes its storage.
-            let _ = runner.stop.send(true);
-        }
-    }
+pub struct Node {
+    id: NodeId,
+    run: NodeRun,
+    advertise: String,
+    storage: Storage,
+    transport: Arc<dyn Transport>,
+    meta_state: Arc<RwLock<MetaState>>,
+    meta_raft: Raft<MetaMachine>,
+    registry: Arc<Registry>,
+    liveness: Arc<LivenessTable>,
+    ready: AtomicBool,
 }
 
-impl MetaEffects for Registry {
-    fn on_effect(&self, effect: MetaEffect) {
-        match effect {
-            MetaEffect::QueueCreated { vhost, queue } => self.create(&vhost, &queue),
-            MetaEffect::QueueDeleted { vhost, queue } => self.remove(&vhost, &queue),
-        }
-    }
-
-    fn reset(&self, state: &MetaState) {
-        let wanted: HashMap<(String, String), QueueDef> = state
-            .queues()
-            .map(|(v, q)| ((v.to_owned(), q.name.clone()), q.clone()))
-            .collect();
-        let stale: Vec<(String, QueueDef)> = self
-            .queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(k, _)| !wanted.contains_key(*k))
-            .map(|((v, _), h)| (v.clone(), h.def().clone()))
-            .collect();
-        for (vhost, def) in stale {
-            self.remove(&vhost, &def);
-        }
-        for ((vhost, _), def) in wanted {
-            self.create(&vhost, &def);
-        }
-    }
-}
-
-fn raft_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
-    let config = openraft::Config {
+fn meta_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
+    openraft::Config {
         cluster_name: "warren".into(),
         heartbeat_interval: cfg.heartbeat_ms,
         election_timeout_min: cfg.election_timeout_min_ms,
@@ -211,189 +96,31 @@ fn raft_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
         max_in_snapshot_log_to_keep: 256,
         ..Default::default()
-    };
-    config
-        .validate()
-        .map(Arc::new)
-        .map_err(|e| NodeError::Config(e.to_string()))
+    }
+    .validate()
+    .map(Arc::new)
+    .map_err(|e| NodeError::Config(e.to_string()))
 }
 
-/// Makes a group serve: initializes a new one with its members, and has this node elect
-/// itself at once when it is the only voter (no need to wait out an election timeout).
-async fn ensure_leader<SM>(
-    raft: &Raft<SM>,
-    node_id: NodeId,
-    members: &[NodeId],
-    timeout: Duration,
-) -> Result<(), NodeError>
-where
-    SM: openraft::storage::RaftStateMachine<crate::types::TypeConfig>,
-{
-    if !raft.is_initialized().await.map_err(raft_err)? {
-        let members: BTreeMap<NodeId, BasicNode> = members
-            .iter()
-            .map(|id| (*id, BasicNode::default()))
-            .collect();
-        if let Err(e) = raft.initialize(members).await {
-            debug!(error = %e, "initialize refused; the group already has a log");
-        }
+/// Queue groups run without ticks (see `supervisor`): no heartbeats and no election timers.
+/// The election timeout still sets the leader lease, which bounds how soon a replica may
+/// replace a leader that stopped answering: keep it short.
+fn queue_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
+    let lease_max = cfg.failure_timeout_ms.max(300);
+    openraft::Config {
+        cluster_name: "warren".into(),
+        heartbeat_interval: lease_max / 4,
+        election_timeout_min: lease_max / 2,
+        election_timeout_max: lease_max,
+        enable_tick: false,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: 256,
+        max_payload_entries: 1024,
+        ..Default::default()
     }
-    if members == [node_id] {
-        let state = raft.metrics().borrow_watched().state;
-        if state != ServerState::Leader {
-            raft.trigger().elect(false).await.map_err(raft_err)?;
-        }
-        raft.wait(Some(timeout))
-            .state(ServerState::Leader, "single-member group elects itself")
-            .await
-            .map_err(raft_err)?;
-    }
-    Ok(())
-}
-
-/// Keeps `handle`'s leader flag equal to "this node leads the group".
-fn watch_leadership<SM>(
-    raft: &Raft<SM>,
-    handle: Weak<QueueHandle>,
-    node_id: NodeId,
-) -> JoinHandle<()>
-where
-    SM: openraft::storage::RaftStateMachine<crate::types::TypeConfig>,
-{
-    let mut metrics = raft.metrics();
-    tokio::spawn(async move {
-        loop {
-            let leading = {
-                let m = metrics.borrow_watched();
-                m.state == ServerState::Leader && m.current_leader == Some(node_id)
-            };
-            match handle.upgrade() {
-                Some(h) => h.set_leader(leading),
-                None => return,
-            }
-            if metrics.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn run_queue_group(
-    group: GroupId,
-    handle: Arc<QueueHandle>,
-    mut rx: mpsc::UnboundedReceiver<Submission>,
-    mut stop: oneshot::Receiver<bool>,
-    storage: Storage,
-    config: Arc<openraft::Config>,
-    node_id: NodeId,
-    members: Vec<NodeId>,
-) {
-    let fail_all = |rx: &mut mpsc::UnboundedReceiver<Submission>, e: ClusterError| {
-        rx.close();
-        while let Ok((_, reply)) = rx.try_recv() {
-            reply.send(Err(e.clone()));
-        }
-    };
-    let machine = match QueueMachine::open(storage.clone(), group, &handle) {
-        Ok(m) => m,
-        Err(e) => {
-            error!(group, queue = handle.name(), error = %e, "cannot open queue state");
-            fail_all(&mut rx, ClusterError::Storage(e.to_string()));
-            return;
-        }
-    };
-    let raft = match Raft::new(
-        node_id,
-        config.clone(),
-        NoPeers,
-        storage.log_store(group),
-        machine,
-    )
-    .await
-    {
-        Ok(r) => r,
-        Err(e) => {
-            error!(group, queue = handle.name(), error = %e, "cannot start queue group");
-            fail_all(&mut rx, ClusterError::Raft(e.to_string()));
-            return;
-        }
-    };
-    let election_wait = Duration::from_millis(config.election_timeout_max * 4);
-    if let Err(e) = ensure_leader(&raft, node_id, &members, election_wait).await {
-        warn!(group, queue = handle.name(), error = %e, "queue group has no leader yet");
-    }
-    let watcher = watch_leadership(&raft, Arc::downgrade(&handle), node_id);
-    drop(handle);
-
-    let destroy = loop {
-        let first = tokio::select! {
-            biased;
-            destroy = &mut stop => break destroy.unwrap_or(false),
-            next = rx.recv() => match next {
-                Some(s) => s,
-                None => break false,
-            },
-        };
-        let mut requests = Vec::with_capacity(16);
-        let mut replies = Vec::with_capacity(16);
-        let (req, reply) = first;
-        requests.push(GroupRequest::Queue(req));
-        replies.push(reply);
-        while requests.len() < PROPOSE_BATCH {
-            match rx.try_recv() {
-                Ok((req, reply)) => {
-                    requests.push(GroupRequest::Queue(req));
-                    replies.push(reply);
-                }
-                Err(_) => break,
-            }
-        }
-        match raft.client_write_many(requests).await {
-            Ok(mut results) => {
-                // Results arrive in submission order; waiting for them on a task lets the
-                // next batch be proposed while this one commits.
-                tokio::spawn(async move {
-                    let mut replies = replies.into_iter();
-                    while let Some(result) = results.next().await {
-                        let Some(reply) = replies.next() else { break };
-                        reply.send(match result {
-                            Ok(Ok(resp)) => match resp.response {
-                                GroupResponse::Queue(outcome) => Ok(outcome),
-                                other => Err(ClusterError::Raft(format!(
-                                    "unexpected response {other:?}"
-                                ))),
-                            },
-                            Ok(Err(e)) => Err(ClusterError::Raft(e.to_string())),
-                            Err(e) => Err(ClusterError::Raft(e.to_string())),
-                        });
-                    }
-                    for reply in replies {
-                        reply.send(Err(ClusterError::Raft("write was not answered".into())));
-                    }
-                });
-            }
-            Err(e) => {
-                for reply in replies {
-                    reply.send(Err(ClusterError::Raft(e.to_string())));
-                }
-                fail_all(&mut rx, ClusterError::Raft(e.to_string()));
-                break false;
-            }
-        }
-    };
-    fail_all(&mut rx, ClusterError::ShuttingDown);
-    if let Err(e) = raft.shutdown().await {
-        warn!(group, error = %e, "queue group did not shut down cleanly");
-    }
-    watcher.abort();
-    if destroy {
-        drop(raft);
-        let log = storage.log_store::<crate::types::TypeConfig>(group);
-        if let Err(e) = log.destroy().and_then(|_| destroy_state(&storage, group)) {
-            warn!(group, error = %e, "could not delete the storage of a deleted queue");
-        }
-    }
+    .validate()
+    .map(Arc::new)
+    .map_err(|e| NodeError::Config(e.to_string()))
 }
 
 /// Reads and bumps the node's incarnation, refusing a data directory of another node.
@@ -438,10 +165,13 @@ fn next_run(storage: &Storage, node_id: NodeId) -> Result<NodeRun, NodeError> {
 }
 
 impl Node {
-    /// Opens the node's storage and brings every group it holds back to serving: the
-    /// metadata group first (its replay recreates the queue handles), then each queue group,
-    /// which is told about the new run so deliveries of the previous run come back.
-    pub async fn open(cfg: NodeConfig) -> Result<Arc<Node>, NodeError> {
+    /// Opens storage and starts the groups. Peers can talk to the node as soon as this returns
+    /// (register it with the transport's server), but it serves clients only after
+    /// [`Node::wait_ready`].
+    pub async fn start(
+        cfg: NodeConfig,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Node>, NodeError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
             NodeError::Config(format!(
                 "data_dir: cannot create {}: {e}",
@@ -455,70 +185,81 @@ impl Node {
             incarnation = run.incarnation,
             "node starting"
         );
-        let raft_config = raft_config(&cfg)?;
+        for (id, addr) in &cfg.members {
+            if *id != cfg.node_id {
+                transport.set_address(*id, addr);
+            }
+        }
+        let liveness = Arc::new(LivenessTable::new(Duration::from_millis(
+            cfg.failure_timeout_ms,
+        )));
+        let outbox = Outbox::new(transport.clone());
+        outbox.set_liveness(liveness.clone());
         let (unused_tx, mut unused_rx) = mpsc::unbounded_channel();
-        let registry = Arc::new(Registry {
-            node_id: cfg.node_id,
+        let registry = Arc::new(Registry::new(
+            cfg.node_id,
             run,
-            storage: storage.clone(),
-            raft_config: raft_config.clone(),
-            queues: RwLock::new(HashMap::new()),
-            groups: Mutex::new(HashMap::new()),
+            storage.clone(),
+            queue_config(&cfg)?,
+            transport.clone(),
+            outbox,
+            liveness.clone(),
             unused_tx,
-        });
+        ));
+        registry.set_members(cfg.members.clone());
         let meta_state = Arc::new(RwLock::new(MetaState::new()));
         let machine = MetaMachine::open(
             storage.clone(),
             METADATA_GROUP,
             meta_state.clone(),
-            registry.clone(),
+            Arc::new(EffectsSink(Arc::downgrade(&registry))),
         )
-        .map_err(|e| NodeError::Raft(e.to_string()))?;
+        .map_err(raft_err)?;
         let meta_raft = Raft::new(
             cfg.node_id,
-            raft_config.clone(),
-            NoPeers,
+            meta_config(&cfg)?,
+            GroupNetwork::new(METADATA_GROUP, transport.clone(), storage.clone()),
             storage.log_store(METADATA_GROUP),
             machine,
         )
         .await
         .map_err(raft_err)?;
-        let election_wait = Duration::from_millis(cfg.election_timeout_max_ms * 4);
-        ensure_leader(&meta_raft, cfg.node_id, &[cfg.node_id], election_wait).await?;
+        if !meta_raft.is_initialized().await.map_err(raft_err)?
+            && cfg.members.contains_key(&cfg.node_id)
+        {
+            // Every initial member initializes with the same membership; they agree on it
+            // because it comes from the same configuration.
+            let members: BTreeMap<NodeId, BasicNode> = cfg
+                .members
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            if let Err(e) = meta_raft.initialize(members).await {
+                info!(error = %e, "metadata group already initialized");
+            }
+        }
+        if cfg.members.len() == 1 && cfg.members.contains_key(&cfg.node_id) {
+            // A single node need not wait out an election timeout.
+            let state = meta_raft.metrics().borrow_watched().state;
+            if state != ServerState::Leader {
+                let _ = meta_raft.trigger().elect(false).await;
+            }
+        }
 
         let node = Arc::new(Node {
             id: cfg.node_id,
             run,
+            advertise: cfg.advertise.clone(),
             storage,
+            transport,
             meta_state,
             meta_raft,
             registry,
+            liveness: liveness.clone(),
+            ready: AtomicBool::new(false),
         });
-        // Committing this also means every earlier metadata entry has been applied, so the
-        // registry holds a handle for every queue.
-        node.meta_write(MetaCmd::NodeRestarted { run })
-            .await
-            .map_err(|e| NodeError::Raft(e.to_string()))?;
-        let replicated: Vec<Arc<QueueHandle>> = node
-            .queue_handles()
-            .into_iter()
-            .filter(|h| h.is_replicated())
-            .collect();
-        let restarts = replicated
-            .iter()
-            .map(|h| h.call(QueueCmd::NodeRestarted { run }, None));
-        for (handle, result) in replicated
-            .iter()
-            .zip(futures::future::join_all(restarts).await)
-        {
-            if let Err(e) = result {
-                return Err(NodeError::Raft(format!(
-                    "queue '{}' did not recover: {e}",
-                    handle.name()
-                )));
-            }
-        }
-
+        tokio::spawn(track_membership(Arc::downgrade(&node)));
+        tokio::spawn(supervisor::run(Arc::downgrade(&node), liveness));
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
             while let Some((vhost, name, owner)) = unused_rx.recv().await {
@@ -533,12 +274,45 @@ impl Node {
                 }
             }
         });
-        info!(
-            node = node.id,
-            queues = node.queue_handles().len(),
-            "node ready"
-        );
         Ok(node)
+    }
+
+    /// Waits until the node can serve clients: the metadata group has a leader and this node
+    /// has applied everything it committed, the new run is recorded (dropping what earlier
+    /// runs held in memory), and every replicated queue heard of it (returning deliveries
+    /// that were out with this node's old connections).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<(), NodeError> {
+        let deadline = Instant::now() + timeout;
+        self.meta_write_until(MetaCmd::NodeRestarted { run: self.run }, deadline)
+            .await
+            .map_err(|e| NodeError::Timeout(format!("joining the metadata group: {e}")))?;
+        let handles: Vec<Arc<QueueHandle>> = self
+            .queue_handles()
+            .into_iter()
+            .filter(|h| h.is_replicated())
+            .collect();
+        let run = self.run;
+        let restarts = handles.iter().map(|h| async move {
+            let left = deadline.saturating_duration_since(Instant::now());
+            tokio::time::timeout(left, h.call(QueueCmd::NodeRestarted { run }, None)).await
+        });
+        for (handle, result) in handles
+            .iter()
+            .zip(futures::future::join_all(restarts).await)
+        {
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => warn!(queue = %handle.name(), error = %e, "queue did not recover"),
+                Err(_) => warn!(queue = %handle.name(), "queue has no leader yet"),
+            }
+        }
+        self.ready.store(true, Ordering::Release);
+        info!(node = self.id, queues = handles.len(), "node ready");
+        Ok(())
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
     }
 
     pub fn id(&self) -> NodeId {
@@ -549,76 +323,433 @@ impl Node {
         self.run
     }
 
-    /// The local replica of the metadata. Hold the guard briefly: metadata commits wait on it.
-    pub fn meta(&self) -> RwLockReadGuard<'_, MetaState> {
-        self.meta_state.read().unwrap_or_else(|p| p.into_inner())
+    pub fn advertise(&self) -> &str {
+        &self.advertise
     }
 
-    /// Commits a metadata command and returns the state machine's reply.
-    pub async fn meta_write(&self, cmd: MetaCmd) -> Result<MetaReply, ClusterError> {
-        let resp = self
-            .meta_raft
-            .client_write(GroupRequest::Meta(cmd))
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        match resp.data {
-            GroupResponse::Meta(reply) => Ok(reply),
-            other => Err(ClusterError::Raft(format!("unexpected response {other:?}"))),
-        }
+    pub(crate) fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
-    pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<QueueHandle>> {
-        self.registry
-            .queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&(vhost.to_owned(), name.to_owned()))
-            .cloned()
-    }
-
-    pub fn queue_handles(&self) -> Vec<Arc<QueueHandle>> {
-        self.registry
-            .queues
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
+    pub(crate) fn registry_basic_nodes(&self, ids: &[NodeId]) -> BTreeMap<NodeId, BasicNode> {
+        let members = self.registry.members();
+        ids.iter()
+            .map(|id| {
+                (
+                    *id,
+                    BasicNode {
+                        addr: members.get(id).cloned().unwrap_or_default(),
+                    },
+                )
+            })
             .collect()
     }
 
-    /// Replicas for a new replicated queue. A single node holds them all.
-    pub fn replica_set(&self) -> Vec<NodeId> {
-        vec![self.id]
+    pub(crate) fn meta_raft(&self) -> &Raft<MetaMachine> {
+        &self.meta_raft
+    }
+
+    /// The metadata group's leader as this node knows it.
+    pub fn meta_leader(&self) -> Option<NodeId> {
+        self.meta_raft.metrics().borrow_watched().current_leader
+    }
+
+    pub(crate) fn transport(&self) -> &Arc<dyn Transport> {
+        &self.transport
     }
 
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
 
+    /// The local replica of the metadata. Hold the guard briefly: metadata commits wait on it.
+    pub fn meta(&self) -> RwLockReadGuard<'_, MetaState> {
+        self.meta_state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Cluster members as the metadata group knows them, with their addresses.
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        self.registry.members()
+    }
+
+    pub fn down_nodes(&self) -> Vec<NodeId> {
+        self.liveness.down_nodes()
+    }
+
+    /// Commits a metadata command (through the metadata leader, wherever it is) and waits
+    /// until this node has applied it, so what it changed is visible here on return.
+    pub async fn meta_write(&self, cmd: MetaCmd) -> Result<MetaReply, ClusterError> {
+        self.meta_write_until(cmd, Instant::now() + META_WRITE_DEADLINE)
+            .await
+    }
+
+    async fn meta_write_until(
+        &self,
+        cmd: MetaCmd,
+        deadline: Instant,
+    ) -> Result<MetaReply, ClusterError> {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let leader = self.meta_raft.metrics().borrow_watched().current_leader;
+            let attempt = match leader {
+                Some(l) if l == self.id => match self.meta_write_local(cmd.clone()).await {
+                    Forwarded::Ok((index, reply)) => {
+                        self.wait_meta_applied(index, deadline).await?;
+                        return Ok(reply);
+                    }
+                    other => other.describe(),
+                },
+                Some(l) => {
+                    let call = self.transport.call(
+                        l,
+                        PeerRequest::MetaWrite {
+                            cmd: encode(&cmd).map_err(|e| ClusterError::Raft(e.to_string()))?,
+                        },
+                        META_FORWARD_TIMEOUT,
+                    );
+                    match call.await {
+                        Ok(PeerResponse::MetaWrite(Forwarded::Ok(bytes))) => {
+                            let (index, reply): (u64, MetaReply) =
+                                decode(&bytes).map_err(|e| ClusterError::Raft(e.to_string()))?;
+                            self.wait_meta_applied(index, deadline).await?;
+                            return Ok(reply);
+                        }
+                        Ok(PeerResponse::MetaWrite(other)) => other.describe(),
+                        Ok(other) => format!("unexpected response {other:?}"),
+                        Err(e) => e.to_string(),
+                    }
+                }
+                None => "no metadata leader yet".to_owned(),
+            };
+            if Instant::now() + backoff > deadline {
+                return Err(ClusterError::Raft(format!(
+                    "metadata write failed: {attempt}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(200));
+        }
+    }
+
+    /// Commits on this node, which must lead the metadata group; returns the entry's index.
+    async fn meta_write_local(&self, cmd: MetaCmd) -> Forwarded<(u64, MetaReply)> {
+        match self.meta_raft.client_write(GroupRequest::Meta(cmd)).await {
+            Ok(resp) => match resp.data {
+                GroupResponse::Meta(reply) => Forwarded::Ok((resp.log_id.index, reply)),
+                other => Forwarded::Error(format!("unexpected response {other:?}")),
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Forwarded::NotLeader(f.leader_id)
+            }
+            Err(e) => Forwarded::Error(e.to_string()),
+        }
+    }
+
+    async fn wait_meta_applied(&self, index: u64, deadline: Instant) -> Result<(), ClusterError> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        self.meta_raft
+            .wait(Some(left.max(Duration::from_millis(1))))
+            .applied_index_at_least(Some(index), "metadata applied here")
+            .await
+            .map(|_| ())
+            .map_err(|e| ClusterError::Raft(e.to_string()))
+    }
+
+    /// Waits until this node has applied every metadata change the leader had committed when
+    /// called: a read barrier for "not found" answers that another node's write may explain.
+    pub async fn meta_sync(&self) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let leader = self.meta_raft.metrics().borrow_watched().current_leader;
+        let committed = match leader {
+            Some(l) if l == self.id => self
+                .meta_raft
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .map_or(0, |l| l.index),
+            Some(l) => match self
+                .transport
+                .call(l, PeerRequest::MetaIndex, Duration::from_secs(2))
+                .await
+            {
+                Ok(PeerResponse::MetaIndex(i)) => i,
+                _ => return Err(ClusterError::NoMetaLeader),
+            },
+            None => return Err(ClusterError::NoMetaLeader),
+        };
+        self.wait_meta_applied(committed, deadline).await
+    }
+
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<QueueHandle>> {
+        self.registry.queue(vhost, name)
+    }
+
+    pub fn queue_handles(&self) -> Vec<Arc<QueueHandle>> {
+        self.registry.handles()
+    }
+
+    /// Replicas for a new replicated queue: `count` members (all of them if fewer), this node
+    /// first when it is a member — it becomes the preferred leader, so the declaring client's
+    /// node serves it, as RabbitMQ's default `client-local` locator does — then the members
+    /// holding the fewest replicas, down nodes last.
+    pub fn replica_set(&self, count: usize) -> Vec<NodeId> {
+        let members: Vec<NodeId> = self.members().keys().copied().collect();
+        let counts = self.meta().replica_counts();
+        let down: BTreeSet<NodeId> = self.down_nodes().into_iter().collect();
+        let mut others: Vec<NodeId> = members.iter().copied().filter(|n| *n != self.id).collect();
+        others.sort_by_key(|n| (down.contains(n), counts.get(n).map_or(0, |c| c.0), *n));
+        let mut replicas = Vec::with_capacity(count);
+        if members.contains(&self.id) || members.is_empty() {
+            replicas.push(self.id);
+        }
+        replicas.extend(others);
+        replicas.truncate(count.max(1));
+        replicas
+    }
+
     /// Stops every group and makes all written data durable.
     pub async fn shutdown(&self) {
-        let runners: Vec<GroupRunner> = self
-            .registry
-            .groups
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain()
-            .map(|(_, r)| r)
-            .collect();
-        let mut tasks = Vec::with_capacity(runners.len());
-        for runner in runners {
-            let _ = runner.stop.send(false);
-            tasks.push(runner.task);
-        }
-        for task in tasks {
-            let _ = task.await;
-        }
+        self.ready.store(false, Ordering::Release);
+        self.registry.stop_all().await;
         if let Err(e) = self.meta_raft.shutdown().await {
             warn!(error = %e, "metadata group did not shut down cleanly");
         }
         if let Err(e) = self.storage.sync().await {
-            error!(error = %e, "final fsync failed");
+            warn!(error = %e, "final fsync failed");
         }
         self.storage.close();
+    }
+
+    // ---- answering peers ----------------------------------------------------------------
+
+    async fn handle_raft(&self, group: GroupId, rpc: RaftRpc, payload: Vec<u8>) -> PeerResponse {
+        let result = if group == METADATA_GROUP {
+            raft_rpc(&self.meta_raft, rpc, &payload).await
+        } else {
+            match self.registry.by_id(group).and_then(|h| h.raft()) {
+                Some(raft) => raft_rpc(&raft, rpc, &payload).await,
+                None => Err(format!("group {group} is not running on node {}", self.id)),
+            }
+        };
+        PeerResponse::Raft(result)
+    }
+
+    async fn handle_submit(&self, queue: u64, requests: Vec<Vec<u8>>) -> PeerResponse {
+        let decoded: Result<Vec<QueueRequest>, _> = requests.iter().map(|b| decode(b)).collect();
+        let requests = match decoded {
+            Ok(r) => r,
+            Err(e) => return PeerResponse::Submit(Forwarded::Error(e.to_string())),
+        };
+        let Some(handle) = self.registry.by_id(queue) else {
+            return PeerResponse::Submit(Forwarded::Error(format!(
+                "queue {queue} is unknown on node {}",
+                self.id
+            )));
+        };
+        let results: Vec<ItemResult> = if handle.is_local_queue() {
+            requests
+                .into_iter()
+                .map(|r| ItemResult::Ok(handle.apply_local(r)))
+                .collect()
+        } else {
+            match handle.raft() {
+                Some(raft) => write_local(&raft, &requests).await,
+                None => {
+                    return PeerResponse::Submit(Forwarded::NotLeader(handle.leader_hint()));
+                }
+            }
+        };
+        let encoded: Result<Vec<Vec<u8>>, _> = results.iter().map(encode).collect();
+        PeerResponse::Submit(match encoded {
+            Ok(items) => Forwarded::Ok(items),
+            Err(e) => Forwarded::Error(e.to_string()),
+        })
+    }
+
+    fn handle_deliver(&self, items: Vec<Vec<u8>>) -> PeerResponse {
+        for item in items {
+            let Ok(item) = decode::<RemoteItem>(&item) else {
+                continue;
+            };
+            match item {
+                RemoteItem::Deliver {
+                    queue,
+                    consumer,
+                    msg,
+                    delivery_count,
+                    no_ack,
+                    resend,
+                    content,
+                } => {
+                    let Some(handle) = self.registry.by_id(queue) else {
+                        continue;
+                    };
+                    match handle.sink_of(&consumer) {
+                        Some(sink) => sink.deliver(Delivery {
+                            handle: handle.clone(),
+                            consumer,
+                            msg,
+                            delivery_count,
+                            no_ack,
+                            resend,
+                            content,
+                        }),
+                        None if !no_ack => give_back(&handle, consumer.channel, msg),
+                        None => {}
+                    }
+                }
+                RemoteItem::ConsumerGone { queue, consumer } => {
+                    if let Some(handle) = self.registry.by_id(queue)
+                        && let Some(sink) = handle.sink_of(&consumer)
+                    {
+                        handle.detach(&consumer);
+                        sink.consumer_gone(&consumer);
+                    }
+                }
+            }
+        }
+        PeerResponse::Delivered
+    }
+}
+
+/// A delivery for a consumer that no longer exists here goes back to its queue.
+fn give_back(handle: &QueueHandle, channel: warren_core::ChannelRef, msg: MsgId) {
+    handle.submit(
+        QueueRequest {
+            cmd: QueueCmd::Requeue {
+                channel,
+                msgs: vec![msg],
+            },
+            content: None,
+        },
+        ReplyTo::None,
+    );
+}
+
+trait ForwardedExt {
+    fn describe(self) -> String;
+}
+
+impl<T> ForwardedExt for Forwarded<T> {
+    fn describe(self) -> String {
+        match self {
+            Forwarded::Ok(_) => "ok".into(),
+            Forwarded::NotLeader(l) => format!("not the leader (leader: {l:?})"),
+            Forwarded::Error(e) => e,
+        }
+    }
+}
+
+async fn raft_rpc<SM>(raft: &Raft<SM>, rpc: RaftRpc, payload: &[u8]) -> Result<Vec<u8>, String>
+where
+    SM: openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = std::io::Cursor<Vec<u8>>>,
+{
+    fn out<T: serde::Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Result<Vec<u8>, String> {
+        r.map_err(|e| e.to_string())
+            .and_then(|v| encode(&v).map_err(|e| e.to_string()))
+    }
+    match rpc {
+        RaftRpc::AppendEntries => {
+            let req = decode(payload).map_err(|e| e.to_string())?;
+            out(raft.append_entries(req).await)
+        }
+        RaftRpc::Vote => {
+            let req = decode(payload).map_err(|e| e.to_string())?;
+            out(raft.vote(req).await)
+        }
+        RaftRpc::PreVote => {
+            let req = decode(payload).map_err(|e| e.to_string())?;
+            out(raft.pre_vote(req).await)
+        }
+        RaftRpc::TransferLeader => {
+            let req = decode(payload).map_err(|e| e.to_string())?;
+            out(raft.handle_transfer_leader(req).await)
+        }
+        RaftRpc::InstallSnapshot => {
+            let wire: WireSnapshot = decode(payload).map_err(|e| e.to_string())?;
+            let snapshot = openraft::alias::SnapshotOf::<TypeConfig, std::io::Cursor<Vec<u8>>> {
+                meta: wire.meta,
+                snapshot: std::io::Cursor::new(wire.data),
+            };
+            out(raft.install_full_snapshot(wire.vote, snapshot).await)
+        }
+    }
+}
+
+/// The `PeerHandler` of a node: holds the node weakly, so a transport's reference to it never
+/// keeps a stopped node alive.
+pub struct NodeHandler(pub std::sync::Weak<Node>);
+
+impl PeerHandler for NodeHandler {
+    fn handle(&self, request: PeerRequest) -> BoxFuture<'static, PeerResponse> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let Some(node) = node.upgrade() else {
+                return PeerResponse::Raft(Err("node stopped".into()));
+            };
+            match request {
+                PeerRequest::Raft {
+                    group,
+                    rpc,
+                    payload,
+                } => node.handle_raft(group, rpc, payload).await,
+                PeerRequest::Submit { queue, requests } => {
+                    node.handle_submit(queue, requests).await
+                }
+                PeerRequest::MetaWrite { cmd } => {
+                    let cmd: MetaCmd = match decode(&cmd) {
+                        Ok(c) => c,
+                        Err(e) => return PeerResponse::MetaWrite(Forwarded::Error(e.to_string())),
+                    };
+                    PeerResponse::MetaWrite(match node.meta_write_local(cmd).await {
+                        Forwarded::Ok(v) => match encode(&v) {
+                            Ok(b) => Forwarded::Ok(b),
+                            Err(e) => Forwarded::Error(e.to_string()),
+                        },
+                        Forwarded::NotLeader(l) => Forwarded::NotLeader(l),
+                        Forwarded::Error(e) => Forwarded::Error(e),
+                    })
+                }
+                PeerRequest::MetaIndex => PeerResponse::MetaIndex(
+                    node.meta_raft
+                        .metrics()
+                        .borrow_watched()
+                        .last_applied
+                        .map_or(0, |l| l.index),
+                ),
+                PeerRequest::Deliver { items } => node.handle_deliver(items),
+                PeerRequest::Hello { .. } => PeerResponse::Hello {
+                    node: node.id,
+                    incarnation: node.run.incarnation,
+                    advertise: node.advertise.clone(),
+                },
+            }
+        })
+    }
+}
+
+/// Keeps the registry's member list (and so the transport's addresses) equal to the metadata
+/// group's membership.
+async fn track_membership(node: std::sync::Weak<Node>) {
+    let Some(n) = node.upgrade() else { return };
+    let mut metrics = n.meta_raft.metrics();
+    drop(n);
+    loop {
+        let members: BTreeMap<NodeId, String> = {
+            let m = metrics.borrow_watched();
+            m.membership_config
+                .nodes()
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
+        };
+        let Some(n) = node.upgrade() else { return };
+        if !members.is_empty() && members != n.registry.members() {
+            info!(?members, "cluster members");
+            n.registry.set_members(members);
+        }
+        drop(n);
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }

@@ -1,32 +1,41 @@
 //! A queue as the rest of the node sees it: a `QueueHandle` that takes commands in order and
 //! reports their results, plus the consumers attached to it on this node.
 //!
-//! Two back ends sit behind the same handle. A replicated queue sends its commands through a
-//! proposer task into its Raft group; the group's state machine (`queue_sm`) applies them and
-//! calls back into the handle to deliver messages. A transient or exclusive queue applies the
-//! same pure `QueueState` directly, in memory. The server's connections only ever see the
-//! handle, the `DeliverySink` they attach and the `Completion` they pass with a command.
+//! Every node has a handle for every queue of the cluster. Behind it is either the queue
+//! itself, in memory (a transient or exclusive queue declared on this node), or a proposer
+//! (`proposer`) that gets commands to wherever the queue is served: this node's Raft group if
+//! it leads, the leading node otherwise. The Raft state machine (`queue_sm`) calls back into
+//! the handle to carry out effects: deliveries to consumers on this node, or through the
+//! node's outbox (`outbox`) to consumers on other nodes. The server's connections only ever
+//! see the handle, the `DeliverySink` they attach and the `Completion` they pass with a
+//! command.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
-use warren_core::meta::QueueDef;
+use warren_core::meta::{Placement, QueueDef};
 use warren_core::queue::{Effect, QueueCmd, QueueReply, QueueState, QueueStats};
-use warren_core::{ConsumerKey, MessageContent, MsgId};
+use warren_core::{ConsumerKey, MessageContent, MsgId, NodeId};
 
-use crate::types::{QueueOutcome, QueueRequest};
+use crate::outbox::{Outbox, RemoteItem};
+use crate::queue_sm::QueueMachine;
+use crate::types::{QueueOutcome, QueueRequest, Raft};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {
     #[error("queue '{0}' was deleted")]
     QueueGone(String),
+    #[error("queue '{0}' is unavailable: its node is down")]
+    QueueUnavailable(String),
     #[error("raft: {0}")]
     Raft(String),
     #[error("storage: {0}")]
     Storage(String),
+    #[error("no leader for the metadata group yet")]
+    NoMetaLeader,
     #[error("the node is shutting down")]
     ShuttingDown,
 }
@@ -38,6 +47,8 @@ pub struct Delivery {
     pub msg: MsgId,
     pub delivery_count: u32,
     pub no_ack: bool,
+    /// A repeat after a leader change; the connection drops it if it has it already.
+    pub resend: bool,
     pub content: MessageContent,
 }
 
@@ -45,7 +56,8 @@ pub struct Delivery {
 /// Both methods must return quickly and never block (they run inside state-machine apply).
 pub trait DeliverySink: Send + Sync {
     fn deliver(&self, delivery: Delivery);
-    /// The queue went away (deleted); the consumer no longer exists.
+    /// The consumer no longer exists in the queue (queue deleted, or its node was declared
+    /// down while the connection lived on).
     fn consumer_gone(&self, consumer: &ConsumerKey);
 }
 
@@ -72,6 +84,8 @@ impl ReplyTo {
     }
 }
 
+pub(crate) type Submission = (QueueRequest, ReplyTo);
+
 /// Where a queue's message bodies live: memory for local queues, RocksDB for replicated ones.
 pub(crate) trait Bodies {
     fn get(&mut self, msg: MsgId) -> Option<MessageContent>;
@@ -90,13 +104,13 @@ impl Bodies for HashMap<MsgId, MessageContent> {
     }
 }
 
-pub(crate) type Submission = (QueueRequest, ReplyTo);
-
 pub(crate) enum Backend {
-    Raft {
+    /// Commands go through the proposer task.
+    Proposer {
         tx: mpsc::UnboundedSender<Submission>,
     },
-    Local(Mutex<LocalQueue>),
+    /// A transient or exclusive queue of this node, applied in place.
+    Local(Box<Mutex<LocalQueue>>),
 }
 
 pub(crate) struct LocalQueue {
@@ -108,39 +122,50 @@ pub(crate) struct LocalQueue {
 pub(crate) type UnusedHook = Arc<dyn Fn(&QueueHandle) + Send + Sync>;
 
 pub struct QueueHandle {
-    id: u64,
+    node: NodeId,
     vhost: String,
-    def: QueueDef,
+    def: Mutex<QueueDef>,
     backend: Backend,
     consumers: Mutex<HashMap<ConsumerKey, Arc<dyn DeliverySink>>>,
     stats: Mutex<QueueStats>,
-    /// Only the group's leader delivers; replicas apply the same effects silently.
+    /// Only the serving node delivers; replicas apply the same effects silently.
     leader: AtomicBool,
+    /// The node believed to serve the queue, for forwarding (0: unknown).
+    leader_hint: AtomicU64,
     closed: AtomicBool,
     on_unused: Option<UnusedHook>,
-    self_ref: OnceLock<std::sync::Weak<QueueHandle>>,
+    outbox: Arc<Outbox>,
+    raft: Mutex<Option<Raft<QueueMachine>>>,
+    self_ref: OnceLock<Weak<QueueHandle>>,
 }
-
-static NEXT_HANDLE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl QueueHandle {
     pub(crate) fn new(
+        node: NodeId,
         vhost: String,
         def: QueueDef,
         backend: Backend,
         on_unused: Option<UnusedHook>,
+        outbox: Arc<Outbox>,
     ) -> Arc<Self> {
         let local = matches!(backend, Backend::Local(_));
+        let hint = match &def.placement {
+            Placement::Replicated { replicas, .. } => replicas.first().copied().unwrap_or(0),
+            Placement::Local { run } => run.node,
+        };
         let handle = Arc::new(QueueHandle {
-            id: NEXT_HANDLE_ID.fetch_add(1, Ordering::Relaxed),
+            node,
             vhost,
-            def,
+            def: Mutex::new(def),
             backend,
             consumers: Mutex::new(HashMap::new()),
             stats: Mutex::new(QueueStats::default()),
             leader: AtomicBool::new(local),
+            leader_hint: AtomicU64::new(hint),
             closed: AtomicBool::new(false),
             on_unused,
+            outbox,
+            raft: Mutex::new(None),
             self_ref: OnceLock::new(),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
@@ -148,44 +173,65 @@ impl QueueHandle {
     }
 
     pub(crate) fn new_local(
+        node: NodeId,
         vhost: String,
         def: QueueDef,
         on_unused: Option<UnusedHook>,
+        outbox: Arc<Outbox>,
     ) -> Arc<Self> {
         Self::new(
+            node,
             vhost,
             def,
-            Backend::Local(Mutex::new(LocalQueue {
+            Backend::Local(Box::new(Mutex::new(LocalQueue {
                 state: QueueState::new(),
                 bodies: HashMap::new(),
-            })),
+            }))),
             on_unused,
+            outbox,
         )
     }
 
-    /// Unique per handle, for grouping settlements by queue.
+    /// The queue's cluster-wide id (its Raft group for a replicated queue).
     pub fn id(&self) -> u64 {
-        self.id
+        self.def().id
     }
 
-    pub fn name(&self) -> &str {
-        &self.def.name
+    pub fn name(&self) -> String {
+        self.def().name
     }
 
     pub fn vhost(&self) -> &str {
         &self.vhost
     }
 
-    pub fn def(&self) -> &QueueDef {
-        &self.def
+    pub fn def(&self) -> QueueDef {
+        self.def.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    pub(crate) fn set_def(&self, def: QueueDef) {
+        *self.def.lock().unwrap_or_else(|p| p.into_inner()) = def;
+    }
+
+    pub fn replicas(&self) -> Vec<NodeId> {
+        match &self.def.lock().unwrap_or_else(|p| p.into_inner()).placement {
+            Placement::Replicated { replicas, .. } => replicas.clone(),
+            Placement::Local { run } => vec![run.node],
+        }
+    }
+
+    /// Counters of the queue as this node last saw them: exact where the queue is served,
+    /// possibly behind on a follower, unknown (zero) elsewhere.
     pub fn stats(&self) -> QueueStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn is_replicated(&self) -> bool {
-        matches!(self.backend, Backend::Raft { .. })
+        matches!(self.def().placement, Placement::Replicated { .. })
+    }
+
+    pub(crate) fn is_local_queue(&self) -> bool {
+        matches!(self.backend, Backend::Local(_))
     }
 
     pub(crate) fn set_stats(&self, stats: QueueStats) {
@@ -194,10 +240,33 @@ impl QueueHandle {
 
     pub(crate) fn set_leader(&self, leader: bool) {
         self.leader.store(leader, Ordering::Release);
+        if leader {
+            self.leader_hint.store(self.node, Ordering::Release);
+        }
     }
 
+    /// Whether this node serves the queue (leads its group, or holds the transient queue).
     pub fn is_leader(&self) -> bool {
         self.leader.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn leader_hint(&self) -> Option<NodeId> {
+        match self.leader_hint.load(Ordering::Acquire) {
+            0 => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn set_leader_hint(&self, node: Option<NodeId>) {
+        self.leader_hint.store(node.unwrap_or(0), Ordering::Release);
+    }
+
+    pub(crate) fn set_raft(&self, raft: Option<Raft<QueueMachine>>) {
+        *self.raft.lock().unwrap_or_else(|p| p.into_inner()) = raft;
+    }
+
+    pub(crate) fn raft(&self) -> Option<Raft<QueueMachine>> {
+        self.raft.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Registers where deliveries for `consumer` go. Attach before the consume command is
@@ -216,7 +285,7 @@ impl QueueHandle {
             .remove(consumer);
     }
 
-    fn sink_of(&self, consumer: &ConsumerKey) -> Option<Arc<dyn DeliverySink>> {
+    pub(crate) fn sink_of(&self, consumer: &ConsumerKey) -> Option<Arc<dyn DeliverySink>> {
         self.consumers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -224,28 +293,23 @@ impl QueueHandle {
             .cloned()
     }
 
-    fn arc(&self) -> Option<Arc<QueueHandle>> {
-        self.self_ref.get().and_then(std::sync::Weak::upgrade)
+    pub(crate) fn arc(&self) -> Option<Arc<QueueHandle>> {
+        self.self_ref.get().and_then(Weak::upgrade)
     }
 
     /// Submits a command; commands submitted from one task are applied in submission order.
     pub fn submit(&self, request: QueueRequest, reply: ReplyTo) {
         if self.closed.load(Ordering::Acquire) {
-            reply.send(Err(ClusterError::QueueGone(self.def.name.clone())));
+            reply.send(Err(ClusterError::QueueGone(self.name())));
             return;
         }
         match &self.backend {
-            Backend::Raft { tx } => {
+            Backend::Proposer { tx } => {
                 if let Err(mpsc::error::SendError((_, reply))) = tx.send((request, reply)) {
-                    reply.send(Err(ClusterError::QueueGone(self.def.name.clone())));
+                    reply.send(Err(ClusterError::QueueGone(self.name())));
                 }
             }
-            Backend::Local(local) => {
-                let mut local = local.lock().unwrap_or_else(|p| p.into_inner());
-                let outcome = self.apply_local(&mut local, request);
-                drop(local);
-                reply.send(Ok(outcome));
-            }
+            Backend::Local(_) => reply.send(Ok(self.apply_local(request))),
         }
     }
 
@@ -258,29 +322,41 @@ impl QueueHandle {
         let (tx, rx) = oneshot::channel();
         self.submit(QueueRequest { cmd, content }, ReplyTo::Oneshot(tx));
         rx.await
-            .unwrap_or_else(|_| Err(ClusterError::QueueGone(self.def.name.clone())))
+            .unwrap_or_else(|_| Err(ClusterError::QueueGone(self.name())))
     }
 
-    fn apply_local(&self, local: &mut LocalQueue, request: QueueRequest) -> QueueOutcome {
+    /// Applies a command to this node's in-memory queue. Panics are impossible by
+    /// construction: only local handles reach here.
+    pub(crate) fn apply_local(&self, request: QueueRequest) -> QueueOutcome {
+        let Backend::Local(local) = &self.backend else {
+            return QueueOutcome {
+                reply: QueueReply::Error(warren_core::AmqpError::internal(
+                    "queue is not held by this node",
+                )),
+                content: None,
+            };
+        };
+        let mut local = local.lock().unwrap_or_else(|p| p.into_inner());
+        let LocalQueue { state, bodies } = &mut *local;
         let QueueRequest { cmd, content } = request;
-        let (reply, effects) = local.state.apply(cmd);
+        let (reply, effects) = state.apply(cmd);
         if let (QueueReply::Enqueued { msg }, Some(content)) = (&reply, content) {
-            local.bodies.insert(*msg, content);
+            bodies.insert(*msg, content);
         }
         let get_content = match &reply {
-            QueueReply::GetOk { msg, .. } => local.bodies.get(msg).cloned(),
+            QueueReply::GetOk { msg, .. } => HashMap::get(bodies, msg).cloned(),
             _ => None,
         };
-        self.run_effects(effects, &mut local.bodies);
-        self.set_stats(local.state.stats());
+        self.run_effects(effects, bodies);
+        self.set_stats(state.stats());
         QueueOutcome {
             reply,
             content: get_content,
         }
     }
 
-    /// Carries out a command's effects: deliveries (on the leader), body releases and the
-    /// auto-delete trigger.
+    /// Carries out a command's effects: deliveries (where the queue is served), body
+    /// releases, consumer removals and the auto-delete trigger.
     pub(crate) fn run_effects(&self, effects: Vec<Effect>, bodies: &mut dyn Bodies) {
         let leader = self.is_leader();
         for effect in effects {
@@ -290,32 +366,71 @@ impl QueueHandle {
                     msg,
                     delivery_count,
                     no_ack,
+                    resend,
                 } => {
                     if !leader {
                         continue;
                     }
-                    let Some(sink) = self.sink_of(&consumer) else {
+                    let owner = consumer.channel.conn.run.node;
+                    let sink = self.sink_of(&consumer);
+                    if sink.is_none() && owner == self.node {
                         // A consumer of a connection that is gone; its channel-down command
                         // (or the node-restart command) returns the message.
                         continue;
-                    };
-                    let (Some(content), Some(handle)) = (bodies.get(msg), self.arc()) else {
-                        warn!(queue = %self.def.name, msg, "no body for a delivery");
+                    }
+                    let Some(content) = bodies.get(msg) else {
+                        warn!(queue = %self.name(), msg, "no body for a delivery");
                         continue;
                     };
-                    sink.deliver(Delivery {
-                        handle,
-                        consumer,
-                        msg,
-                        delivery_count,
-                        no_ack,
-                        content,
-                    });
+                    match sink {
+                        Some(sink) => {
+                            let Some(handle) = self.arc() else { continue };
+                            sink.deliver(Delivery {
+                                handle,
+                                consumer,
+                                msg,
+                                delivery_count,
+                                no_ack,
+                                resend,
+                                content,
+                            });
+                        }
+                        None => self.outbox.send(
+                            owner,
+                            RemoteItem::Deliver {
+                                queue: self.id(),
+                                consumer,
+                                msg,
+                                delivery_count,
+                                no_ack,
+                                resend,
+                                content,
+                            },
+                        ),
+                    }
                 }
                 Effect::Release { msgs } => bodies.release(&msgs),
+                Effect::ConsumerGone { consumer } => {
+                    if !leader {
+                        continue;
+                    }
+                    let owner = consumer.channel.conn.run.node;
+                    if let Some(sink) = self.sink_of(&consumer) {
+                        self.detach(&consumer);
+                        sink.consumer_gone(&consumer);
+                    } else if owner != self.node {
+                        self.outbox.send(
+                            owner,
+                            RemoteItem::ConsumerGone {
+                                queue: self.id(),
+                                consumer,
+                            },
+                        );
+                    }
+                }
                 Effect::LastConsumerGone => {
                     if leader
-                        && self.def.auto_delete
+                        && self.def().auto_delete
                         && let Some(hook) = &self.on_unused
                     {
                         hook(self);

@@ -90,6 +90,32 @@ pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()>
     storage.db().write(batch).map_err(io_err)
 }
 
+/// A queue snapshot's data: the index, plus the live bodies when it travels to another
+/// replica. Stored snapshots keep `bodies` empty: the bodies are in the `sm` column family.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPayload {
+    state: QueueState,
+    bodies: Vec<(MsgId, MessageContent)>,
+}
+
+/// Adds the bodies of every live message to a stored snapshot's data, for sending it.
+pub(crate) fn with_bodies(storage: &Storage, group: GroupId, data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut payload: SnapshotPayload = postcard::from_bytes(data).map_err(io_err)?;
+    let cf = storage.cf(CF_SM);
+    for msg in payload.state.message_ids() {
+        // A body can be missing only for a message settled after the snapshot was taken;
+        // the receiver replays that settlement from the log, so it never needs it.
+        if let Some(bytes) = storage
+            .db()
+            .get_cf(cf, body_key(group, msg))
+            .map_err(io_err)?
+        {
+            payload.bodies.push((msg, decode(&bytes).map_err(io_err)?));
+        }
+    }
+    postcard::to_allocvec(&payload).map_err(io_err)
+}
+
 fn body_key(group: GroupId, msg: MsgId) -> Vec<u8> {
     keys::group_key(group, &msg.to_be_bytes())
 }
@@ -160,7 +186,8 @@ impl QueueMachine {
             handle: Arc::downgrade(handle),
         };
         if let Some(snap) = load_snapshot(&machine.storage, group)? {
-            machine.state = postcard::from_bytes(&snap.data).map_err(io_err)?;
+            let payload: SnapshotPayload = postcard::from_bytes(&snap.data).map_err(io_err)?;
+            machine.state = payload.state;
             machine.last_applied = snap.meta.last_log_id;
             machine.membership = snap.meta.last_membership;
         }
@@ -181,7 +208,11 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
-        let data = postcard::to_allocvec(&self.state).map_err(io_err)?;
+        let data = postcard::to_allocvec(&SnapshotPayload {
+            state: std::mem::take(&mut self.state),
+            bodies: Vec::new(),
+        })
+        .map_err(io_err)?;
         let meta = SnapshotMetaOf::<TypeConfig> {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
@@ -285,8 +316,30 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         meta: &SnapshotMetaOf<TypeConfig>,
         snapshot: Self::SnapshotData,
     ) -> io::Result<()> {
-        let data = snapshot.into_inner();
-        let state: QueueState = postcard::from_bytes(&data).map_err(io_err)?;
+        let payload: SnapshotPayload =
+            postcard::from_bytes(&snapshot.into_inner()).map_err(io_err)?;
+        // The snapshot replaces everything: old bodies go, the snapshot's bodies come in, and
+        // the stored copy keeps only the index.
+        let mut batch = WriteBatch::default();
+        let from = keys::group_prefix(self.group).to_vec();
+        let to = keys::group_upper_bound(self.group)
+            .map(|k| k.to_vec())
+            .unwrap_or_else(|| vec![0xff; 9]);
+        batch.delete_range_cf(self.storage.cf(CF_SM), from, to);
+        for (msg, content) in &payload.bodies {
+            batch.put_cf(
+                self.storage.cf(CF_SM),
+                body_key(self.group, *msg),
+                encode(content).map_err(io_err)?,
+            );
+        }
+        self.storage.db().write(batch).map_err(io_err)?;
+        let state = payload.state;
+        let data = postcard::to_allocvec(&SnapshotPayload {
+            state: state.clone(),
+            bodies: Vec::new(),
+        })
+        .map_err(io_err)?;
         save_snapshot(
             &self.storage,
             self.group,

@@ -68,6 +68,7 @@ fn meta_name(cmd: &MetaCmd) -> &'static str {
         MetaCmd::Unbind(_) => "unbind",
         MetaCmd::ConnectionClosed { .. } => "connection-closed",
         MetaCmd::NodeRestarted { .. } => "node-restarted",
+        MetaCmd::SetReplicas { .. } => "set-replicas",
     }
 }
 
@@ -83,5 +84,7 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::Purge => "purge",
         QueueCmd::ChannelDown { .. } => "channel-down",
         QueueCmd::NodeRestarted { .. } => "node-restarted",
+        QueueCmd::NodeDown { .. } => "node-down",
+        QueueCmd::LeaderRecovery { .. } => "leader-recovery",
     }
 }

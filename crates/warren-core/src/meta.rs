@@ -73,6 +73,8 @@ pub enum Placement {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct QueueDef {
+    /// Unique for the cluster's lifetime, never reused; a replicated queue's Raft group id.
+    pub id: GroupId,
     pub name: String,
     pub durable: bool,
     pub exclusive_owner: Option<ConnectionRef>,
@@ -840,6 +842,7 @@ impl MetaState {
             }
         };
         let queue = QueueDef {
+            id: next_group,
             name: decl.name.clone(),
             durable: decl.durable,
             exclusive_owner: decl.exclusive_owner,
@@ -848,9 +851,7 @@ impl MetaState {
             placement,
         };
         vh.queues.insert(decl.name, queue.clone());
-        if replicated {
-            self.next_group += 1;
-        }
+        self.next_group += 1;
         effects.push(MetaEffect::QueueCreated {
             vhost: vhost_name,
             queue: queue.clone(),

@@ -157,6 +157,9 @@ pub enum Effect {
     Release { msgs: Vec<MsgId> },
     /// The queue lost its last consumer (auto-delete queues go now).
     LastConsumerGone,
+    /// The queue dropped this consumer on its own (its node was declared down); the consumer's
+    /// connection, if it still exists, must tell the client.
+    ConsumerGone { consumer: ConsumerKey },
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -211,6 +214,11 @@ impl QueueState {
             .filter(|(_, c)| c.channel == *channel)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Every message the queue holds (ready or out), in id order.
+    pub fn message_ids(&self) -> impl Iterator<Item = MsgId> + '_ {
+        self.messages.keys().copied()
     }
 
     pub fn is_ready(&self, msg: MsgId) -> bool {
@@ -292,12 +300,12 @@ impl QueueState {
                 QueueReply::Done
             }
             QueueCmd::NodeDown { node } => {
-                self.node_down(node);
+                self.node_down(node, &mut fx);
                 QueueReply::Done
             }
             QueueCmd::LeaderRecovery { down } => {
                 for node in down {
-                    self.node_down(node);
+                    self.node_down(node, &mut fx);
                 }
                 fx.extend(self.resend_unsettled());
                 QueueReply::Done
@@ -311,9 +319,20 @@ impl QueueState {
     }
 
     /// A down node's consumers leave without counting as unsubscribing (the node may come
-    /// back), like a restart.
-    fn node_down(&mut self, node: NodeId) {
+    /// back), like a restart. If the node was only unreachable, its connections learn that
+    /// their consumers are gone (`ConsumerGone`), so clients get a cancel notification
+    /// rather than a consumer that silently receives nothing.
+    fn node_down(&mut self, node: NodeId, fx: &mut Vec<Effect>) {
         self.publishers.retain(|c, _| c.conn.run.node != node);
+        for key in self
+            .consumers
+            .keys()
+            .filter(|k| k.channel.conn.run.node == node)
+        {
+            fx.push(Effect::ConsumerGone {
+                consumer: key.clone(),
+            });
+        }
         self.channels_down(|c| c.conn.run.node == node);
     }
 

@@ -604,7 +604,8 @@ fn consumers_and_publishers_of_a_down_node_go() {
     let c = consumer(1, "c");
     consume(&mut q, &c, 0);
     let a = enqueue(&mut q).0;
-    q.apply(QueueCmd::NodeDown { node: 1 });
+    let (_, fx) = q.apply(QueueCmd::NodeDown { node: 1 });
+    assert_eq!(fx, vec![Effect::ConsumerGone { consumer: c }]);
     assert!(q.is_ready(a));
     assert_eq!(q.stats().consumers, 0);
 }

@@ -49,6 +49,8 @@ pub struct Channel {
     /// Queues this channel consumed from or fetched from: they hear when it closes.
     pub touched: HashMap<u64, Arc<QueueHandle>>,
     pub last_queue: Option<String>,
+    /// Per replicated queue, the sequence number of this channel's last publish to it.
+    publish_seqs: HashMap<u64, u64>,
     /// channel.flow: while false, deliveries wait in `held`.
     pub flow_active: bool,
     pub held: VecDeque<Delivery>,
@@ -69,6 +71,7 @@ impl Channel {
             prefetch: 0,
             touched: HashMap::new(),
             last_queue: None,
+            publish_seqs: HashMap::new(),
             flow_active: true,
             held: VecDeque::new(),
         }
@@ -77,6 +80,12 @@ impl Channel {
     pub fn next_delivery_tag(&mut self) -> u64 {
         self.next_tag += 1;
         self.next_tag
+    }
+
+    pub fn next_publish_seq(&mut self, queue: u64) -> u64 {
+        let seq = self.publish_seqs.entry(queue).or_insert(0);
+        *seq += 1;
+        *seq
     }
 
     pub fn touch(&mut self, handle: &Arc<QueueHandle>) {

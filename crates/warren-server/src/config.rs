@@ -5,6 +5,7 @@
 //! an operator can fix it without reading code. Users are read here too (see `auth` for how
 //! their passwords are checked).
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -42,6 +43,19 @@ pub struct Cli {
     /// Log filter in `tracing` syntax, e.g. `info` or `warren=debug`.
     #[arg(long, env = "WARREN_LOG")]
     pub log: Option<String>,
+    /// Node-to-node (gRPC) listen address; `off` disables it (single node, no warrenctl).
+    #[arg(long, env = "WARREN_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<String>,
+    /// Address peers use to reach this node's cluster listener (host:port).
+    #[arg(long, env = "WARREN_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// The cluster's initial members, `id@host:port`, comma-separated (this node included).
+    #[arg(long, env = "WARREN_MEMBERS", value_delimiter = ',')]
+    pub members: Vec<String>,
+    /// Take the node id from the host name's trailing ordinal (`warren-2` is node 3), as a
+    /// Kubernetes StatefulSet names its pods.
+    #[arg(long, env = "WARREN_NODE_ID_FROM_HOSTNAME")]
+    pub node_id_from_hostname: bool,
 }
 
 /// The file format. Unknown keys are an error: a misspelt setting must not be silently ignored.
@@ -59,6 +73,8 @@ struct FileConfig {
     raft: FileRaft,
     #[serde(default)]
     telemetry: FileTelemetry,
+    #[serde(default)]
+    cluster: FileCluster,
     users: Option<Vec<UserConfig>>,
     loopback_users: Option<Vec<String>>,
 }
@@ -87,6 +103,16 @@ struct FileRaft {
     election_timeout_min_ms: Option<u64>,
     election_timeout_max_ms: Option<u64>,
     snapshot_every: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    listen: Option<String>,
+    advertise: Option<String>,
+    members: Option<Vec<String>>,
+    failure_timeout_ms: Option<u64>,
+    default_replicas: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +176,13 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     pub users: Vec<UserConfig>,
     pub loopback_users: Vec<String>,
+    /// Node-to-node listener; None when disabled.
+    pub cluster_listen: Option<SocketAddr>,
+    pub advertise: String,
+    /// Initial members with their cluster addresses, this node included.
+    pub members: BTreeMap<u64, String>,
+    pub failure_timeout_ms: u64,
+    pub default_replicas: usize,
 }
 
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
@@ -194,7 +227,11 @@ impl Config {
     }
 
     fn merge(cli: Cli, file: FileConfig) -> Result<Config, ConfigError> {
-        let node_id = cli.node_id.or(file.node_id).unwrap_or(1);
+        let node_id = if cli.node_id_from_hostname {
+            node_id_from_hostname(&hostname())?
+        } else {
+            cli.node_id.or(file.node_id).unwrap_or(1)
+        };
         if node_id == 0 {
             return Err(invalid("node_id", "must be a positive integer"));
         }
@@ -264,9 +301,9 @@ impl Config {
         };
 
         let raft = RaftConfig {
-            heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(500),
-            election_timeout_min_ms: file.raft.election_timeout_min_ms.unwrap_or(1500),
-            election_timeout_max_ms: file.raft.election_timeout_max_ms.unwrap_or(3000),
+            heartbeat_ms: file.raft.heartbeat_ms.unwrap_or(300),
+            election_timeout_min_ms: file.raft.election_timeout_min_ms.unwrap_or(1000),
+            election_timeout_max_ms: file.raft.election_timeout_max_ms.unwrap_or(2000),
             snapshot_every: file.raft.snapshot_every.unwrap_or(4096),
         };
         if raft.heartbeat_ms == 0 {
@@ -320,6 +357,80 @@ impl Config {
         }
         let loopback_users = file.loopback_users.unwrap_or_else(|| vec!["guest".into()]);
 
+        let cluster_listen = match cli.cluster_listen.or(file.cluster.listen) {
+            Some(s) if s.is_empty() || s == "off" => None,
+            Some(s) => Some(parse_addr(
+                "cluster.listen (--cluster-listen / WARREN_CLUSTER_LISTEN)",
+                &s,
+            )?),
+            None => Some("0.0.0.0:25672".parse().expect("literal address")),
+        };
+        let member_list = if cli.members.is_empty() {
+            file.cluster.members.unwrap_or_default()
+        } else {
+            cli.members
+        };
+        let mut members = BTreeMap::new();
+        for entry in member_list
+            .iter()
+            .map(|m| m.trim())
+            .filter(|m| !m.is_empty())
+        {
+            let setting = "cluster.members (--members / WARREN_MEMBERS)";
+            let (id, addr) = entry
+                .split_once('@')
+                .ok_or_else(|| invalid(setting, format!("'{entry}' is not id@host:port")))?;
+            let id: u64 =
+                id.parse().ok().filter(|id| *id > 0).ok_or_else(|| {
+                    invalid(setting, format!("'{id}' in '{entry}' is not a node id"))
+                })?;
+            if addr
+                .rsplit_once(':')
+                .is_none_or(|(_, p)| p.parse::<u16>().is_err())
+            {
+                return Err(invalid(
+                    setting,
+                    format!("'{addr}' in '{entry}' is not host:port"),
+                ));
+            }
+            if members.insert(id, addr.to_owned()).is_some() {
+                return Err(invalid(setting, format!("node {id} is listed twice")));
+            }
+        }
+        let advertise = match cli.advertise.or(file.cluster.advertise) {
+            Some(a) => a,
+            None => match members.get(&node_id) {
+                Some(a) => a.clone(),
+                None => {
+                    let port = cluster_listen.map_or(25672, |a| a.port());
+                    match cluster_listen {
+                        Some(a) if !a.ip().is_unspecified() => a.to_string(),
+                        _ => format!("127.0.0.1:{port}"),
+                    }
+                }
+            },
+        };
+        if members.is_empty() {
+            members.insert(node_id, advertise.clone());
+        }
+        if members.len() > 1 && cluster_listen.is_none() {
+            return Err(invalid(
+                "cluster.listen",
+                "a node of a multi-node cluster needs its cluster listener",
+            ));
+        }
+        let failure_timeout_ms = file.cluster.failure_timeout_ms.unwrap_or(1000);
+        if !(200..=60_000).contains(&failure_timeout_ms) {
+            return Err(invalid(
+                "cluster.failure_timeout_ms",
+                format!("{failure_timeout_ms} is outside 200..=60000"),
+            ));
+        }
+        let default_replicas = file.cluster.default_replicas.unwrap_or(3);
+        if default_replicas == 0 {
+            return Err(invalid("cluster.default_replicas", "must be at least 1"));
+        }
+
         Ok(Config {
             node_id,
             data_dir,
@@ -344,8 +455,40 @@ impl Config {
                 .filter(|s| !s.is_empty()),
             users,
             loopback_users,
+            cluster_listen,
+            advertise,
+            members,
+            failure_timeout_ms,
+            default_replicas,
         })
     }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+/// `warren-0` → 1, `warren-2` → 3: StatefulSet ordinals start at 0, node ids at 1.
+fn node_id_from_hostname(host: &str) -> Result<u64, ConfigError> {
+    let short = host.split('.').next().unwrap_or(host);
+    short
+        .rsplit_once('-')
+        .and_then(|(_, ordinal)| ordinal.parse::<u64>().ok())
+        .map(|o| o + 1)
+        .ok_or_else(|| {
+            invalid(
+                "node_id (--node-id-from-hostname)",
+                format!("host name '{host}' does not end in -<ordinal>"),
+            )
+        })
 }
 
 fn explicit_listeners(setting: &str, values: &[String]) -> Result<Vec<Listen>, ConfigError> {
@@ -417,6 +560,37 @@ mod tests {
         assert_eq!(e.setting, "users[0]");
         let e = from_toml("[[users]]\nname = \"a\"\npassword_hash = \"!!\"\n").unwrap_err();
         assert_eq!(e.setting, "users[0].password_hash");
+    }
+
+    #[test]
+    fn cluster_members_and_advertise() {
+        let c = from_toml(
+            "node_id = 2\n[cluster]\nmembers = [\"1@10.0.0.1:25672\", \"2@10.0.0.2:25672\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.members.len(), 2);
+        assert_eq!(c.advertise, "10.0.0.2:25672");
+        let single = from_toml("").unwrap();
+        assert_eq!(single.members.len(), 1);
+        assert_eq!(single.members[&1], single.advertise);
+        let e = from_toml("[cluster]\nmembers = [\"x@h:1\"]\n").unwrap_err();
+        assert!(e.setting.starts_with("cluster.members"));
+        let e = from_toml("[cluster]\nmembers = [\"1@h:1\", \"1@h:2\"]\n").unwrap_err();
+        assert!(e.reason.contains("twice"));
+        let e = from_toml("[cluster]\nmembers = [\"1@nohost\"]\n").unwrap_err();
+        assert!(e.setting.starts_with("cluster.members"));
+        let e = from_toml("[cluster]\nfailure_timeout_ms = 5\n").unwrap_err();
+        assert_eq!(e.setting, "cluster.failure_timeout_ms");
+    }
+
+    #[test]
+    fn node_ids_from_statefulset_host_names() {
+        assert_eq!(node_id_from_hostname("warren-0").unwrap(), 1);
+        assert_eq!(
+            node_id_from_hostname("warren-12.warren.ns.svc").unwrap(),
+            13
+        );
+        assert!(node_id_from_hostname("warren").is_err());
     }
 
     #[test]

@@ -33,7 +33,7 @@ use warren_codec::{
     encode_heartbeat, encode_method, reply_code,
 };
 use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{MessageMeta, QueueCmd, QueueReply};
+use warren_core::queue::{MessageMeta, Publisher, QueueCmd, QueueReply};
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
 use crate::broker::Broker;
@@ -92,6 +92,8 @@ pub enum OpOutcome {
         tag: ShortStr,
         nowait: bool,
     },
+    /// Run the method again: the metadata has caught up with the cluster since it failed.
+    Retry(Method),
 }
 
 /// An AMQP exception together with the method that caused it, as channel.close and
@@ -215,6 +217,16 @@ fn reply_text(code: u16, text: &str) -> ShortStr {
     ShortStr::try_from(full).unwrap_or_default()
 }
 
+/// Replica count of a new replicated queue: `x-quorum-initial-group-size` (as RabbitMQ quorum
+/// queues take it) or the configured default.
+fn replica_count(arguments: &FieldTable, default: usize) -> usize {
+    arguments
+        .get("x-quorum-initial-group-size")
+        .and_then(FieldValue::as_i64)
+        .filter(|n| *n > 0)
+        .map_or(default, |n| usize::try_from(n).unwrap_or(default))
+}
+
 /// Server-generated names: RabbitMQ's shape (`amq.gen-` + 22 base64url characters).
 pub fn generated_name(prefix: &str) -> String {
     use base64::Engine;
@@ -250,6 +262,8 @@ pub struct Connection {
     sink: Arc<EventSink>,
     has_exclusive_queues: bool,
     client_properties: FieldTable,
+    /// Set while a method runs a second time after a metadata read barrier.
+    retrying: bool,
 }
 
 /// Handles a freshly accepted socket until the connection ends. Never panics on input:
@@ -312,6 +326,7 @@ async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> st
         sink,
         has_exclusive_queues: false,
         client_properties: FieldTable::new(),
+        retrying: false,
     };
 
     match conn
@@ -849,7 +864,7 @@ impl Connection {
 
     fn on_channel_frame(&mut self, channel: u16, frame: Frame) -> Option<Stop> {
         let result = match frame {
-            Frame::Method { method, .. } => self.on_method(channel, method),
+            Frame::Method { method, .. } => self.on_method_with_barrier(channel, method),
             Frame::Header { header, .. } => self.on_header(channel, header),
             Frame::Body { payload, .. } => self.on_body(channel, payload),
             Frame::Heartbeat { .. } => Err(Failure::Connection(MethodError::bare(
@@ -864,6 +879,34 @@ impl Connection {
                 None
             }
             Err(Failure::Connection(err)) => Some(Stop::Close(err)),
+        }
+    }
+
+    /// Runs a method; if it fails with 404 because this node's copy of the metadata has not
+    /// yet seen a declaration another node just committed, waits for the copy to catch up
+    /// with the metadata leader and runs the method once more.
+    fn on_method_with_barrier(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        let may_retry = !self.retrying
+            && self.node.members().len() > 1
+            && matches!(
+                &method,
+                Method::ExchangeDeclare(_)
+                    | Method::QueueDeclare(_)
+                    | Method::BasicConsume(_)
+                    | Method::BasicGet(_)
+                    | Method::QueuePurge(_)
+            );
+        let copy = may_retry.then(|| method.clone());
+        match (self.on_method(channel, method), copy) {
+            (Err(Failure::Channel(e)), Some(method)) if e.error.code == reply_code::NOT_FOUND => {
+                let node = self.node.clone();
+                self.spawn_op(channel, async move {
+                    let _ = node.meta_sync().await;
+                    OpOutcome::Retry(method)
+                });
+                Ok(())
+            }
+            (result, _) => result,
         }
     }
 
@@ -1325,7 +1368,10 @@ impl Connection {
             auto_delete: m.auto_delete,
             arguments: m.arguments.clone(),
             declared_by: self.conn.run,
-            replicas: self.node.replica_set(),
+            replicas: self.node.replica_set(replica_count(
+                &m.arguments,
+                self.broker.config.default_replicas,
+            )),
         });
         if exclusive {
             self.has_exclusive_queues = true;
@@ -1666,6 +1712,7 @@ impl Connection {
         let meta = MessageMeta {
             size: content.body.len() as u64,
         };
+        let chref = self.channel(channel).chref;
         if let Some(seq) = seq {
             self.channel(channel)
                 .confirm
@@ -1678,9 +1725,20 @@ impl Connection {
                 Some(seq) => ReplyTo::Sink(self.sink.clone(), confirm_token(channel, seq)),
                 None => ReplyTo::None,
             };
+            // Replicated queues number each channel's publishes so that a publish resent
+            // after a leader change is taken once; the channel-down command at close lets the
+            // queue forget the numbering.
+            let publisher = h.is_replicated().then(|| {
+                let ch = self.channel(channel);
+                ch.touch(&h);
+                Publisher {
+                    channel: chref,
+                    seq: ch.next_publish_seq(h.id()),
+                }
+            });
             h.submit(
                 QueueRequest {
-                    cmd: QueueCmd::Enqueue { meta },
+                    cmd: QueueCmd::Enqueue { meta, publisher },
                     content: Some(content.clone()),
                 },
                 reply,
@@ -1934,6 +1992,16 @@ impl Connection {
                 );
                 self.send_content(channel, &content.properties, &content.body);
             }
+            OpOutcome::Retry(method) => {
+                self.retrying = true;
+                let result = self.on_method(channel, method);
+                self.retrying = false;
+                match result {
+                    Ok(()) => {}
+                    Err(Failure::Channel(err)) => self.close_channel_with(channel, err),
+                    Err(Failure::Connection(err)) => return Some(Stop::Close(err)),
+                }
+            }
             OpOutcome::Cancelled { tag, nowait } => {
                 self.channel(channel).consumers.remove(tag.as_str());
                 if !nowait {
@@ -1959,6 +2027,15 @@ impl Connection {
             return;
         }
         let ch = self.channel(channel);
+        if d.resend
+            && ch
+                .unacked
+                .values()
+                .any(|u| u.msg == d.msg && u.handle.id() == d.handle.id())
+        {
+            // A new queue leader repeats deliveries it cannot know were sent; this one was.
+            return;
+        }
         let Some(entry) = ch.consumers.get_mut(&d.consumer.tag) else {
             // Cancelled consumer: the message is checked out to this channel; give it back.
             if !d.no_ack {

@@ -22,7 +22,9 @@ use std::time::Duration;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
-use warren_cluster::{Node, NodeConfig};
+use warren_cluster::admin::AdminService;
+use warren_cluster::grpc::{self, GrpcTransport};
+use warren_cluster::{Node, NodeConfig, NodeHandler};
 
 use crate::broker::Broker;
 use crate::config::{Cli, Config, Listen};
@@ -89,16 +91,62 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let telemetry = telemetry::init(&config.log, config.otlp_endpoint.as_deref())?;
     // Installed before anything is announced, so a signal right after "ready" is handled.
     let signals = Signals::install()?;
-    let node = Node::open(NodeConfig {
-        node_id: config.node_id,
-        data_dir: config.data_dir.clone(),
-        heartbeat_ms: config.raft.heartbeat_ms,
-        election_timeout_min_ms: config.raft.election_timeout_min_ms,
-        election_timeout_max_ms: config.raft.election_timeout_max_ms,
-        snapshot_every: config.raft.snapshot_every,
-    })
+    // The cluster listener is bound first: a port conflict should stop start-up before any
+    // storage is touched, and peers can reach the node as soon as its groups exist.
+    let cluster_listener = match config.cluster_listen {
+        Some(addr) => Some(
+            bind(addr)
+                .map_err(|e| anyhow::anyhow!("cluster.listen: cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    let transport = GrpcTransport::new();
+    let node = Node::start(
+        NodeConfig {
+            node_id: config.node_id,
+            data_dir: config.data_dir.clone(),
+            advertise: config.advertise.clone(),
+            members: config.members.clone(),
+            heartbeat_ms: config.raft.heartbeat_ms,
+            election_timeout_min_ms: config.raft.election_timeout_min_ms,
+            election_timeout_max_ms: config.raft.election_timeout_max_ms,
+            snapshot_every: config.raft.snapshot_every,
+            failure_timeout_ms: config.failure_timeout_ms,
+        },
+        transport,
+    )
     .await
     .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
+    let (cluster_stop_tx, cluster_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let cluster_server = match cluster_listener {
+        Some(listener) => {
+            println!("warren: listening cluster {}", listener.local_addr()?);
+            let handler = Arc::new(NodeHandler(Arc::downgrade(&node)));
+            let admin = AdminService::server(&node);
+            Some(tokio::spawn(grpc::serve(
+                listener,
+                handler,
+                admin,
+                async move {
+                    let _ = cluster_stop_rx.await;
+                },
+            )))
+        }
+        None => None,
+    };
+    // A node that is not among the initial members waits to be added (warrenctl add-node).
+    let joining = !config.members.contains_key(&config.node_id);
+    let ready_timeout = if joining {
+        Duration::from_secs(24 * 3600)
+    } else {
+        Duration::from_secs(120)
+    };
+    if joining {
+        info!(node = config.node_id, "waiting to be added to the cluster");
+    }
+    node.wait_ready(ready_timeout)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
 
     let amqp = bind_all(&config.amqp.listen)?;
     let http_listener = match config.http_listen {
@@ -138,6 +186,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.shutdown().await;
+    let _ = cluster_stop_tx.send(());
+    if let Some(server) = cluster_server {
+        let _ = server.await;
+    }
     telemetry.shutdown().await;
     info!("stopped");
     Ok(())

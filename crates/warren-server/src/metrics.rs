@@ -121,7 +121,7 @@ impl Metrics {
         );
 
         let mut handles = node.queue_handles();
-        handles.sort_by(|a, b| (a.vhost(), a.name()).cmp(&(b.vhost(), b.name())));
+        handles.sort_by_key(|h| (h.vhost().to_owned(), h.name()));
         let (mut ready, mut unacked) = (0, 0);
         let mut per_queue = String::new();
         for kind in ["ready", "unacked", "consumers"] {
@@ -144,7 +144,7 @@ impl Metrics {
                     per_queue,
                     "{name}{{vhost=\"{}\",queue=\"{}\"}} {v}",
                     escape(h.vhost()),
-                    escape(h.name())
+                    escape(&h.name())
                 );
             }
         }

@@ -338,6 +338,8 @@ impl Broker {
                 "127.0.0.1:0",
                 "--http-listen",
                 "127.0.0.1:0",
+                "--cluster-listen",
+                "127.0.0.1:0",
             ])
             .args(&self.extra_args)
             .stdin(Stdio::null())
@@ -350,6 +352,9 @@ impl Broker {
             "WARREN_HTTP_LISTEN",
             "WARREN_CONFIG",
             "WARREN_NODE_ID",
+            "WARREN_CLUSTER_LISTEN",
+            "WARREN_MEMBERS",
+            "WARREN_ADVERTISE",
         ] {
             cmd.env_remove(var);
         }

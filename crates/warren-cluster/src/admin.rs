@@ -1,0 +1,407 @@
+//! The admin gRPC service `warrenctl` talks to: cluster status (members, liveness, every
+//! group's leader, replicas and lag), adding and removing nodes, growing and shrinking a
+//! queue's replica set, and rebalancing queue leaders.
+//!
+//! Membership of the metadata group changes only on its leader; a call that reaches another
+//! node is answered with the leader's address (`FailedPrecondition`), which `warrenctl`
+//! follows. Queue replica sets are metadata (`MetaCmd::SetReplicas`); each queue's group then
+//! converges to its set (`supervisor::reconcile`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ServerState};
+use tonic::{Request, Response, Status};
+use warren_core::NodeId;
+use warren_core::meta::{MetaCmd, MetaReply, Placement};
+use warren_proto as pb;
+
+use crate::node::Node;
+
+pub struct AdminService(pub Weak<Node>);
+
+impl AdminService {
+    pub fn server(node: &Arc<Node>) -> pb::admin_server::AdminServer<AdminService> {
+        pb::admin_server::AdminServer::new(AdminService(Arc::downgrade(node)))
+    }
+
+    fn node(&self) -> Result<Arc<Node>, Status> {
+        self.0
+            .upgrade()
+            .ok_or_else(|| Status::unavailable("node is stopping"))
+    }
+}
+
+fn reply(message: impl Into<String>) -> Result<Response<pb::AdminReply>, Status> {
+    Ok(Response::new(pb::AdminReply {
+        message: message.into(),
+    }))
+}
+
+fn meta_result(r: Result<MetaReply, crate::queue::ClusterError>) -> Result<(), Status> {
+    match r {
+        Ok(MetaReply::Error(e)) => Err(Status::failed_precondition(e.text)),
+        Ok(_) => Ok(()),
+        Err(e) => Err(Status::unavailable(e.to_string())),
+    }
+}
+
+/// Refuses a membership call on a node that does not lead the metadata group, naming the one
+/// that does so the caller can go there.
+fn require_meta_leader(node: &Node) -> Result<(), Status> {
+    let leader = node.meta_leader();
+    if leader == Some(node.id()) {
+        return Ok(());
+    }
+    let addr = leader
+        .and_then(|l| node.members().get(&l).cloned())
+        .unwrap_or_default();
+    Err(Status::failed_precondition(format!(
+        "not the metadata leader; leader={} address={addr}",
+        leader.map_or("unknown".to_owned(), |l| l.to_string())
+    )))
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::StatusReply>, Status> {
+        let node = self.node()?;
+        Ok(Response::new(node.status()))
+    }
+
+    async fn add_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let node = self.node()?;
+        require_meta_leader(&node)?;
+        let req = request.into_inner();
+        if req.node_id == 0 || req.address.is_empty() {
+            return Err(Status::invalid_argument("node id and address are required"));
+        }
+        let raft = node.meta_raft();
+        raft.add_learner(
+            req.node_id,
+            BasicNode {
+                addr: req.address.clone(),
+            },
+            true,
+        )
+        .await
+        .map_err(|e| Status::unavailable(format!("adding node {} as learner: {e}", req.node_id)))?;
+        let mut voters: BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        voters.insert(req.node_id);
+        raft.change_membership(voters, true)
+            .await
+            .map_err(|e| Status::unavailable(format!("promoting node {}: {e}", req.node_id)))?;
+        reply(format!("node {} ({}) joined", req.node_id, req.address))
+    }
+
+    async fn remove_node(
+        &self,
+        request: Request<pb::NodeRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let node = self.node()?;
+        require_meta_leader(&node)?;
+        let gone = request.into_inner().node_id;
+        let raft = node.meta_raft();
+        let voters: BTreeSet<NodeId> = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|n| *n != gone)
+            .collect();
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("cannot remove the last node"));
+        }
+        // Replicas first: every queue on the node gets a replacement, so its replica count
+        // stays what it was; the groups converge in the background.
+        let moves = node.replacements_for(gone);
+        let moved = moves.len();
+        for (vhost, name, replicas) in moves {
+            meta_result(
+                node.meta_write(MetaCmd::SetReplicas {
+                    vhost,
+                    name,
+                    replicas,
+                })
+                .await,
+            )?;
+        }
+        raft.change_membership(voters, false)
+            .await
+            .map_err(|e| Status::unavailable(format!("removing node {gone}: {e}")))?;
+        reply(format!(
+            "node {gone} removed; {moved} queue replica set(s) moved off it"
+        ))
+    }
+
+    async fn add_queue_replica(
+        &self,
+        request: Request<pb::QueueReplicaRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let node = self.node()?;
+        let req = request.into_inner();
+        if !node.members().contains_key(&req.node_id) {
+            return Err(Status::invalid_argument(format!(
+                "node {} is not a cluster member",
+                req.node_id
+            )));
+        }
+        let mut replicas = node.replicas_of(&req.vhost, &req.queue)?;
+        if replicas.contains(&req.node_id) {
+            return reply("already a replica");
+        }
+        replicas.push(req.node_id);
+        meta_result(
+            node.meta_write(MetaCmd::SetReplicas {
+                vhost: req.vhost,
+                name: req.queue,
+                replicas: replicas.clone(),
+            })
+            .await,
+        )?;
+        reply(format!("replicas now {replicas:?}"))
+    }
+
+    async fn remove_queue_replica(
+        &self,
+        request: Request<pb::QueueReplicaRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let node = self.node()?;
+        let req = request.into_inner();
+        let mut replicas = node.replicas_of(&req.vhost, &req.queue)?;
+        if !replicas.contains(&req.node_id) {
+            return reply("not a replica");
+        }
+        replicas.retain(|n| *n != req.node_id);
+        if replicas.is_empty() {
+            return Err(Status::failed_precondition(
+                "cannot remove a queue's last replica",
+            ));
+        }
+        meta_result(
+            node.meta_write(MetaCmd::SetReplicas {
+                vhost: req.vhost,
+                name: req.queue,
+                replicas: replicas.clone(),
+            })
+            .await,
+        )?;
+        reply(format!("replicas now {replicas:?}"))
+    }
+
+    async fn rebalance_leaders(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        let node = self.node()?;
+        let plan = node.balanced_preferences();
+        let changed = plan.len();
+        for (vhost, name, replicas) in plan {
+            meta_result(
+                node.meta_write(MetaCmd::SetReplicas {
+                    vhost,
+                    name,
+                    replicas,
+                })
+                .await,
+            )?;
+        }
+        reply(format!(
+            "{changed} queue(s) get a new preferred leader; leadership moves as the groups converge"
+        ))
+    }
+}
+
+impl Node {
+    pub(crate) fn replicas_of(&self, vhost: &str, queue: &str) -> Result<Vec<NodeId>, Status> {
+        let meta = self.meta();
+        let q = meta
+            .queue(vhost, queue)
+            .ok_or_else(|| Status::not_found(format!("no queue '{queue}' in vhost '{vhost}'")))?;
+        match &q.placement {
+            Placement::Replicated { replicas, .. } => Ok(replicas.clone()),
+            Placement::Local { .. } => Err(Status::failed_precondition(format!(
+                "queue '{queue}' is not replicated"
+            ))),
+        }
+    }
+
+    /// New replica sets for every queue with a replica on `gone`: the member with the fewest
+    /// replicas that the queue does not use yet takes its place (the set shrinks when there
+    /// is no such member).
+    pub(crate) fn replacements_for(&self, gone: NodeId) -> Vec<(String, String, Vec<NodeId>)> {
+        let members: Vec<NodeId> = self
+            .members()
+            .keys()
+            .copied()
+            .filter(|n| *n != gone)
+            .collect();
+        let meta = self.meta();
+        let mut counts: HashMap<NodeId, usize> = meta
+            .replica_counts()
+            .into_iter()
+            .map(|(n, (c, _))| (n, c))
+            .collect();
+        let mut out = Vec::new();
+        for (vhost, q) in meta.queues() {
+            let Placement::Replicated { replicas, .. } = &q.placement else {
+                continue;
+            };
+            let Some(pos) = replicas.iter().position(|n| *n == gone) else {
+                continue;
+            };
+            let mut new = replicas.clone();
+            let candidate = members
+                .iter()
+                .filter(|n| !replicas.contains(n))
+                .min_by_key(|n| (counts.get(n).copied().unwrap_or(0), **n))
+                .copied();
+            match candidate {
+                Some(c) => {
+                    new[pos] = c;
+                    *counts.entry(c).or_default() += 1;
+                }
+                None => {
+                    new.remove(pos);
+                }
+            }
+            if !new.is_empty() {
+                out.push((vhost.to_owned(), q.name.clone(), new));
+            }
+        }
+        out
+    }
+
+    /// Reorders replica sets so preferred leaders (first replicas) spread evenly over the
+    /// members; returns only the queues whose order changes.
+    pub(crate) fn balanced_preferences(&self) -> Vec<(String, String, Vec<NodeId>)> {
+        let meta = self.meta();
+        let mut leads: BTreeMap<NodeId, usize> =
+            self.members().keys().map(|n| (*n, 0usize)).collect();
+        let mut out = Vec::new();
+        let mut queues: Vec<(String, String, Vec<NodeId>)> = meta
+            .queues()
+            .filter_map(|(v, q)| match &q.placement {
+                Placement::Replicated { replicas, .. } => {
+                    Some((v.to_owned(), q.name.clone(), replicas.clone()))
+                }
+                Placement::Local { .. } => None,
+            })
+            .collect();
+        queues.sort();
+        for (vhost, name, replicas) in queues {
+            let Some(best) = replicas
+                .iter()
+                .copied()
+                .filter(|n| leads.contains_key(n))
+                .min_by_key(|n| (leads[n], *n))
+            else {
+                continue;
+            };
+            *leads.entry(best).or_default() += 1;
+            if replicas.first() != Some(&best) {
+                let mut new = vec![best];
+                new.extend(replicas.iter().copied().filter(|n| *n != best));
+                out.push((vhost, name, new));
+            }
+        }
+        out
+    }
+
+    /// This node's view of the cluster, for `warrenctl status`.
+    pub fn status(&self) -> pb::StatusReply {
+        let down: BTreeSet<NodeId> = self.down_nodes().into_iter().collect();
+        let meta_metrics = self.meta_raft().metrics().borrow_watched().clone();
+        let voters: BTreeSet<NodeId> = meta_metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .collect();
+        let members = self
+            .members()
+            .into_iter()
+            .map(|(id, address)| pb::Member {
+                node_id: id,
+                address,
+                voter: voters.contains(&id),
+                alive: id == self.id() || !down.contains(&id),
+            })
+            .collect();
+        let lag_of = |m: &openraft::RaftMetrics<crate::types::TypeConfig>| {
+            let last = m.last_log_index.unwrap_or(0);
+            m.replication
+                .as_ref()
+                .map(|r| {
+                    r.iter()
+                        .map(|(n, matched)| {
+                            (*n, last.saturating_sub(matched.map_or(0, |l| l.index)))
+                        })
+                        .collect::<HashMap<u64, u64>>()
+                })
+                .unwrap_or_default()
+        };
+        let mut groups = vec![pb::GroupStatus {
+            group: 0,
+            name: "metadata".into(),
+            leader: meta_metrics.current_leader.unwrap_or(0),
+            replicas: voters.iter().copied().collect(),
+            last_log_index: meta_metrics.last_log_index.unwrap_or(0),
+            committed: meta_metrics.last_applied.map_or(0, |l| l.index),
+            lag: lag_of(&meta_metrics),
+            messages_ready: 0,
+            messages_unacked: 0,
+        }];
+        let mut handles = self.queue_handles();
+        handles.sort_by_key(|h| h.id());
+        for h in handles {
+            let stats = h.stats();
+            let (leader, last, committed, lag) = match h.raft() {
+                Some(raft) => {
+                    let m = raft.metrics().borrow_watched().clone();
+                    let lag = if m.state == ServerState::Leader {
+                        lag_of(&m)
+                    } else {
+                        HashMap::new()
+                    };
+                    (
+                        m.current_leader.unwrap_or(0),
+                        m.last_log_index.unwrap_or(0),
+                        m.last_applied.map_or(0, |l| l.index),
+                        lag,
+                    )
+                }
+                None => (h.leader_hint().unwrap_or(0), 0, 0, HashMap::new()),
+            };
+            groups.push(pb::GroupStatus {
+                group: h.id(),
+                name: format!("{}/{}", h.vhost(), h.name()),
+                leader,
+                replicas: h.replicas(),
+                last_log_index: last,
+                committed,
+                lag,
+                messages_ready: stats.ready,
+                messages_unacked: stats.unacked,
+            });
+        }
+        pb::StatusReply {
+            node_id: self.id(),
+            members,
+            groups,
+        }
+    }
+}

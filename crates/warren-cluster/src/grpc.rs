@@ -1,0 +1,438 @@
+//! The node-to-node transport over gRPC (tonic, `proto/warren.proto`): a `Transport` that
+//! keeps one HTTP/2 channel per peer, shared by every group and kind of call, and the server
+//! side that hands requests to the node's `PeerHandler`.
+//!
+//! The admin service (`Admin`) is served from the same listener; `admin` implements it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use warren_core::NodeId;
+use warren_proto as pb;
+
+use crate::transport::{
+    Forwarded, PeerHandler, PeerRequest, PeerResponse, RaftRpc, Transport, TransportError,
+};
+
+/// Snapshots travel in one message; allow them to be large.
+const MAX_MESSAGE: usize = 1 << 30;
+
+#[derive(Default)]
+pub struct GrpcTransport {
+    addresses: RwLock<HashMap<NodeId, String>>,
+    channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+}
+
+impl GrpcTransport {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn channel(&self, node: NodeId) -> Result<Channel, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable { node, reason };
+        let addr = self
+            .addresses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .cloned()
+            .ok_or_else(|| unreachable("no address known".into()))?;
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((known, channel)) = channels.get(&node)
+            && *known == addr
+        {
+            return Ok(channel.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(format!("bad address {addr}: {e}")))?
+            .connect_timeout(Duration::from_millis(500))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let channel = endpoint.connect_lazy();
+        channels.insert(node, (addr, channel.clone()));
+        Ok(channel)
+    }
+}
+
+fn status_error(node: NodeId, timeout: Duration, status: Status) -> TransportError {
+    match status.code() {
+        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => TransportError::Timeout {
+            node,
+            after: timeout,
+        },
+        tonic::Code::Unavailable | tonic::Code::Unknown => TransportError::Unreachable {
+            node,
+            reason: status.message().to_owned(),
+        },
+        _ => TransportError::Protocol {
+            node,
+            reason: status.to_string(),
+        },
+    }
+}
+
+fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
+fn forwarded<T>(
+    not_leader: Option<pb::NotLeader>,
+    error: Option<String>,
+    ok: Option<T>,
+) -> Forwarded<T> {
+    match (ok, not_leader, error) {
+        (Some(v), _, _) => Forwarded::Ok(v),
+        (None, Some(n), _) => Forwarded::NotLeader((n.leader != 0).then_some(n.leader)),
+        (None, None, Some(e)) => Forwarded::Error(e),
+        (None, None, None) => Forwarded::Error("empty reply".into()),
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn call(
+        &self,
+        target: NodeId,
+        request: PeerRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<PeerResponse, TransportError>> {
+        let channel = self.channel(target);
+        Box::pin(async move {
+            let channel = channel?;
+            let fail = |s: Status| status_error(target, timeout, s);
+            match request {
+                PeerRequest::Raft {
+                    group,
+                    rpc,
+                    payload,
+                } => {
+                    let mut client = pb::raft_client::RaftClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE);
+                    let req = with_timeout(
+                        pb::RaftRequest {
+                            group,
+                            from: 0,
+                            payload,
+                        },
+                        timeout,
+                    );
+                    let reply = match rpc {
+                        RaftRpc::AppendEntries => client.append_entries(req).await,
+                        RaftRpc::Vote => client.vote(req).await,
+                        RaftRpc::PreVote => client.pre_vote(req).await,
+                        RaftRpc::TransferLeader => client.transfer_leader(req).await,
+                        RaftRpc::InstallSnapshot => client.install_snapshot(req).await,
+                    }
+                    .map_err(fail)?
+                    .into_inner();
+                    Ok(PeerResponse::Raft(match reply.result {
+                        Some(pb::raft_reply::Result::Payload(p)) => Ok(p),
+                        Some(pb::raft_reply::Result::Error(e)) => Err(e),
+                        None => Err("empty reply".into()),
+                    }))
+                }
+                PeerRequest::Submit { queue, requests } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE);
+                    let reply = client
+                        .submit(with_timeout(
+                            pb::SubmitBatch {
+                                group: queue,
+                                requests,
+                            },
+                            timeout,
+                        ))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    use pb::submit_batch_reply::Result as R;
+                    Ok(PeerResponse::Submit(match reply.result {
+                        Some(R::Outcomes(o)) => Forwarded::Ok(o.outcomes),
+                        Some(R::NotLeader(n)) => forwarded(Some(n), None, None),
+                        Some(R::Error(e)) => Forwarded::Error(e),
+                        None => Forwarded::Error("empty reply".into()),
+                    }))
+                }
+                PeerRequest::MetaWrite { cmd } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    let reply = client
+                        .meta_write(with_timeout(pb::Blob { data: cmd }, timeout))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    use pb::meta_write_reply::Result as R;
+                    Ok(PeerResponse::MetaWrite(match reply.result {
+                        Some(R::Reply(b)) => Forwarded::Ok(b),
+                        Some(R::NotLeader(n)) => forwarded(Some(n), None, None),
+                        Some(R::Error(e)) => Forwarded::Error(e),
+                        None => Forwarded::Error("empty reply".into()),
+                    }))
+                }
+                PeerRequest::MetaIndex => {
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    let reply = client
+                        .meta_index(with_timeout(pb::Empty {}, timeout))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok(PeerResponse::MetaIndex(reply.committed))
+                }
+                PeerRequest::Deliver { items } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE)
+                        .max_encoding_message_size(MAX_MESSAGE);
+                    client
+                        .deliver(with_timeout(
+                            pb::DeliverBatch { deliveries: items },
+                            timeout,
+                        ))
+                        .await
+                        .map_err(fail)?;
+                    Ok(PeerResponse::Delivered)
+                }
+                PeerRequest::Hello {
+                    from,
+                    incarnation,
+                    advertise,
+                } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    let reply = client
+                        .hello(with_timeout(
+                            pb::HelloRequest {
+                                from,
+                                incarnation,
+                                advertise,
+                            },
+                            timeout,
+                        ))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok(PeerResponse::Hello {
+                        node: reply.node_id,
+                        incarnation: reply.incarnation,
+                        advertise: reply.advertise,
+                    })
+                }
+            }
+        })
+    }
+
+    fn set_address(&self, node: NodeId, address: &str) {
+        self.addresses
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node, address.to_owned());
+    }
+}
+
+// ---- server ----------------------------------------------------------------------------
+
+struct RaftService(Arc<dyn PeerHandler>);
+struct PeerService(Arc<dyn PeerHandler>);
+
+impl RaftService {
+    async fn raft(
+        &self,
+        request: Request<pb::RaftRequest>,
+        rpc: RaftRpc,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let req = request.into_inner();
+        let response = self
+            .0
+            .handle(PeerRequest::Raft {
+                group: req.group,
+                rpc,
+                payload: req.payload,
+            })
+            .await;
+        let result = match response {
+            PeerResponse::Raft(Ok(p)) => pb::raft_reply::Result::Payload(p),
+            PeerResponse::Raft(Err(e)) => pb::raft_reply::Result::Error(e),
+            other => pb::raft_reply::Result::Error(format!("unexpected response {other:?}")),
+        };
+        Ok(Response::new(pb::RaftReply {
+            result: Some(result),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::raft_server::Raft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.raft(request, RaftRpc::AppendEntries).await
+    }
+
+    async fn vote(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.raft(request, RaftRpc::Vote).await
+    }
+
+    async fn pre_vote(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.raft(request, RaftRpc::PreVote).await
+    }
+
+    async fn transfer_leader(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.raft(request, RaftRpc::TransferLeader).await
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        self.raft(request, RaftRpc::InstallSnapshot).await
+    }
+}
+
+fn not_leader(leader: Option<NodeId>) -> pb::NotLeader {
+    pb::NotLeader {
+        leader: leader.unwrap_or(0),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::peer_server::Peer for PeerService {
+    async fn hello(
+        &self,
+        request: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloReply>, Status> {
+        let req = request.into_inner();
+        match self
+            .0
+            .handle(PeerRequest::Hello {
+                from: req.from,
+                incarnation: req.incarnation,
+                advertise: req.advertise,
+            })
+            .await
+        {
+            PeerResponse::Hello {
+                node,
+                incarnation,
+                advertise,
+            } => Ok(Response::new(pb::HelloReply {
+                node_id: node,
+                incarnation,
+                advertise,
+            })),
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn submit(
+        &self,
+        request: Request<pb::SubmitBatch>,
+    ) -> Result<Response<pb::SubmitBatchReply>, Status> {
+        let req = request.into_inner();
+        use pb::submit_batch_reply::Result as R;
+        let result = match self
+            .0
+            .handle(PeerRequest::Submit {
+                queue: req.group,
+                requests: req.requests,
+            })
+            .await
+        {
+            PeerResponse::Submit(Forwarded::Ok(outcomes)) => R::Outcomes(pb::Outcomes { outcomes }),
+            PeerResponse::Submit(Forwarded::NotLeader(l)) => R::NotLeader(not_leader(l)),
+            PeerResponse::Submit(Forwarded::Error(e)) => R::Error(e),
+            other => R::Error(format!("unexpected response {other:?}")),
+        };
+        Ok(Response::new(pb::SubmitBatchReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn meta_write(
+        &self,
+        request: Request<pb::Blob>,
+    ) -> Result<Response<pb::MetaWriteReply>, Status> {
+        use pb::meta_write_reply::Result as R;
+        let result = match self
+            .0
+            .handle(PeerRequest::MetaWrite {
+                cmd: request.into_inner().data,
+            })
+            .await
+        {
+            PeerResponse::MetaWrite(Forwarded::Ok(b)) => R::Reply(b),
+            PeerResponse::MetaWrite(Forwarded::NotLeader(l)) => R::NotLeader(not_leader(l)),
+            PeerResponse::MetaWrite(Forwarded::Error(e)) => R::Error(e),
+            other => R::Error(format!("unexpected response {other:?}")),
+        };
+        Ok(Response::new(pb::MetaWriteReply {
+            result: Some(result),
+        }))
+    }
+
+    async fn meta_index(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::MetaIndexReply>, Status> {
+        match self.0.handle(PeerRequest::MetaIndex).await {
+            PeerResponse::MetaIndex(committed) => {
+                Ok(Response::new(pb::MetaIndexReply { committed }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn deliver(
+        &self,
+        request: Request<pb::DeliverBatch>,
+    ) -> Result<Response<pb::DeliverAck>, Status> {
+        self.0
+            .handle(PeerRequest::Deliver {
+                items: request.into_inner().deliveries,
+            })
+            .await;
+        Ok(Response::new(pb::DeliverAck {
+            unknown_consumers: Vec::new(),
+        }))
+    }
+}
+
+/// Serves the Raft, Peer and Admin services on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    handler: Arc<dyn PeerHandler>,
+    admin: pb::admin_server::AdminServer<impl pb::admin_server::Admin>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(
+            pb::raft_server::RaftServer::new(RaftService(handler.clone()))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            pb::peer_server::PeerServer::new(PeerService(handler))
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(admin)
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

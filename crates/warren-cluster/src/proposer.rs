@@ -1,0 +1,282 @@
+//! Getting a queue's commands to where the queue is served, in order, without losing or
+//! doubling any: the proposer task behind every `QueueHandle` that is not an in-memory queue
+//! of this node.
+//!
+//! It takes the commands submitted so far as one batch and writes them to this node's Raft
+//! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
+//! answered by `Node::handle_submit` with `write_local`). Nothing else of the queue is sent
+//! until the batch is settled, which keeps submission order. A command whose outcome is
+//! unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
+//! publisher's sequence number and every other queue command is idempotent, so a resend is
+//! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
+//! discarded, every later one is too — so resends never skip over a gap.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use futures::StreamExt;
+use openraft::async_runtime::WatchReceiver;
+use openraft::errors::{ClientWriteError, ForwardReason};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::debug;
+use warren_core::NodeId;
+use warren_core::meta::Placement;
+
+use crate::db::{decode, encode};
+use crate::outbox::Liveness;
+use crate::queue::{ClusterError, QueueHandle, Submission};
+use crate::queue_sm::QueueMachine;
+use crate::transport::{Forwarded, PeerRequest, PeerResponse, Transport};
+use crate::types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, Raft};
+
+/// The result of one command sent to a leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) enum ItemResult {
+    Ok(QueueOutcome),
+    /// Not applied: the receiver does not lead (it names who does, if it knows).
+    NotLeader(Option<NodeId>),
+    /// Outcome unknown or transient failure: send again.
+    Retry(String),
+}
+
+const BATCH: usize = 1024;
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// Writes commands to this node's Raft group. A leader whose lease ran out while the group
+/// was idle (no heartbeats flow between idle groups) renews it with one heartbeat round and
+/// tries again.
+pub(crate) async fn write_local(
+    raft: &Raft<QueueMachine>,
+    requests: &[QueueRequest],
+) -> Vec<ItemResult> {
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let entries = requests.iter().cloned().map(GroupRequest::Queue);
+        let mut results = match raft.client_write_many(entries).await {
+            Ok(stream) => stream,
+            Err(fatal) => return vec![ItemResult::Retry(fatal.to_string()); requests.len()],
+        };
+        let mut out = Vec::with_capacity(requests.len());
+        let mut lease_expired = false;
+        while let Some(result) = results.next().await {
+            out.push(match result {
+                Ok(Ok(resp)) => match resp.response {
+                    GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
+                    other => ItemResult::Retry(format!("unexpected response {other:?}")),
+                },
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                    if f.reason == ForwardReason::LeaseExpired {
+                        lease_expired = true;
+                        ItemResult::Retry("leader lease expired".into())
+                    } else {
+                        ItemResult::NotLeader(f.leader_id)
+                    }
+                }
+                Ok(Err(e)) => ItemResult::Retry(e.to_string()),
+                Err(fatal) => ItemResult::Retry(fatal.to_string()),
+            });
+        }
+        while out.len() < requests.len() {
+            out.push(ItemResult::Retry("write was not answered".into()));
+        }
+        if !(lease_expired && attempts < 5) {
+            return out;
+        }
+        let _ = raft.trigger().heartbeat().await;
+        tokio::time::sleep(Duration::from_millis(5 * attempts)).await;
+    }
+}
+
+pub(crate) struct ProposerContext {
+    pub node: NodeId,
+    pub transport: Arc<dyn Transport>,
+    pub liveness: Arc<dyn Liveness>,
+}
+
+enum Target {
+    Local(Raft<QueueMachine>),
+    Remote(NodeId),
+    Unknown,
+    /// The queue lives only on a node that is down: nothing can take the command.
+    Unavailable,
+}
+
+fn target(handle: &QueueHandle, ctx: &ProposerContext) -> Target {
+    if let Some(raft) = handle.raft() {
+        let leader = raft.metrics().borrow_watched().current_leader;
+        return match leader {
+            Some(n) if n == ctx.node => Target::Local(raft),
+            Some(n) => Target::Remote(n),
+            None => Target::Unknown,
+        };
+    }
+    match handle.def().placement {
+        Placement::Local { run } => {
+            if ctx.liveness.is_down(run.node) {
+                Target::Unavailable
+            } else {
+                Target::Remote(run.node)
+            }
+        }
+        Placement::Replicated { replicas, .. } => match handle.leader_hint() {
+            Some(n) => Target::Remote(n),
+            None => {
+                // Ask the replicas in turn, skipping down ones; the one asked answers with
+                // the leader it knows.
+                let alive: Vec<NodeId> = replicas
+                    .iter()
+                    .copied()
+                    .filter(|n| !ctx.liveness.is_down(*n))
+                    .collect();
+                if alive.is_empty() {
+                    Target::Unknown
+                } else {
+                    let pick = alive[rand_index(alive.len())];
+                    Target::Remote(pick)
+                }
+            }
+        },
+    }
+}
+
+fn rand_index(n: usize) -> usize {
+    // Spreading retries over replicas needs no strong randomness: the clock's low bits do.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as usize)
+        .unwrap_or(0);
+    nanos % n.max(1)
+}
+
+async fn forward(
+    ctx: &ProposerContext,
+    node: NodeId,
+    queue: u64,
+    requests: &[QueueRequest],
+) -> Vec<ItemResult> {
+    let encoded: Result<Vec<Vec<u8>>, _> = requests.iter().map(encode).collect();
+    let encoded = match encoded {
+        Ok(e) => e,
+        Err(e) => return vec![ItemResult::Retry(e.to_string()); requests.len()],
+    };
+    let call = ctx.transport.call(
+        node,
+        PeerRequest::Submit {
+            queue,
+            requests: encoded,
+        },
+        FORWARD_TIMEOUT,
+    );
+    let all = |r: ItemResult| vec![r; requests.len()];
+    match call.await {
+        Ok(PeerResponse::Submit(Forwarded::Ok(items))) => {
+            let mut out: Vec<ItemResult> = items
+                .iter()
+                .map(|b| {
+                    decode::<ItemResult>(b).unwrap_or_else(|e| ItemResult::Retry(e.to_string()))
+                })
+                .collect();
+            out.resize(requests.len(), ItemResult::Retry("missing result".into()));
+            out
+        }
+        Ok(PeerResponse::Submit(Forwarded::NotLeader(hint))) => all(ItemResult::NotLeader(hint)),
+        Ok(PeerResponse::Submit(Forwarded::Error(e))) => all(ItemResult::Retry(e)),
+        Ok(other) => all(ItemResult::Retry(format!("unexpected response {other:?}"))),
+        Err(e) => all(ItemResult::Retry(e.to_string())),
+    }
+}
+
+/// The proposer task of one queue handle on this node.
+pub(crate) async fn run(
+    handle: Weak<QueueHandle>,
+    mut rx: mpsc::UnboundedReceiver<Submission>,
+    ctx: Arc<ProposerContext>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut pending: VecDeque<Submission> = VecDeque::from([first]);
+        while pending.len() < BATCH {
+            match rx.try_recv() {
+                Ok(s) => pending.push_back(s),
+                Err(_) => break,
+            }
+        }
+        let mut backoff = Duration::from_millis(5);
+        while !pending.is_empty() {
+            let Some(h) = handle.upgrade() else {
+                fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
+                return;
+            };
+            if h.is_closed() {
+                fail_all(&mut pending, &mut rx, ClusterError::QueueGone(h.name()));
+                return;
+            }
+            let requests: Vec<QueueRequest> = pending.iter().map(|(r, _)| r.clone()).collect();
+            let (results, asked) = match target(&h, &ctx) {
+                Target::Local(raft) => (write_local(&raft, &requests).await, Some(ctx.node)),
+                Target::Remote(node) => (forward(&ctx, node, h.id(), &requests).await, Some(node)),
+                Target::Unknown => (
+                    vec![ItemResult::Retry("no leader known".into()); requests.len()],
+                    None,
+                ),
+                Target::Unavailable => {
+                    let e = ClusterError::QueueUnavailable(h.name());
+                    for (_, reply) in pending.drain(..) {
+                        reply.send(Err(e.clone()));
+                    }
+                    break;
+                }
+            };
+            let mut retry = VecDeque::new();
+            let mut redirect = false;
+            for ((request, reply), result) in pending.drain(..).zip(results) {
+                match result {
+                    ItemResult::Ok(outcome) if retry.is_empty() => reply.send(Ok(outcome)),
+                    ItemResult::Ok(outcome) => {
+                        // Cannot happen for a Raft batch (failures form a suffix); answering
+                        // it is still right, the command was applied.
+                        debug!(queue = h.id(), "success after a failure in one batch");
+                        reply.send(Ok(outcome));
+                    }
+                    ItemResult::NotLeader(hint) => {
+                        if hint.is_some() && hint != asked {
+                            redirect = true;
+                        }
+                        h.set_leader_hint(hint.filter(|n| Some(*n) != asked));
+                        retry.push_back((request, reply));
+                    }
+                    ItemResult::Retry(reason) => {
+                        debug!(queue = h.id(), ?asked, %reason, "queue command will be retried");
+                        if asked.is_some() && asked != Some(ctx.node) {
+                            h.set_leader_hint(None);
+                        }
+                        retry.push_back((request, reply));
+                    }
+                }
+            }
+            pending = retry;
+            if !pending.is_empty() && !redirect {
+                drop(h);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+}
+
+fn fail_all(
+    pending: &mut VecDeque<Submission>,
+    rx: &mut mpsc::UnboundedReceiver<Submission>,
+    error: ClusterError,
+) {
+    for (_, reply) in pending.drain(..) {
+        reply.send(Err(error.clone()));
+    }
+    rx.close();
+    while let Ok((_, reply)) = rx.try_recv() {
+        reply.send(Err(error.clone()));
+    }
+}

@@ -1,0 +1,429 @@
+//! The queue handles of a node and the Raft groups behind the replicated queues it holds a
+//! replica of, kept in step with the metadata.
+//!
+//! The metadata state machine (`meta_sm`) calls `MetaEffects` on every change, inside apply,
+//! so a queue's handle exists before the declare's reply leaves. Every node gets a handle for
+//! every queue; a node in a queue's replica set also runs the queue's group: its state
+//! machine (`queue_sm`), its Raft instance, and a watcher that tracks leadership and, on
+//! taking over, commits the queue's leader-recovery command.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use openraft::async_runtime::WatchReceiver;
+use openraft::{BasicNode, ServerState};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+use warren_core::ids::{NodeId, NodeRun};
+use warren_core::meta::{MetaEffect, MetaState, Placement, QueueDef};
+use warren_core::queue::QueueCmd;
+use warren_core::{ConnectionRef, GroupId};
+
+use crate::db::Storage;
+use crate::meta_sm::MetaEffects;
+use crate::network::GroupNetwork;
+use crate::outbox::{Liveness, Outbox};
+use crate::proposer::{self, ProposerContext};
+use crate::queue::{Backend, QueueHandle, UnusedHook};
+use crate::queue_sm::{QueueMachine, destroy_state};
+use crate::transport::Transport;
+use crate::types::{Raft, TypeConfig};
+
+pub(crate) struct GroupRunner {
+    stop: oneshot::Sender<bool>,
+    pub(crate) task: JoinHandle<()>,
+}
+
+pub(crate) struct Registry {
+    pub node_id: NodeId,
+    pub run: NodeRun,
+    pub storage: Storage,
+    pub queue_config: Arc<openraft::Config>,
+    pub transport: Arc<dyn Transport>,
+    pub outbox: Arc<Outbox>,
+    pub liveness: Arc<dyn Liveness>,
+    pub proposer: Arc<ProposerContext>,
+    queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
+    by_id: RwLock<HashMap<u64, Arc<QueueHandle>>>,
+    pub(crate) groups: Mutex<HashMap<GroupId, GroupRunner>>,
+    /// Addresses of the cluster's members, from the metadata group's membership.
+    members: RwLock<BTreeMap<NodeId, String>>,
+    /// Auto-delete requests, executed by a task that owns a weak reference to the node.
+    unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Registry {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: NodeId,
+        run: NodeRun,
+        storage: Storage,
+        queue_config: Arc<openraft::Config>,
+        transport: Arc<dyn Transport>,
+        outbox: Arc<Outbox>,
+        liveness: Arc<dyn Liveness>,
+        unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
+    ) -> Self {
+        let proposer = Arc::new(ProposerContext {
+            node: node_id,
+            transport: transport.clone(),
+            liveness: liveness.clone(),
+        });
+        Registry {
+            node_id,
+            run,
+            storage,
+            queue_config,
+            transport,
+            outbox,
+            liveness,
+            proposer,
+            queues: RwLock::new(HashMap::new()),
+            by_id: RwLock::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
+            members: RwLock::new(BTreeMap::new()),
+            unused_tx,
+        }
+    }
+
+    pub fn set_members(&self, members: BTreeMap<NodeId, String>) {
+        for (id, addr) in &members {
+            if *id != self.node_id && !addr.is_empty() {
+                self.transport.set_address(*id, addr);
+            }
+        }
+        *write(&self.members) = members;
+    }
+
+    pub fn members(&self) -> BTreeMap<NodeId, String> {
+        read(&self.members).clone()
+    }
+
+    pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<QueueHandle>> {
+        read(&self.queues)
+            .get(&(vhost.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn by_id(&self, id: u64) -> Option<Arc<QueueHandle>> {
+        read(&self.by_id).get(&id).cloned()
+    }
+
+    pub fn handles(&self) -> Vec<Arc<QueueHandle>> {
+        read(&self.by_id).values().cloned().collect()
+    }
+
+    fn unused_hook(&self) -> UnusedHook {
+        let tx = self.unused_tx.clone();
+        Arc::new(move |h: &QueueHandle| {
+            let def = h.def();
+            let _ = tx.send((h.vhost().to_owned(), def.name, def.exclusive_owner));
+        })
+    }
+
+    fn create(self: &Arc<Self>, vhost: &str, def: &QueueDef) {
+        if let Some(existing) = self.by_id(def.id) {
+            existing.set_def(def.clone());
+            self.reconcile_group(&existing);
+            return;
+        }
+        let hook = def.auto_delete.then(|| self.unused_hook());
+        let handle = match &def.placement {
+            Placement::Local { run } if *run == self.run => QueueHandle::new_local(
+                self.node_id,
+                vhost.to_owned(),
+                def.clone(),
+                hook,
+                self.outbox.clone(),
+            ),
+            _ => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let handle = QueueHandle::new(
+                    self.node_id,
+                    vhost.to_owned(),
+                    def.clone(),
+                    Backend::Proposer { tx },
+                    hook,
+                    self.outbox.clone(),
+                );
+                tokio::spawn(proposer::run(
+                    Arc::downgrade(&handle),
+                    rx,
+                    self.proposer.clone(),
+                ));
+                handle
+            }
+        };
+        write(&self.queues).insert((vhost.to_owned(), def.name.clone()), handle.clone());
+        write(&self.by_id).insert(def.id, handle.clone());
+        self.reconcile_group(&handle);
+    }
+
+    /// Runs the queue's group here if this node is one of its replicas.
+    fn reconcile_group(self: &Arc<Self>, handle: &Arc<QueueHandle>) {
+        let def = handle.def();
+        let Placement::Replicated { group, replicas } = &def.placement else {
+            return;
+        };
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if replicas.contains(&self.node_id) && !groups.contains_key(group) {
+            let (stop_tx, stop_rx) = oneshot::channel();
+            let task = tokio::spawn(run_group(
+                Arc::downgrade(self),
+                *group,
+                handle.clone(),
+                stop_rx,
+            ));
+            groups.insert(
+                *group,
+                GroupRunner {
+                    stop: stop_tx,
+                    task,
+                },
+            );
+        }
+    }
+
+    fn remove(&self, vhost: &str, def: &QueueDef) {
+        let handle = write(&self.queues).remove(&(vhost.to_owned(), def.name.clone()));
+        write(&self.by_id).remove(&def.id);
+        if let Some(handle) = handle {
+            handle.close();
+            handle.set_raft(None);
+        }
+        if let Some(group) = def.group()
+            && let Some(runner) = self
+                .groups
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&group)
+        {
+            // `true`: the queue is gone for good, so its group deletes its storage.
+            let _ = runner.stop.send(true);
+        }
+    }
+
+    /// This node left a queue's replica set and the group's membership: stop its replica and
+    /// delete what it stored.
+    pub fn retire_group(&self, group: GroupId) {
+        let runner = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&group);
+        if let Some(runner) = runner {
+            info!(group, "leaving queue group");
+            if let Some(h) = self.by_id(group) {
+                h.set_raft(None);
+                h.set_leader(false);
+            }
+            let _ = runner.stop.send(true);
+        }
+    }
+
+    /// Stops every group this node runs (node shutdown).
+    pub async fn stop_all(&self) {
+        let runners: Vec<GroupRunner> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, r)| r)
+            .collect();
+        let mut tasks = Vec::with_capacity(runners.len());
+        for runner in runners {
+            let _ = runner.stop.send(false);
+            tasks.push(runner.task);
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        for h in self.handles() {
+            h.set_raft(None);
+        }
+    }
+
+    pub(crate) fn basic_nodes(&self, ids: &[NodeId]) -> BTreeMap<NodeId, BasicNode> {
+        let members = read(&self.members);
+        ids.iter()
+            .map(|id| {
+                let addr = members.get(id).cloned().unwrap_or_default();
+                (*id, BasicNode { addr })
+            })
+            .collect()
+    }
+}
+
+/// Hands registry changes from metadata apply to the registry; holds it weakly so that the
+/// registry (which owns the groups) is not kept alive by the metadata group it feeds.
+pub(crate) struct EffectsSink(pub Weak<Registry>);
+
+impl MetaEffects for EffectsSink {
+    fn on_effect(&self, effect: MetaEffect) {
+        let Some(registry) = self.0.upgrade() else {
+            return;
+        };
+        match effect {
+            MetaEffect::QueueCreated { vhost, queue }
+            | MetaEffect::ReplicasChanged { vhost, queue } => registry.create(&vhost, &queue),
+            MetaEffect::QueueDeleted { vhost, queue } => registry.remove(&vhost, &queue),
+        }
+    }
+
+    fn reset(&self, state: &MetaState) {
+        let Some(registry) = self.0.upgrade() else {
+            return;
+        };
+        let wanted: HashMap<u64, (String, QueueDef)> = state
+            .queues()
+            .map(|(v, q)| (q.id, (v.to_owned(), q.clone())))
+            .collect();
+        let stale: Vec<(String, QueueDef)> = registry
+            .handles()
+            .into_iter()
+            .filter(|h| !wanted.contains_key(&h.id()))
+            .map(|h| (h.vhost().to_owned(), h.def()))
+            .collect();
+        for (vhost, def) in stale {
+            registry.remove(&vhost, &def);
+        }
+        for (_, (vhost, def)) in wanted {
+            registry.create(&vhost, &def);
+        }
+    }
+}
+
+/// One queue group on this node, from start to stop. The first replica initializes a new
+/// group with the whole replica set; the others start empty and get the log from the leader.
+async fn run_group(
+    registry: Weak<Registry>,
+    group: GroupId,
+    handle: Arc<QueueHandle>,
+    mut stop: oneshot::Receiver<bool>,
+) {
+    let Some(reg) = registry.upgrade() else {
+        return;
+    };
+    let (node_id, storage, config, transport) = (
+        reg.node_id,
+        reg.storage.clone(),
+        reg.queue_config.clone(),
+        reg.transport.clone(),
+    );
+    let machine = match QueueMachine::open(storage.clone(), group, &handle) {
+        Ok(m) => m,
+        Err(e) => {
+            error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
+            return;
+        }
+    };
+    let network = GroupNetwork::new(group, transport, storage.clone());
+    let raft = match Raft::new(node_id, config, network, storage.log_store(group), machine).await {
+        Ok(r) => r,
+        Err(e) => {
+            error!(group, queue = %handle.name(), error = %e, "cannot start queue group");
+            return;
+        }
+    };
+    let replicas = handle.replicas();
+    let initialized = raft.is_initialized().await.unwrap_or(false);
+    if !initialized && replicas.first() == Some(&node_id) {
+        let members = reg.basic_nodes(&replicas);
+        if let Err(e) = raft.initialize(members).await {
+            debug!(group, error = %e, "initialize refused");
+        }
+    }
+    if replicas.first() == Some(&node_id) {
+        // The preferred leader stands at once rather than waiting for the supervisor's round.
+        let state = raft.metrics().borrow_watched().state;
+        if state != ServerState::Leader {
+            let _ = raft.trigger().elect(false).await;
+        }
+    }
+    handle.set_raft(Some(raft.clone()));
+    drop(reg);
+    let watcher = tokio::spawn(watch_leadership(
+        raft.clone(),
+        Arc::downgrade(&handle),
+        registry.clone(),
+        node_id,
+    ));
+    drop(handle);
+    let destroy = (&mut stop).await.unwrap_or(false);
+    watcher.abort();
+    if let Err(e) = raft.shutdown().await {
+        warn!(group, error = %e, "queue group did not shut down cleanly");
+    }
+    if destroy {
+        drop(raft);
+        let log = storage.log_store::<TypeConfig>(group);
+        if let Err(e) = log.destroy().and_then(|_| destroy_state(&storage, group)) {
+            warn!(group, error = %e, "could not delete the storage of a deleted queue");
+        }
+    }
+}
+
+/// Keeps the handle's leader flag and hint current. On becoming leader, commits the queue's
+/// leader-recovery command: channels of down nodes give back what they held, and deliveries
+/// still out with live consumers are sent again (the old leader may not have sent them).
+async fn watch_leadership(
+    raft: Raft<QueueMachine>,
+    handle: Weak<QueueHandle>,
+    registry: Weak<Registry>,
+    node_id: NodeId,
+) {
+    let mut metrics = raft.metrics();
+    let mut was_leader = false;
+    loop {
+        let (leading, leader) = {
+            let m = metrics.borrow_watched();
+            (
+                m.state == ServerState::Leader && m.current_leader == Some(node_id),
+                m.current_leader,
+            )
+        };
+        let Some(h) = handle.upgrade() else { return };
+        h.set_leader(leading);
+        if let Some(l) = leader {
+            h.set_leader_hint(Some(l));
+        }
+        if leading && !was_leader {
+            let down: Vec<NodeId> = registry
+                .upgrade()
+                .map(|r| {
+                    r.members()
+                        .keys()
+                        .copied()
+                        .filter(|n| *n != node_id && r.liveness.is_down(*n))
+                        .collect()
+                })
+                .unwrap_or_default();
+            info!(queue = %h.name(), ?down, "leading queue");
+            h.submit(
+                crate::types::QueueRequest {
+                    cmd: QueueCmd::LeaderRecovery { down },
+                    content: None,
+                },
+                crate::queue::ReplyTo::None,
+            );
+        }
+        was_leader = leading;
+        drop(h);
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// How long an election attempt by the supervisor is given before it may try again.
+pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(1000);

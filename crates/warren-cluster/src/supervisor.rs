@@ -1,0 +1,329 @@
+//! The node-level failure detector and election driver that replaces per-group timers.
+//!
+//! Queue groups run without ticks: an idle group sends no heartbeats and costs nothing. In
+//! their place, every node pings every other member a few times a second (`Hello`). When a
+//! member stops answering for `failure_timeout`, it is down: for each queue this node leads,
+//! the down node's consumers and unsettled messages are released (`QueueCmd::NodeDown`); for
+//! each queue whose leader is down, the first live replica in the queue's preference order
+//! starts an election, so exactly one candidate stands and no split vote delays the
+//! take-over. A queue whose group has no leader at all (new, or its preferred leader never
+//! came up) is handled the same way. The metadata group keeps openraft's own timers.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use openraft::async_runtime::WatchReceiver;
+use tracing::{info, warn};
+use warren_core::NodeId;
+use warren_core::queue::QueueCmd;
+
+use crate::node::Node;
+use crate::outbox::Liveness;
+use crate::queue::ReplyTo;
+use crate::transport::{PeerRequest, PeerResponse};
+use crate::types::QueueRequest;
+
+#[derive(Debug, Clone)]
+struct PeerState {
+    last_ok: Instant,
+    down: bool,
+    incarnation: u64,
+}
+
+/// Who is up, as this node sees it.
+pub struct LivenessTable {
+    peers: RwLock<HashMap<NodeId, PeerState>>,
+    failure_timeout: Duration,
+}
+
+impl LivenessTable {
+    pub fn new(failure_timeout: Duration) -> Self {
+        LivenessTable {
+            peers: RwLock::new(HashMap::new()),
+            failure_timeout,
+        }
+    }
+
+    pub fn down_nodes(&self) -> Vec<NodeId> {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, s)| s.down)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    /// Records a ping result; returns Some(true) when the node just went down, Some(false)
+    /// when it just came back (answering again, or answering as a new run).
+    fn record(&self, node: NodeId, ok: Option<u64>, now: Instant) -> Option<bool> {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let state = peers.entry(node).or_insert(PeerState {
+            last_ok: now,
+            down: false,
+            incarnation: 0,
+        });
+        match ok {
+            Some(incarnation) => {
+                state.last_ok = now;
+                let restarted = state.incarnation != 0 && state.incarnation != incarnation;
+                state.incarnation = incarnation;
+                if state.down || restarted {
+                    state.down = false;
+                    return Some(false);
+                }
+            }
+            None => {
+                if !state.down && now.duration_since(state.last_ok) >= self.failure_timeout {
+                    state.down = true;
+                    return Some(true);
+                }
+            }
+        }
+        None
+    }
+
+    fn forget_except(&self, members: &HashSet<NodeId>) {
+        self.peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|n, _| members.contains(n));
+    }
+}
+
+impl Liveness for LivenessTable {
+    fn is_down(&self, node: NodeId) -> bool {
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .is_some_and(|s| s.down)
+    }
+}
+
+pub(crate) const TICK: Duration = Duration::from_millis(200);
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
+
+pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
+    let mut last_elect: HashMap<u64, Instant> = HashMap::new();
+    let mut changes: Changes = HashMap::new();
+    let mut leaderless_since: HashMap<u64, Instant> = HashMap::new();
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let Some(node) = node.upgrade() else { return };
+        let members: BTreeMap<NodeId, String> = node.registry().members();
+        let others: Vec<NodeId> = members
+            .keys()
+            .copied()
+            .filter(|n| *n != node.id())
+            .collect();
+        liveness.forget_except(&others.iter().copied().collect());
+
+        let pings = others.iter().map(|peer| {
+            let call = node.transport().call(
+                *peer,
+                PeerRequest::Hello {
+                    from: node.id(),
+                    incarnation: node.run().incarnation,
+                    advertise: node.advertise().to_owned(),
+                },
+                PING_TIMEOUT,
+            );
+            async move {
+                match call.await {
+                    Ok(PeerResponse::Hello { incarnation, .. }) => (*peer, Some(incarnation)),
+                    _ => (*peer, None),
+                }
+            }
+        });
+        let now = Instant::now();
+        for (peer, result) in futures::future::join_all(pings).await {
+            match liveness.record(peer, result, now) {
+                Some(true) => {
+                    warn!(node = peer, "peer is down");
+                    release_down_node(&node, peer);
+                }
+                Some(false) => {
+                    info!(node = peer, "peer is back");
+                    announce_leadership(&node, peer).await;
+                }
+                None => {}
+            }
+        }
+        drive_elections(&node, &liveness, &mut last_elect, &mut leaderless_since).await;
+        reconcile(&node, &liveness, &mut changes);
+    }
+}
+
+/// Membership work in flight per group, so a slow change is not started twice.
+type Changes = HashMap<u64, (Instant, tokio::task::JoinHandle<()>)>;
+
+const CHANGE_RETRY: Duration = Duration::from_secs(5);
+
+/// Brings every group this node leads to its replica set from the metadata (add and catch up
+/// new replicas, then switch the voters), hands leadership to the preferred replica when it
+/// is up and has caught up, and retires replicas this node should no longer hold.
+fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) {
+    let me = node.id();
+    changes.retain(|_, (started, task)| !task.is_finished() && started.elapsed() < CHANGE_RETRY);
+    for handle in node.registry().handles() {
+        let Some(raft) = handle.raft() else { continue };
+        let group = handle.id();
+        let desired = handle.replicas();
+        let m = raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let desired_set: BTreeSet<NodeId> = desired.iter().copied().collect();
+        if m.state != ServerState::Leader {
+            // A replica that is no longer wanted and no longer a voter leaves.
+            if !desired_set.contains(&me) && !voters.contains(&me) && !voters.is_empty() {
+                node.registry().retire_group(group);
+            }
+            continue;
+        }
+        if changes.contains_key(&group) {
+            continue;
+        }
+        if voters != desired_set {
+            let addrs = node.registry().basic_nodes(&desired);
+            let raft = raft.clone();
+            let missing: Vec<NodeId> = desired_set
+                .iter()
+                .copied()
+                .filter(|n| !voters.contains(n) && !learners.contains(n))
+                .collect();
+            let name = handle.name();
+            let task = tokio::spawn(async move {
+                for n in missing {
+                    let addr = addrs.get(&n).cloned().unwrap_or_default();
+                    if let Err(e) = raft.add_learner(n, addr, true).await {
+                        warn!(queue = %name, node = n, error = %e, "adding a replica failed");
+                        return;
+                    }
+                }
+                match raft.change_membership(desired_set, false).await {
+                    Ok(_) => info!(queue = %name, "replica set changed"),
+                    Err(e) => warn!(queue = %name, error = %e, "changing replicas failed"),
+                }
+            });
+            changes.insert(group, (Instant::now(), task));
+            continue;
+        }
+        // Leadership goes to the preferred replica once it is up and fully caught up.
+        if let Some(&preferred) = desired.first()
+            && preferred != me
+            && !liveness.is_down(preferred)
+            && voters.contains(&preferred)
+        {
+            let last = m.last_log_index.unwrap_or(0);
+            let caught_up = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&preferred).cloned().flatten())
+                .is_some_and(|l| l.index >= last);
+            if caught_up {
+                let raft = raft.clone();
+                let task = tokio::spawn(async move {
+                    let _ = raft.trigger().transfer_leader(preferred).await;
+                });
+                changes.insert(group, (Instant::now(), task));
+            }
+        }
+    }
+}
+
+/// For every queue this node serves, the down node's consumers and unsettled messages go.
+fn release_down_node(node: &Node, down: NodeId) {
+    for handle in node.registry().handles() {
+        if handle.is_leader() && handle.is_replicated() {
+            handle.submit(
+                QueueRequest {
+                    cmd: QueueCmd::NodeDown { node: down },
+                    content: None,
+                },
+                ReplyTo::None,
+            );
+        }
+    }
+}
+
+/// A returning node's groups do not know their leaders (idle groups send no heartbeats):
+/// every group this node leads and the returning node replicates gets one heartbeat round.
+async fn announce_leadership(node: &Node, back: NodeId) {
+    for handle in node.registry().handles() {
+        if handle.is_leader()
+            && handle.replicas().contains(&back)
+            && let Some(raft) = handle.raft()
+        {
+            let _ = raft.trigger().heartbeat().await;
+        }
+    }
+}
+
+async fn drive_elections(
+    node: &Node,
+    liveness: &LivenessTable,
+    last_elect: &mut HashMap<u64, Instant>,
+    leaderless_since: &mut HashMap<u64, Instant>,
+) {
+    let now = Instant::now();
+    let me = node.id();
+    for handle in node.registry().handles() {
+        let Some(raft) = handle.raft() else { continue };
+        let group = handle.id();
+        let metrics = raft.metrics();
+        let (state, leader) = {
+            let m = metrics.borrow_watched();
+            (m.state, m.current_leader)
+        };
+        if state == ServerState::Leader {
+            leaderless_since.remove(&group);
+            continue;
+        }
+        let leader_ok = leader.is_some_and(|l| l != me && !liveness.is_down(l));
+        if leader_ok {
+            leaderless_since.remove(&group);
+            continue;
+        }
+        let since = *leaderless_since.entry(group).or_insert(now);
+        let alive: Vec<NodeId> = handle
+            .replicas()
+            .into_iter()
+            .filter(|n| *n == me || !liveness.is_down(*n))
+            .collect();
+        // The first live replica stands; if it has not managed within a few rounds (it may be
+        // unreachable from here but not down), the others take their turn in order.
+        let rank = alive.iter().position(|n| *n == me);
+        let Some(rank) = rank else { continue };
+        let waited = now.duration_since(since);
+        // Later ranks also leave time for a live leader to make itself known (it sends a
+        // heartbeat round when it sees this node come back).
+        let turn = match rank {
+            0 => Duration::ZERO,
+            r => super::registry::ELECTION_RETRY * (u32::try_from(r).unwrap_or(u32::MAX) + 2),
+        };
+        if waited < turn {
+            continue;
+        }
+        if last_elect
+            .get(&group)
+            .is_some_and(|t| now.duration_since(*t) < super::registry::ELECTION_RETRY)
+        {
+            continue;
+        }
+        last_elect.insert(group, now);
+        if !raft.is_initialized().await.unwrap_or(true) {
+            // The preferred leader never came up to initialize the group: the first live
+            // replica does it, with the same replica set.
+            let members = node.registry_basic_nodes(&handle.replicas());
+            let _ = raft.initialize(members).await;
+        }
+        info!(queue = %handle.name(), ?leader, "starting an election");
+        let _ = raft.trigger().elect(false).await;
+    }
+}
