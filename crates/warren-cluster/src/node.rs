@@ -106,7 +106,9 @@ fn meta_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
 /// The election timeout still sets the leader lease, which bounds how soon a replica may
 /// replace a leader that stopped answering: keep it short.
 fn queue_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
-    let lease_max = cfg.failure_timeout_ms.max(300);
+    // Shorter than the failure timeout, so a leader declared down has lost its lease and the
+    // replicas grant the first election the supervisor starts.
+    let lease_max = (cfg.failure_timeout_ms / 2).max(100);
     openraft::Config {
         cluster_name: "warren".into(),
         heartbeat_interval: lease_max / 4,

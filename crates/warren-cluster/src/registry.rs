@@ -426,4 +426,4 @@ async fn watch_leadership(
 }
 
 /// How long an election attempt by the supervisor is given before it may try again.
-pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(1000);
+pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(300);

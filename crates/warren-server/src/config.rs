@@ -419,7 +419,7 @@ impl Config {
                 "a node of a multi-node cluster needs its cluster listener",
             ));
         }
-        let failure_timeout_ms = file.cluster.failure_timeout_ms.unwrap_or(1000);
+        let failure_timeout_ms = file.cluster.failure_timeout_ms.unwrap_or(800);
         if !(200..=60_000).contains(&failure_timeout_ms) {
             return Err(invalid(
                 "cluster.failure_timeout_ms",
@@ -437,7 +437,7 @@ impl Config {
             log: cli
                 .log
                 .or(file.log)
-                .unwrap_or_else(|| "info,openraft=warn".into()),
+                .unwrap_or_else(|| "info,openraft=error".into()),
             amqp: AmqpConfig {
                 listen,
                 frame_max,
