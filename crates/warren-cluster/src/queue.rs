@@ -136,6 +136,10 @@ pub struct QueueHandle {
     on_unused: Option<UnusedHook>,
     outbox: Arc<Outbox>,
     raft: Mutex<Option<Raft<QueueMachine>>>,
+    /// The group is new (this node learnt of the queue from its declaration, not from a
+    /// replica change): one of its first replicas may create it. A replica added later never
+    /// does; it waits for the leader's log.
+    may_initialize: AtomicBool,
     self_ref: OnceLock<Weak<QueueHandle>>,
 }
 
@@ -166,6 +170,7 @@ impl QueueHandle {
             on_unused,
             outbox,
             raft: Mutex::new(None),
+            may_initialize: AtomicBool::new(false),
             self_ref: OnceLock::new(),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
@@ -259,6 +264,14 @@ impl QueueHandle {
 
     pub(crate) fn set_leader_hint(&self, node: Option<NodeId>) {
         self.leader_hint.store(node.unwrap_or(0), Ordering::Release);
+    }
+
+    pub(crate) fn may_initialize(&self) -> bool {
+        self.may_initialize.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_may_initialize(&self, may: bool) {
+        self.may_initialize.store(may, Ordering::Release);
     }
 
     pub(crate) fn set_raft(&self, raft: Option<Raft<QueueMachine>>) {

@@ -131,7 +131,9 @@ impl Registry {
         })
     }
 
-    fn create(self: &Arc<Self>, vhost: &str, def: &QueueDef) {
+    /// `fresh`: the queue was just declared (not a replica change), so its first replicas may
+    /// create its group.
+    fn create(self: &Arc<Self>, vhost: &str, def: &QueueDef, fresh: bool) {
         if let Some(existing) = self.by_id(def.id) {
             existing.set_def(def.clone());
             self.reconcile_group(&existing);
@@ -164,6 +166,13 @@ impl Registry {
                 handle
             }
         };
+        // Only a member of the replica set the queue was declared with may create its group:
+        // a node that joined later replays old declarations, but the groups exist already.
+        let original_replica = match &def.placement {
+            Placement::Replicated { replicas, .. } => replicas.contains(&self.node_id),
+            Placement::Local { .. } => false,
+        };
+        handle.set_may_initialize(fresh && original_replica);
         write(&self.queues).insert((vhost.to_owned(), def.name.clone()), handle.clone());
         write(&self.by_id).insert(def.id, handle.clone());
         self.reconcile_group(&handle);
@@ -274,8 +283,8 @@ impl MetaEffects for EffectsSink {
             return;
         };
         match effect {
-            MetaEffect::QueueCreated { vhost, queue }
-            | MetaEffect::ReplicasChanged { vhost, queue } => registry.create(&vhost, &queue),
+            MetaEffect::QueueCreated { vhost, queue } => registry.create(&vhost, &queue, true),
+            MetaEffect::ReplicasChanged { vhost, queue } => registry.create(&vhost, &queue, false),
             MetaEffect::QueueDeleted { vhost, queue } => registry.remove(&vhost, &queue),
         }
     }
@@ -297,8 +306,9 @@ impl MetaEffects for EffectsSink {
         for (vhost, def) in stale {
             registry.remove(&vhost, &def);
         }
+        // Queues restored from a snapshot existed before: their groups exist somewhere.
         for (_, (vhost, def)) in wanted {
-            registry.create(&vhost, &def);
+            registry.create(&vhost, &def, false);
         }
     }
 }
@@ -337,7 +347,7 @@ async fn run_group(
     };
     let replicas = handle.replicas();
     let initialized = raft.is_initialized().await.unwrap_or(false);
-    if !initialized && replicas.first() == Some(&node_id) {
+    if !initialized && handle.may_initialize() && replicas.first() == Some(&node_id) {
         let members = reg.basic_nodes(&replicas);
         if let Err(e) = raft.initialize(members).await {
             debug!(group, error = %e, "initialize refused");

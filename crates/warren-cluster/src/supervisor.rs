@@ -159,6 +159,47 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
     }
 }
 
+/// Runs a membership change on a group's leader. An idle group's leader has let its lease
+/// lapse (no heartbeats between idle groups); membership changes need it like any write, so a
+/// refusal for that reason is met with a heartbeat round and another try.
+async fn with_lease<T, F, Fut>(
+    raft: &crate::types::Raft<crate::queue_sm::QueueMachine>,
+    op: F,
+) -> Result<
+    T,
+    openraft::errors::RaftError<
+        crate::types::TypeConfig,
+        openraft::errors::ClientWriteError<crate::types::TypeConfig>,
+    >,
+>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<
+            Output = Result<
+                T,
+                openraft::errors::RaftError<
+                    crate::types::TypeConfig,
+                    openraft::errors::ClientWriteError<crate::types::TypeConfig>,
+                >,
+            >,
+        >,
+{
+    use openraft::errors::{ClientWriteError, ForwardReason, RaftError};
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        match op().await {
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))
+                if f.reason == ForwardReason::LeaseExpired && attempt < 10 =>
+            {
+                let _ = raft.trigger().heartbeat().await;
+                tokio::time::sleep(Duration::from_millis(10 * u64::from(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Membership work in flight per group, so a slow change is not started twice.
 type Changes = HashMap<u64, (Instant, tokio::task::JoinHandle<()>)>;
 
@@ -201,12 +242,15 @@ fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) 
             let task = tokio::spawn(async move {
                 for n in missing {
                     let addr = addrs.get(&n).cloned().unwrap_or_default();
-                    if let Err(e) = raft.add_learner(n, addr, true).await {
+                    let added = with_lease(&raft, || raft.add_learner(n, addr.clone(), true)).await;
+                    if let Err(e) = added {
                         warn!(queue = %name, node = n, error = %e, "adding a replica failed");
                         return;
                     }
                 }
-                match raft.change_membership(desired_set, false).await {
+                let changed =
+                    with_lease(&raft, || raft.change_membership(desired_set.clone(), false)).await;
+                match changed {
                     Ok(_) => info!(queue = %name, "replica set changed"),
                     Err(e) => warn!(queue = %name, error = %e, "changing replicas failed"),
                 }
@@ -273,6 +317,7 @@ async fn drive_elections(
 ) {
     let now = Instant::now();
     let me = node.id();
+    let members = node.registry().members();
     for handle in node.registry().handles() {
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
@@ -285,16 +330,43 @@ async fn drive_elections(
             leaderless_since.remove(&group);
             continue;
         }
-        let leader_ok = leader.is_some_and(|l| l != me && !liveness.is_down(l));
+        // A leader that left the cluster (removed by an operator) counts as down: its replicas
+        // must not wait for it.
+        let leader_ok =
+            leader.is_some_and(|l| l != me && members.contains_key(&l) && !liveness.is_down(l));
         if leader_ok {
             leaderless_since.remove(&group);
             continue;
         }
+        let initialized = raft.is_initialized().await.unwrap_or(true);
+        if !initialized && !handle.may_initialize() {
+            // A replica being added to an existing group waits for the leader's log.
+            continue;
+        }
+        let voters: BTreeSet<NodeId> = if initialized {
+            metrics
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect()
+        } else {
+            handle.replicas().into_iter().collect()
+        };
         let since = *leaderless_since.entry(group).or_insert(now);
-        let alive: Vec<NodeId> = handle
-            .replicas()
+        // Candidates in preference order: the queue's replica list first, then any other
+        // voter of the group (replicas being replaced still vote until the change commits).
+        let mut order = handle.replicas();
+        let extra: Vec<NodeId> = voters
+            .iter()
+            .copied()
+            .filter(|v| !order.contains(v))
+            .collect();
+        order.extend(extra);
+        let alive: Vec<NodeId> = order
             .into_iter()
-            .filter(|n| *n == me || !liveness.is_down(*n))
+            .filter(|n| voters.contains(n))
+            .filter(|n| *n == me || (members.contains_key(n) && !liveness.is_down(*n)))
             .collect();
         // The first live replica stands; if it has not managed within a few rounds (it may be
         // unreachable from here but not down), the others take their turn in order.
@@ -317,13 +389,15 @@ async fn drive_elections(
             continue;
         }
         last_elect.insert(group, now);
-        if !raft.is_initialized().await.unwrap_or(true) {
+        if !initialized {
             // The preferred leader never came up to initialize the group: the first live
             // replica does it, with the same replica set.
             let members = node.registry_basic_nodes(&handle.replicas());
             let _ = raft.initialize(members).await;
         }
         info!(queue = %handle.name(), ?leader, "starting an election");
-        let _ = raft.trigger().elect(false).await;
+        // Pre-vote first: a replica whose log is behind, or that is cut off from a leader the
+        // others still follow, finds out without bumping the term and unseating anyone.
+        let _ = raft.trigger().elect(true).await;
     }
 }

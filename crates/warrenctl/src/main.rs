@@ -1,0 +1,238 @@
+//! `warrenctl`: administers a Warren cluster through any node's admin service (the node's
+//! cluster listener, 25672 by default): cluster status, adding and removing nodes, growing and
+//! shrinking a queue's replica set, rebalancing queue leaders.
+//!
+//! Membership changes must run on the metadata group's leader; a node that is not the leader
+//! answers with the leader's address and warrenctl repeats the call there.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tonic::transport::{Channel, Endpoint};
+use warren_proto::admin_client::AdminClient;
+use warren_proto::{Empty, NodeRequest, QueueReplicaRequest, StatusReply};
+
+#[derive(Parser)]
+#[command(name = "warrenctl", version, about = "Administer a Warren cluster")]
+struct Cli {
+    /// Any node's cluster address (host:port).
+    #[arg(
+        long,
+        short = 'n',
+        env = "WARREN_NODE",
+        default_value = "127.0.0.1:25672"
+    )]
+    node: String,
+    /// Per-call timeout in seconds (adding a node waits for it to catch up).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Members (with liveness), and every group's leader, replicas, lag and message counts.
+    Status,
+    /// Adds a node (started with the cluster's member list but not in it) to the cluster.
+    AddNode { id: u64, address: String },
+    /// Removes a node; each of its queue replicas is re-created on another member.
+    RemoveNode { id: u64 },
+    /// Adds a replica of a queue on a node.
+    AddReplica {
+        queue: String,
+        node: u64,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Removes a queue's replica from a node.
+    RemoveReplica {
+        queue: String,
+        node: u64,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Spreads queue leaders evenly over the members.
+    Rebalance,
+}
+
+async fn client(addr: &str, timeout: Duration) -> anyhow::Result<AdminClient<Channel>> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot reach {addr}: {e}"))?;
+    Ok(AdminClient::new(channel))
+}
+
+/// The leader's address out of a "not the metadata leader" refusal.
+fn leader_address(status: &tonic::Status) -> Option<String> {
+    if status.code() != tonic::Code::FailedPrecondition {
+        return None;
+    }
+    let addr = status.message().split("address=").nth(1)?.trim();
+    (!addr.is_empty()).then(|| addr.to_owned())
+}
+
+/// Runs a call, following at most two redirects to the metadata leader.
+macro_rules! call_on_leader {
+    ($cli:expr, $timeout:expr, |$c:ident| $body:expr) => {{
+        let mut addr = $cli.node.clone();
+        let mut hops = 0;
+        loop {
+            let mut $c = client(&addr, $timeout).await?;
+            match $body.await {
+                Ok(r) => break r.into_inner(),
+                Err(status) => match leader_address(&status) {
+                    Some(next) if hops < 2 && next != addr => {
+                        hops += 1;
+                        addr = next;
+                    }
+                    _ => anyhow::bail!("{}", status.message()),
+                },
+            }
+        }
+    }};
+}
+
+fn print_status(s: &StatusReply) {
+    println!("node {} sees {} member(s):", s.node_id, s.members.len());
+    for m in &s.members {
+        println!(
+            "  {:>4}  {:<24} {:<7} {}",
+            m.node_id,
+            m.address,
+            if m.voter { "voter" } else { "learner" },
+            if m.alive { "up" } else { "DOWN" }
+        );
+    }
+    println!();
+    println!(
+        "  {:>6}  {:<32} {:>6}  {:<12} {:>10} {:>10} {:>8} {:>8}  lag",
+        "group", "name", "leader", "replicas", "last-log", "applied", "ready", "unacked"
+    );
+    for g in &s.groups {
+        let replicas = g
+            .replicas
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut lag: Vec<(u64, u64)> = g.lag.iter().map(|(n, l)| (*n, *l)).collect();
+        lag.sort();
+        let lag = lag
+            .iter()
+            .map(|(n, l)| format!("{n}:{l}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let leader = if g.leader == 0 {
+            "-".to_owned()
+        } else {
+            g.leader.to_string()
+        };
+        println!(
+            "  {:>6}  {:<32} {:>6}  {:<12} {:>10} {:>10} {:>8} {:>8}  {}",
+            g.group,
+            g.name,
+            leader,
+            replicas,
+            g.last_log_index,
+            g.committed,
+            g.messages_ready,
+            g.messages_unacked,
+            lag
+        );
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(cli.timeout);
+    match &cli.command {
+        Command::Status => {
+            let mut c = client(&cli.node, timeout).await?;
+            let status = c.status(Empty {}).await?.into_inner();
+            print_status(&status);
+        }
+        Command::AddNode { id, address } => {
+            let req = NodeRequest {
+                node_id: *id,
+                address: address.clone(),
+            };
+            let r = call_on_leader!(cli, timeout, |c| c.add_node(req.clone()));
+            println!("{}", r.message);
+        }
+        Command::RemoveNode { id } => {
+            let req = NodeRequest {
+                node_id: *id,
+                address: String::new(),
+            };
+            let r = call_on_leader!(cli, timeout, |c| c.remove_node(req.clone()));
+            println!("{}", r.message);
+        }
+        Command::AddReplica { queue, node, vhost }
+        | Command::RemoveReplica { queue, node, vhost } => {
+            let req = QueueReplicaRequest {
+                vhost: vhost.clone(),
+                queue: queue.clone(),
+                node_id: *node,
+            };
+            let mut c = client(&cli.node, timeout).await?;
+            let r = if matches!(cli.command, Command::AddReplica { .. }) {
+                c.add_queue_replica(req).await
+            } else {
+                c.remove_queue_replica(req).await
+            }
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{}", r.into_inner().message);
+        }
+        Command::Rebalance => {
+            let mut c = client(&cli.node, timeout).await?;
+            let r = c
+                .rebalance_leaders(Empty {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{}", r.into_inner().message);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warrenctl: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warrenctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_follow_the_leader_address() {
+        let s = tonic::Status::failed_precondition(
+            "not the metadata leader; leader=2 address=127.0.0.1:25702",
+        );
+        assert_eq!(leader_address(&s).as_deref(), Some("127.0.0.1:25702"));
+        let unknown =
+            tonic::Status::failed_precondition("not the metadata leader; leader=unknown address=");
+        assert_eq!(leader_address(&unknown), None);
+        assert_eq!(leader_address(&tonic::Status::unavailable("x")), None);
+    }
+}
