@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod raw;
 
 use std::future::Future;
@@ -237,10 +238,14 @@ pub struct Broker {
     bin: PathBuf,
     data_dir: PathBuf,
     extra_args: Vec<String>,
+    /// Whether `--cluster-listen 127.0.0.1:0` is passed before the extra arguments (single
+    /// nodes); cluster members pass their own, chosen up front.
+    default_cluster_listen: bool,
     _temp: Option<tempfile::TempDir>,
     child: Option<Child>,
     amqp: Option<SocketAddr>,
     http: Option<SocketAddr>,
+    cluster: Option<SocketAddr>,
     stderr: Arc<Mutex<Captured>>,
     stdout_log: Arc<Mutex<Captured>>,
     stdout_rx: Option<Receiver<StdoutEvent>>,
@@ -282,15 +287,29 @@ impl Broker {
         b
     }
 
+    /// Launches a broker on `dir` with `--data-dir`, port-0 AMQP and HTTP listeners and
+    /// exactly `args` besides (no default `--cluster-listen`: a cluster member passes its
+    /// own), without waiting for readiness: members of a cluster only become ready together,
+    /// so all are launched before any is awaited with [`Broker::await_ready`].
+    pub fn launch_in(dir: &Path, args: &[String]) -> Broker {
+        let mut b = Self::new(dir, &[]);
+        b.extra_args = args.to_vec();
+        b.default_cluster_listen = false;
+        b.launch();
+        b
+    }
+
     fn new(dir: &Path, extra: &[&str]) -> Broker {
         Broker {
             bin: warren_bin(),
             data_dir: dir.to_path_buf(),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            default_cluster_listen: true,
             _temp: None,
             child: None,
             amqp: None,
             http: None,
+            cluster: None,
             stderr: Arc::new(Mutex::new(Captured::default())),
             stdout_log: Arc::new(Mutex::new(Captured::default())),
             stdout_rx: None,
@@ -318,30 +337,40 @@ impl Broker {
         self.http.expect("broker printed no http listener")
     }
 
+    /// The node-to-node listener the broker printed (`warren: listening cluster ADDR`).
+    pub fn cluster_addr(&self) -> SocketAddr {
+        self.cluster.expect("broker printed no cluster listener")
+    }
+
     /// The broker's stderr so far (its logs), for failure messages.
     pub fn stderr_text(&self) -> String {
         String::from_utf8_lossy(&self.stderr.lock().unwrap().bytes).into_owned()
     }
 
-    fn stdout_text(&self) -> String {
+    pub fn stdout_text(&self) -> String {
         String::from_utf8_lossy(&self.stdout_log.lock().unwrap().bytes).into_owned()
     }
 
     fn spawn(&mut self) {
+        self.launch();
+        self.wait_ready();
+    }
+
+    /// Starts the process and its output readers; readiness is awaited separately.
+    fn launch(&mut self) {
         assert!(self.child.is_none(), "broker already running");
         std::fs::create_dir_all(&self.data_dir).expect("create data dir");
         let mut cmd = Command::new(&self.bin);
-        cmd.arg("--data-dir")
-            .arg(&self.data_dir)
-            .args([
-                "--amqp-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--cluster-listen",
-                "127.0.0.1:0",
-            ])
-            .args(&self.extra_args)
+        cmd.arg("--data-dir").arg(&self.data_dir).args([
+            "--amqp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ]);
+        if self.default_cluster_listen {
+            cmd.args(["--cluster-listen", "127.0.0.1:0"]);
+        }
+        cmd.args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -388,12 +417,42 @@ impl Broker {
         self.child = Some(child);
         self.amqp = None;
         self.http = None;
+        self.cluster = None;
         self.stdout_rx = Some(rx);
-        self.wait_ready();
     }
 
     /// Reads the contract lines until `warren: ready`, within [`STARTUP_TIMEOUT`].
     fn wait_ready(&mut self) {
+        if let Err(why) = self.read_until_ready() {
+            self.fail(&why);
+        }
+    }
+
+    /// Waits for `warren: ready` of a process started with [`Broker::launch_in`] or
+    /// [`Broker::relaunch`], within [`STARTUP_TIMEOUT`]; fails the test otherwise.
+    pub fn await_ready(&mut self) {
+        self.wait_ready();
+    }
+
+    /// Like [`Broker::await_ready`], but a broker that exits or stays unready is killed and
+    /// reported as an error (with its output) instead of failing the test, so the caller
+    /// can retry, e.g. after a port it chose was taken in the meantime.
+    pub fn try_await_ready(&mut self) -> Result<(), String> {
+        self.read_until_ready().map_err(|why| {
+            if let Some(mut c) = self.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            self.join_readers();
+            format!(
+                "{why}\n--- broker stdout ---\n{}\n--- broker stderr ---\n{}",
+                self.stdout_text(),
+                self.stderr_text()
+            )
+        })
+    }
+
+    fn read_until_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let rx = self.stdout_rx.take().expect("stdout receiver");
         loop {
@@ -408,27 +467,32 @@ impl Broker {
                         }
                     } else if let Some(addr) = line.strip_prefix("warren: listening http ") {
                         self.http = Some(parse_addr(addr));
+                    } else if let Some(addr) = line.strip_prefix("warren: listening cluster ") {
+                        self.cluster = Some(parse_addr(addr));
                     } else if line == "warren: ready" {
                         break;
                     }
                 }
                 Ok(StdoutEvent::Eof) | Err(RecvTimeoutError::Disconnected) => {
                     let status = self.wait_exit(Duration::from_secs(5));
-                    self.fail(&format!(
+                    return Err(format!(
                         "broker closed stdout before `warren: ready` (exit status {status:?})"
                     ));
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    self.fail(&format!(
+                    return Err(format!(
                         "broker did not print `warren: ready` within {STARTUP_TIMEOUT:?}"
                     ));
                 }
             }
         }
-        if self.amqp.is_none() {
-            self.fail("broker became ready without printing `warren: listening amqp ADDR`");
-        }
         self.stdout_rx = Some(rx);
+        if self.amqp.is_none() {
+            return Err(
+                "broker became ready without printing `warren: listening amqp ADDR`".to_owned(),
+            );
+        }
+        Ok(())
     }
 
     fn fail(&mut self, why: &str) -> ! {
@@ -479,6 +543,14 @@ impl Broker {
     pub fn restart(&mut self) {
         self.kill9();
         self.spawn();
+    }
+
+    /// Starts the broker again on the same data directory and arguments without waiting for
+    /// readiness (see [`Broker::await_ready`]). Kills the running process first if there is
+    /// one.
+    pub fn relaunch(&mut self) {
+        self.kill9();
+        self.launch();
     }
 
     /// Sends a signal to the process by its id.

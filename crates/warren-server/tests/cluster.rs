@@ -1,0 +1,1212 @@
+//! Process-level tests of a three-node Warren cluster: each test starts its own cluster of
+//! `warren` processes on loopback (see `support::cluster`) and talks to the nodes over AMQP
+//! only. They check what a client sees of the cluster contract: metadata declared through
+//! one node is visible through every node; publishes, deliveries and acks cross nodes;
+//! killing a queue's leader (kill -9) loses no confirmed message and the queue serves again
+//! within seconds; a restarted node catches up; a full restart keeps durable state; transient
+//! and exclusive queues stay with their node. Skipped when `WARREN_TEST_EXTERNAL_AMQP` points
+//! at an external broker.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, Consumer, ExchangeKind, PublisherConfirm,
+};
+use support::cluster::{Cluster, queue_gauge};
+use support::{assert_code, code, next_delivery, run, unique, within, within_for};
+
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+const PASSIVE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: true,
+    durable: false,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+/// How long a failover may take before the test calls it broken. The contract says the
+/// queue serves again within 2 s; the margin is for a loaded two-core machine.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(10);
+
+/// Starts a three-node cluster, or returns `None` when the tests run against an external
+/// broker.
+fn three_nodes(test: &str) -> Option<Cluster> {
+    support::cluster::cluster(test, 3)
+}
+
+fn persistent() -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2)
+}
+
+fn text(d: &lapin::message::Delivery) -> String {
+    String::from_utf8(d.data.clone()).expect("utf-8 body")
+}
+
+async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = support::channel(conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    ch
+}
+
+async fn declare_durable(ch: &Channel, name: &str, args: FieldTable) {
+    within(
+        "queue.declare",
+        ch.queue_declare(name.into(), DURABLE, args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare durable queue {name}: {e}"));
+}
+
+async fn declare_exchange(ch: &Channel, name: &str, kind: ExchangeKind) {
+    within(
+        "exchange.declare",
+        ch.exchange_declare(
+            name.into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare exchange {name}: {e}"));
+}
+
+async fn bind(ch: &Channel, queue: &str, exchange: &str, key: &str) {
+    within(
+        "queue.bind",
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("bind {queue} to {exchange} with {key}: {e}"));
+}
+
+/// Passive queue.declare: the queue's ready count, or the error.
+async fn passive_queue(ch: &Channel, name: &str) -> lapin::Result<u32> {
+    within(
+        "passive queue.declare",
+        ch.queue_declare(name.into(), PASSIVE, FieldTable::default()),
+    )
+    .await
+    .map(|q| q.message_count())
+}
+
+async fn passive_exchange(ch: &Channel, name: &str) -> lapin::Result<()> {
+    within(
+        "passive exchange.declare",
+        ch.exchange_declare(
+            name.into(),
+            ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+}
+
+/// Publishes persistent `bodies` through a confirm channel and waits for every confirm,
+/// failing on a nack or on a message returned as unroutable (they are published
+/// mandatory, so a missing route cannot pass for a delivery).
+async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, bodies: &[String]) {
+    let mut pending = Vec::with_capacity(bodies.len());
+    for b in bodies {
+        let confirm = within(
+            "basic.publish",
+            ch.basic_publish(
+                exchange.into(),
+                key.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b.as_bytes(),
+                persistent(),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish {b} to {exchange:?}/{key}: {e}"));
+        pending.push(confirm);
+    }
+    for (b, p) in bodies.iter().zip(pending) {
+        let c = within("a publisher confirm", p)
+            .await
+            .unwrap_or_else(|e| panic!("confirm of {b}: {e}"));
+        assert!(c.is_ack(), "{b} was nacked");
+        if let Some(returned) = c.take_message() {
+            panic!(
+                "{b} was returned ({} {}) instead of routed",
+                returned.reply_code, returned.reply_text
+            );
+        }
+    }
+}
+
+fn bodies(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i}")).collect()
+}
+
+async fn consume(ch: &Channel, queue: &str, prefetch: u16) -> Consumer {
+    within(
+        "basic.qos",
+        ch.basic_qos(prefetch, BasicQosOptions::default()),
+    )
+    .await
+    .expect("basic.qos");
+    within(
+        "basic.consume",
+        ch.basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.consume on {queue}: {e}"))
+}
+
+/// Consumes `n` messages from `queue` with manual acks (each acked as it arrives), then
+/// cancels; returns the bodies with their redelivered flags in arrival order.
+async fn consume_n(ch: &Channel, queue: &str, n: usize) -> Vec<(String, bool)> {
+    let mut consumer = consume(ch, queue, 100).await;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = next_delivery(&mut consumer).await;
+        got.push((text(&d), d.redelivered));
+        within("basic.ack", d.ack(BasicAckOptions::default()))
+            .await
+            .expect("basic.ack");
+    }
+    within(
+        "basic.cancel",
+        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("basic.cancel");
+    got
+}
+
+/// Asserts that `got` is exactly `want`, in order, none of it marked redelivered.
+#[track_caller]
+fn assert_in_order(got: &[(String, bool)], want: &[String], what: &str) {
+    let bodies: Vec<&str> = got.iter().map(|(b, _)| b.as_str()).collect();
+    let want: Vec<&str> = want.iter().map(String::as_str).collect();
+    if bodies != want {
+        let first = bodies.iter().zip(&want).position(|(a, b)| a != b);
+        panic!(
+            "{what}: got {} messages, expected {}; first difference at {first:?}: got {:?}, \
+             expected {:?}",
+            bodies.len(),
+            want.len(),
+            first.map(|i| bodies[i]),
+            first.map(|i| want[i]),
+        );
+    }
+    let redelivered: Vec<&str> = got
+        .iter()
+        .filter(|(_, r)| *r)
+        .map(|(b, _)| b.as_str())
+        .collect();
+    assert!(
+        redelivered.is_empty(),
+        "{what}: first deliveries marked redelivered: {redelivered:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metadata
+
+#[test]
+fn declare_on_one_node_is_visible_on_every_node() {
+    let Some(cluster) = three_nodes("declare_on_one_node_is_visible_on_every_node") else {
+        return;
+    };
+    run(async {
+        let exchange = unique("x");
+        let queue = unique("q");
+        let (_c1, ch1) = support::open(&cluster.url(1)).await;
+        declare_exchange(&ch1, &exchange, ExchangeKind::Direct).await;
+        declare_durable(&ch1, &queue, FieldTable::default()).await;
+        bind(&ch1, &queue, &exchange, "k").await;
+
+        for id in [2, 3] {
+            let (conn, ch) = support::open(&cluster.url(id)).await;
+            // Publishing first, before any passive declare on this node, so the message has
+            // to be routed through this node's copy of the binding as it is right after the
+            // declarations were confirmed through node 1.
+            let ch_pub = confirm_channel(&conn).await;
+            publish_confirmed(&ch_pub, &exchange, "k", &[format!("via-{id}")]).await;
+            passive_exchange(&ch, &exchange)
+                .await
+                .unwrap_or_else(|e| panic!("exchange not visible on node {id}: {e}"));
+            passive_queue(&ch, &queue)
+                .await
+                .unwrap_or_else(|e| panic!("queue not visible on node {id}: {e}"));
+            // A name nobody declared is still 404, so the checks above can tell.
+            assert_code(passive_queue(&ch, &unique("absent")).await, code::NOT_FOUND);
+        }
+
+        // Both messages went through the binding into the queue, in publish order; read
+        // them back through the third node.
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let m = within(
+                "basic.get",
+                ch3.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }),
+            )
+            .await
+            .expect("basic.get")
+            .expect("a message routed through the binding");
+            got.push(text(&m.delivery));
+        }
+        assert_eq!(got, ["via-2", "via-3"]);
+        let empty = within(
+            "basic.get",
+            ch3.basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("basic.get");
+        assert!(empty.is_none(), "queue should be empty now");
+    });
+}
+
+/// A declaration confirmed through one node is usable through another at once, also by the
+/// methods that do not go through a passive declare first: binding the new queue to the new
+/// exchange and publishing through that binding on a second node, then consuming on a
+/// third. Several rounds, since a lagging copy of the metadata would only show sometimes.
+#[test]
+fn declarations_are_usable_through_other_nodes_at_once() {
+    let Some(cluster) = three_nodes("declarations_are_usable_through_other_nodes_at_once") else {
+        return;
+    };
+    run(async {
+        let (_c1, ch1) = support::open(&cluster.url(1)).await;
+        let (c2, ch2) = support::open(&cluster.url(2)).await;
+        let ch2_pub = confirm_channel(&c2).await;
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        for round in 0..15 {
+            let exchange = unique("x");
+            let queue = unique("q");
+            declare_exchange(&ch1, &exchange, ExchangeKind::Direct).await;
+            declare_durable(&ch1, &queue, FieldTable::default()).await;
+            within(
+                "queue.bind",
+                ch2.queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "k".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            .unwrap_or_else(|e| {
+                panic!("round {round}: bind on node 2 right after declares on node 1: {e}")
+            });
+            publish_confirmed(&ch2_pub, &exchange, "k", &[format!("r{round}")]).await;
+            let got = consume_n(&ch3, &queue, 1).await;
+            assert_eq!(got[0].0, format!("r{round}"), "round {round}");
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing and consuming across nodes
+
+/// Queue led by `leader`, N confirmed persistent publishes through `publisher`, all consumed
+/// in order through `consumer` with manual acks.
+async fn cross_node_round(cluster: &Cluster, leader: usize, publisher: usize, consumer: usize) {
+    const N: u32 = 500;
+    let queue = unique(&format!("led-by-{leader}"));
+    let (_cl, chl) = support::open(&cluster.url(leader)).await;
+    declare_durable(&chl, &queue, FieldTable::default()).await;
+
+    let cp = support::connect(&cluster.url(publisher)).await;
+    let chp = confirm_channel(&cp).await;
+    let want = bodies("m", 0..N);
+    publish_confirmed(&chp, "", &queue, &want).await;
+
+    // The leader's gauge shows them all once confirmed: confirms come after the commit.
+    let metrics = cluster.metrics(leader);
+    assert_eq!(
+        queue_gauge(&metrics, "warren_queue_messages_ready", &queue),
+        Some(u64::from(N)),
+        "ready gauge of {queue} on its leader (node {leader})"
+    );
+
+    let (_cc, chc) = support::open(&cluster.url(consumer)).await;
+    let got = within_for(
+        Duration::from_secs(60),
+        "consuming every message",
+        consume_n(&chc, &queue, N as usize),
+    )
+    .await;
+    assert_in_order(
+        &got,
+        &want,
+        &format!("led by {leader}, published via {publisher}, consumed via {consumer}"),
+    );
+    // Every ack made it back to the leader: nothing is left, ready or unacked.
+    support::eventually(
+        "the queue is empty and nothing is unacked on its leader",
+        support::WAIT,
+        || async {
+            let m = cluster.metrics(leader);
+            queue_gauge(&m, "warren_queue_messages_ready", &queue) == Some(0)
+                && queue_gauge(&m, "warren_queue_messages_unacked", &queue) == Some(0)
+        },
+    )
+    .await;
+    assert_eq!(passive_queue(&chl, &queue).await.expect("passive"), 0);
+}
+
+#[test]
+fn publish_on_a_follower_consume_on_a_third_node() {
+    let Some(cluster) = three_nodes("publish_on_a_follower_consume_on_a_third_node") else {
+        return;
+    };
+    run(async {
+        cross_node_round(&cluster, 2, 1, 3).await;
+        cross_node_round(&cluster, 3, 2, 1).await;
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Failover
+
+/// What the publisher of the failover scenario saw.
+#[derive(Default)]
+struct PublishLog {
+    /// Publish instant of every message, by sequence number.
+    sent: BTreeMap<u64, Instant>,
+    /// Sequence numbers confirmed with an ack, and when the ack arrived.
+    acked: BTreeMap<u64, Instant>,
+    nacked: BTreeSet<u64>,
+}
+
+/// One delivery seen by the consumer of the failover scenario.
+struct Seen {
+    seq: u64,
+    redelivered: bool,
+    at: Instant,
+}
+
+fn seq_of(body: &[u8]) -> Option<u64> {
+    std::str::from_utf8(body)
+        .ok()?
+        .strip_prefix("seq-")?
+        .parse()
+        .ok()
+}
+
+/// Milliseconds from `kill` to `t` (negative before it).
+fn ms_since(kill: Instant, t: Instant) -> i64 {
+    if t >= kill {
+        t.duration_since(kill).as_millis() as i64
+    } else {
+        -(kill.duration_since(t).as_millis() as i64)
+    }
+}
+
+/// Repeats seen by the consumer of the failover scenario.
+struct FailoverReport {
+    /// Sequence numbers delivered again without the redelivered flag after the kill, with
+    /// the times (ms after the kill) and flags of all their deliveries.
+    unflagged_repeats: Vec<(u64, Vec<(i64, bool)>)>,
+}
+
+/// Queue led by node 1; a publisher on node 2 publishes sequence-numbered persistent
+/// messages with confirms, a consumer on node 3 (manual ack, prefetch 50) records every
+/// delivery; node 1 is killed with SIGKILL mid-stream. Asserts what must hold whatever the
+/// flags: every confirmed message reaches the consumer, nothing unexpected arrives, no
+/// repeat before the kill lacks the redelivered flag, a message published after the kill
+/// is confirmed within [`FAILOVER_LIMIT`], and the queue ends empty with nothing unacked.
+/// Prints the figures (`failover_ms=...` and counts) and returns the repeats for stricter
+/// checks.
+async fn kill_the_leader_mid_stream(cluster: &mut Cluster) -> FailoverReport {
+    /// Bounds of the publishing phase.
+    const MAX_MESSAGES: u64 = 3_000;
+    const MAX_PUBLISHING: Duration = Duration::from_secs(30);
+    /// Confirms outstanding at once.
+    const WINDOW: usize = 64;
+    /// The leader is killed once this many messages were delivered to the consumer, and
+    /// publishing goes on until this many messages published after the kill are confirmed.
+    const KILL_AFTER_DELIVERIES: usize = 600;
+    const CONFIRMED_AFTER_KILL: usize = 600;
+    /// Consumer cancellations tolerated (each is followed by a new basic.consume).
+    const MAX_CANCELS: usize = 5;
+
+    let queue = unique("failover");
+    {
+        let (c1, ch1) = support::open(&cluster.url(1)).await;
+        declare_durable(&ch1, &queue, FieldTable::default()).await;
+        let _ = c1.close(200, "bye".into()).await;
+    }
+
+    // Consumer on node 3: records every delivery and acks it.
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let cancels = Arc::new(Mutex::new(0usize));
+    let stop_consumer = Arc::new(tokio::sync::Notify::new());
+    let (c3, ch3) = support::open(&cluster.url(3)).await;
+    let mut consumer = consume(&ch3, &queue, 50).await;
+    let consumer_task = {
+        let seen = seen.clone();
+        let cancels = cancels.clone();
+        let stop = stop_consumer.clone();
+        let ch3 = ch3.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    _ = stop.notified() => return,
+                    item = consumer.next() => item,
+                };
+                match item {
+                    Some(Ok(d)) => {
+                        let seq = seq_of(&d.data).unwrap_or_else(|| {
+                            panic!("unexpected body {:?}", String::from_utf8_lossy(&d.data))
+                        });
+                        seen.lock().unwrap().push(Seen {
+                            seq,
+                            redelivered: d.redelivered,
+                            at: Instant::now(),
+                        });
+                        // An ack lost with the dead leader only means a redelivery.
+                        let _ = d.ack(BasicAckOptions::default()).await;
+                    }
+                    Some(Err(e)) => panic!("consumer on node 3 failed: {e}"),
+                    None => {
+                        // The broker cancelled the consumer (basic.cancel): consume again on
+                        // the same channel, and count it.
+                        let n = {
+                            let mut c = cancels.lock().unwrap();
+                            *c += 1;
+                            *c
+                        };
+                        assert!(n <= MAX_CANCELS, "consumer on node 3 cancelled {n} times");
+                        consumer = consume(&ch3, &queue, 50).await;
+                    }
+                }
+            }
+        })
+    };
+
+    // Publisher on node 2: sequence-numbered persistent messages, a bounded window of
+    // outstanding confirms.
+    let log: Arc<Mutex<PublishLog>> = Arc::default();
+    let killed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
+    let c2 = support::connect(&cluster.url(2)).await;
+    let ch2 = confirm_channel(&c2).await;
+    let publisher_task = {
+        let log = log.clone();
+        let killed_at = killed_at.clone();
+        let queue = queue.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let mut inflight: VecDeque<(u64, PublisherConfirm)> = VecDeque::new();
+            // The limit covers a failover; a confirm that never comes is the silent drop
+            // this scenario is about.
+            let settle = |seq: u64, c: Option<lapin::Result<Confirmation>>| {
+                let c = c
+                    .unwrap_or_else(|| panic!("no confirm for seq {seq}"))
+                    .unwrap_or_else(|e| panic!("confirm of seq {seq}: {e}"));
+                let mut log = log.lock().unwrap();
+                if c.is_ack() {
+                    log.acked.insert(seq, Instant::now());
+                } else {
+                    log.nacked.insert(seq);
+                }
+            };
+            let confirmed_after_kill = || {
+                let kill = *killed_at.lock().unwrap();
+                kill.map_or(0, |k| {
+                    let log = log.lock().unwrap();
+                    log.acked.keys().filter(|seq| log.sent[seq] > k).count()
+                })
+            };
+            let confirm_limit = FAILOVER_LIMIT + support::WAIT;
+            let mut seq = 0u64;
+            while seq < MAX_MESSAGES
+                && started.elapsed() < MAX_PUBLISHING
+                && confirmed_after_kill() < CONFIRMED_AFTER_KILL
+            {
+                if inflight.len() >= WINDOW {
+                    let (s, p) = inflight.pop_front().expect("window is full");
+                    settle(s, tokio::time::timeout(confirm_limit, p).await.ok());
+                }
+                let confirm = within(
+                    "basic.publish",
+                    ch2.basic_publish(
+                        "".into(),
+                        queue.as_str().into(),
+                        BasicPublishOptions::default(),
+                        format!("seq-{seq}").as_bytes(),
+                        persistent(),
+                    ),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("publish seq {seq} on node 2: {e}"));
+                log.lock().unwrap().sent.insert(seq, Instant::now());
+                inflight.push_back((seq, confirm));
+                seq += 1;
+            }
+            for (s, p) in inflight {
+                settle(s, tokio::time::timeout(confirm_limit, p).await.ok());
+            }
+            seq
+        })
+    };
+
+    // Kill node 1, the queue's leader, mid-stream.
+    support::eventually(
+        "the consumer on node 3 to get going",
+        Duration::from_secs(30),
+        || {
+            let n = seen.lock().unwrap().len();
+            async move { n >= KILL_AFTER_DELIVERIES }
+        },
+    )
+    .await;
+    let kill = Instant::now();
+    *killed_at.lock().unwrap() = Some(kill);
+    cluster.kill9(1);
+
+    let published = within_for(Duration::from_secs(90), "the publisher", publisher_task)
+        .await
+        .expect("publisher task");
+
+    // Drain: everything confirmed must reach the consumer.
+    let acked: BTreeSet<u64> = log.lock().unwrap().acked.keys().copied().collect();
+    let delivered = || -> BTreeSet<u64> { seen.lock().unwrap().iter().map(|s| s.seq).collect() };
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let missing: Vec<u64> = acked.difference(&delivered()).copied().collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < drain_deadline,
+            "{} confirmed messages never reached the consumer on node 3, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(20)]
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Every ack the consumer sent is settled on the surviving replicas: nothing is left
+    // ready (nacked messages aside) or unacked.
+    let nacked = log.lock().unwrap().nacked.len() as u64;
+    for id in [2, 3] {
+        support::eventually(
+            "the queue to end empty with nothing unacked",
+            support::WAIT,
+            || {
+                let m = cluster.metrics(id);
+                let ready = queue_gauge(&m, "warren_queue_messages_ready", &queue);
+                let unacked = queue_gauge(&m, "warren_queue_messages_unacked", &queue);
+                async move { ready.is_some_and(|r| r <= nacked) && unacked == Some(0) }
+            },
+        )
+        .await;
+    }
+    stop_consumer.notify_one();
+    within("the consumer task", consumer_task)
+        .await
+        .expect("consumer task");
+
+    let _ = c3.close(200, "bye".into()).await;
+    let _ = c2.close(200, "bye".into()).await;
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let seen = std::mem::take(&mut *seen.lock().unwrap());
+    let cancels = *cancels.lock().unwrap();
+
+    // Nothing unexpected: only sequence numbers that were published.
+    let strays: Vec<u64> = seen
+        .iter()
+        .map(|s| s.seq)
+        .filter(|s| !log.sent.contains_key(s))
+        .collect();
+    assert!(
+        strays.is_empty(),
+        "delivered but never published: {strays:?}"
+    );
+
+    // Repeats: flagged redelivered, or unflagged after the kill (counted), or unflagged
+    // before it (a failure).
+    let mut count: BTreeMap<u64, usize> = BTreeMap::new();
+    let (mut flagged_repeats, mut unflagged_before) = (0, Vec::new());
+    let mut unflagged_after = BTreeSet::new();
+    for s in seen.iter() {
+        let n = count.entry(s.seq).or_default();
+        *n += 1;
+        if *n > 1 {
+            if s.redelivered {
+                flagged_repeats += 1;
+            } else if s.at > kill {
+                unflagged_after.insert(s.seq);
+            } else {
+                unflagged_before.push(s.seq);
+            }
+        }
+    }
+    let unflagged_repeats: Vec<(u64, Vec<(i64, bool)>)> = unflagged_after
+        .iter()
+        .map(|seq| {
+            let times = seen
+                .iter()
+                .filter(|s| s.seq == *seq)
+                .map(|s| (ms_since(kill, s.at), s.redelivered))
+                .collect();
+            (*seq, times)
+        })
+        .collect();
+    let flagged = seen.iter().filter(|s| s.redelivered).count();
+    // First deliveries of each message out of publish order (reported, not asserted: a
+    // new leader may resend what the old one had checked out after newer messages).
+    let mut out_of_order = 0;
+    let mut highest: Option<u64> = None;
+    let mut first = BTreeSet::new();
+    for s in seen.iter().filter(|s| first.insert(s.seq)) {
+        if highest.is_some_and(|h| s.seq < h) {
+            out_of_order += 1;
+        }
+        highest = Some(highest.map_or(s.seq, |h| h.max(s.seq)));
+    }
+
+    let first_new_confirm = log
+        .acked
+        .iter()
+        .filter(|(seq, _)| log.sent[seq] > kill)
+        .map(|(_, t)| *t)
+        .min();
+    let first_delivery_after_kill = seen.iter().map(|s| s.at).filter(|t| *t > kill).min();
+    let ms = |t: Option<Instant>| t.map_or(-1, |t| ms_since(kill, t));
+    println!(
+        "failover_ms={} first_delivery_after_kill_ms={} published={published} acked={} \
+         nacked={} deliveries={} distinct={} redelivered_flagged={flagged} \
+         repeats_flagged={flagged_repeats} repeats_unflagged_after_kill={} \
+         first_deliveries_out_of_order={out_of_order} consumer_cancels={cancels}",
+        ms(first_new_confirm),
+        ms(first_delivery_after_kill),
+        log.acked.len(),
+        log.nacked.len(),
+        seen.len(),
+        count.len(),
+        unflagged_repeats.len(),
+    );
+    assert!(
+        unflagged_before.is_empty(),
+        "delivered again without the redelivered flag before the kill: {unflagged_before:?}"
+    );
+    let failover = first_new_confirm
+        .map(|t| t.duration_since(kill))
+        .unwrap_or_else(|| panic!("no message published after the kill was confirmed"));
+    assert!(
+        failover < FAILOVER_LIMIT,
+        "the first confirm of a message published after the kill took {failover:?}"
+    );
+    FailoverReport { unflagged_repeats }
+}
+
+#[test]
+fn killing_the_leader_loses_no_confirmed_message() {
+    let Some(mut cluster) = three_nodes("killing_the_leader_loses_no_confirmed_message") else {
+        return;
+    };
+    run(async {
+        kill_the_leader_mid_stream(&mut cluster).await;
+    });
+}
+
+/// Stricter than the test above: a message delivered twice must carry the redelivered
+/// flag on the repeat, after a failover too, since consumers use the flag to decide when
+/// to check for duplicates.
+#[test]
+#[ignore = "bug: after a leader failover, deliveries the consumer already acked are resent \
+            to it with redelivered=false"]
+fn repeats_after_a_failover_carry_the_redelivered_flag() {
+    let Some(mut cluster) = three_nodes("repeats_after_a_failover_carry_the_redelivered_flag")
+    else {
+        return;
+    };
+    run(async {
+        let report = kill_the_leader_mid_stream(&mut cluster).await;
+        let shown: Vec<_> = report.unflagged_repeats.iter().take(10).collect();
+        assert!(
+            report.unflagged_repeats.is_empty(),
+            "{} messages were delivered again after the kill without the redelivered flag; \
+             (seq, [(ms after the kill, redelivered)]) for the first ten: {shown:?}",
+            report.unflagged_repeats.len()
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Restarts
+
+/// Waits until node `id` lists `queue` with `ready` ready messages in `/metrics`, i.e. its
+/// replica has applied every message.
+async fn wait_replica_ready(cluster: &Cluster, id: usize, queue: &str, ready: u64) {
+    let deadline = Instant::now() + support::WAIT;
+    loop {
+        let m = cluster.metrics(id);
+        let got = queue_gauge(&m, "warren_queue_messages_ready", queue);
+        if got == Some(ready) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} shows {got:?} ready messages in {queue}, expected {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[test]
+fn restarted_node_rejoins_and_catches_up() {
+    let Some(mut cluster) = three_nodes("restarted_node_rejoins_and_catches_up") else {
+        return;
+    };
+    run(async {
+        // One queue led by node 1 (which is killed last) and one led by node 3 (which is
+        // killed first, so its queue fails over and then gets its old leader back as a
+        // follower).
+        let led_by_1 = unique("led-by-1");
+        let led_by_3 = unique("led-by-3");
+        {
+            let (c, ch) = support::open(&cluster.url(1)).await;
+            declare_durable(&ch, &led_by_1, FieldTable::default()).await;
+            let _ = c.close(200, "bye".into()).await;
+            let (c, ch) = support::open(&cluster.url(3)).await;
+            declare_durable(&ch, &led_by_3, FieldTable::default()).await;
+            let _ = c.close(200, "bye".into()).await;
+        }
+        let c2 = support::connect(&cluster.url(2)).await;
+        let ch2 = confirm_channel(&c2).await;
+        let before = bodies("before", 0..100);
+        for q in [&led_by_1, &led_by_3] {
+            publish_confirmed(&ch2, "", q, &before).await;
+        }
+
+        cluster.kill9(3);
+        // Node 3 misses these; the queue it led has to fail over to take them.
+        let missed = bodies("missed", 0..100);
+        for q in [&led_by_1, &led_by_3] {
+            within_for(
+                FAILOVER_LIMIT + support::WAIT,
+                "publishing while node 3 is down",
+                publish_confirmed(&ch2, "", q, &missed),
+            )
+            .await;
+        }
+
+        cluster.restart(3);
+        assert_eq!(cluster.readyz(3), 200, "restarted node 3 is not ready");
+        // Node 3's replicas catch up with what they missed.
+        for q in [&led_by_1, &led_by_3] {
+            wait_replica_ready(&cluster, 3, q, 200).await;
+        }
+        // And it serves clients: publish through it.
+        let (c3, _) = support::open(&cluster.url(3)).await;
+        let ch3_pub = confirm_channel(&c3).await;
+        let after = bodies("after", 0..100);
+        for q in [&led_by_1, &led_by_3] {
+            publish_confirmed(&ch3_pub, "", q, &after).await;
+        }
+
+        // Without the old leader, node 3 (with node 2) has everything, in order.
+        cluster.kill9(1);
+        let want: Vec<String> = [before, missed, after].concat();
+        let ch3 = support::channel(&c3).await;
+        for q in [&led_by_1, &led_by_3] {
+            let got = within_for(
+                FAILOVER_LIMIT + Duration::from_secs(30),
+                "consuming through node 3",
+                consume_n(&ch3, q, want.len()),
+            )
+            .await;
+            assert_in_order(&got, &want, &format!("{q} consumed through node 3"));
+        }
+    });
+}
+
+#[test]
+fn full_cluster_restart_keeps_everything() {
+    let Some(mut cluster) = three_nodes("full_cluster_restart_keeps_everything") else {
+        return;
+    };
+    run(async {
+        const N: u32 = 100;
+        let exchange = unique("x");
+        // Queue i is declared (so led) through node i and bound with key "k{i}".
+        let queues: Vec<String> = (1..=3).map(|i| unique(&format!("led-by-{i}"))).collect();
+        let transient = unique("transient");
+        {
+            let (c1, ch1) = support::open(&cluster.url(1)).await;
+            declare_exchange(&ch1, &exchange, ExchangeKind::Direct).await;
+            let _ = c1.close(200, "bye".into()).await;
+        }
+        for (i, q) in queues.iter().enumerate() {
+            let id = i + 1;
+            let (c, ch) = support::open(&cluster.url(id)).await;
+            declare_durable(&ch, q, FieldTable::default()).await;
+            bind(&ch, q, &exchange, &format!("k{id}")).await;
+            let _ = c.close(200, "bye".into()).await;
+        }
+        {
+            let (c2, ch2) = support::open(&cluster.url(2)).await;
+            within(
+                "declare transient queue",
+                ch2.queue_declare(
+                    transient.as_str().into(),
+                    QueueDeclareOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await
+            .expect("declare transient queue");
+            bind(&ch2, &transient, &exchange, "k1").await;
+            let _ = c2.close(200, "bye".into()).await;
+        }
+        // Queue i's messages are published through the next node.
+        for (i, q) in queues.iter().enumerate() {
+            let via = i % 3 + 2;
+            let via = if via > 3 { via - 3 } else { via };
+            let c = support::connect(&cluster.url(via)).await;
+            let ch = confirm_channel(&c).await;
+            publish_confirmed(&ch, &exchange, &format!("k{}", i + 1), &bodies(q, 0..N)).await;
+            let _ = c.close(200, "bye".into()).await;
+        }
+
+        let statuses = cluster.sigterm_all();
+        for (i, s) in statuses.iter().enumerate() {
+            assert!(s.success(), "node {} exited with {s} after SIGTERM", i + 1);
+        }
+        cluster.restart_all();
+
+        for id in 1..=3 {
+            assert_eq!(cluster.readyz(id), 200, "node {id} is not ready");
+            let conn = support::connect(&cluster.url(id)).await;
+            let ch = support::channel(&conn).await;
+            passive_exchange(&ch, &exchange)
+                .await
+                .unwrap_or_else(|e| panic!("exchange gone on node {id}: {e}"));
+            for q in &queues {
+                support::wait_ready_count(&ch, q, N).await;
+            }
+            let ch = support::channel(&conn).await;
+            assert_code(passive_queue(&ch, &transient).await, code::NOT_FOUND);
+            let _ = conn.close(200, "bye".into()).await;
+        }
+
+        // Every message is back, in order, consumed through a node other than the leader's
+        // and the publisher's.
+        for (i, q) in queues.iter().enumerate() {
+            let via = (i + 2) % 3 + 1;
+            let (c, ch) = support::open(&cluster.url(via)).await;
+            let got = consume_n(&ch, q, N as usize).await;
+            assert_in_order(&got, &bodies(q, 0..N), &format!("{q} after the restart"));
+            let _ = c.close(200, "bye".into()).await;
+        }
+
+        // The bindings still route.
+        let c = support::connect(&cluster.url(3)).await;
+        let ch = confirm_channel(&c).await;
+        for (i, q) in queues.iter().enumerate() {
+            publish_confirmed(
+                &ch,
+                &exchange,
+                &format!("k{}", i + 1),
+                &[format!("{q}-new")],
+            )
+            .await;
+        }
+        let (_c1, ch1) = support::open(&cluster.url(1)).await;
+        for q in &queues {
+            let got = consume_n(&ch1, q, 1).await;
+            assert_eq!(got[0].0, format!("{q}-new"));
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queues that live on one node
+
+#[test]
+fn transient_and_exclusive_queues_live_on_their_node() {
+    let Some(cluster) = three_nodes("transient_and_exclusive_queues_live_on_their_node") else {
+        return;
+    };
+    run(async {
+        let transient = unique("transient");
+        let exclusive = unique("exclusive");
+        let (c1, ch1) = support::open(&cluster.url(1)).await;
+        within(
+            "declare transient queue",
+            ch1.queue_declare(
+                transient.as_str().into(),
+                QueueDeclareOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("declare transient queue");
+        within(
+            "declare exclusive queue",
+            ch1.queue_declare(
+                exclusive.as_str().into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("declare exclusive queue");
+
+        // The transient queue: published through node 2, fetched through node 1.
+        let c2 = support::connect(&cluster.url(2)).await;
+        let ch2_pub = confirm_channel(&c2).await;
+        publish_confirmed(&ch2_pub, "", &transient, &["from-2".to_owned()]).await;
+        let m = within(
+            "basic.get",
+            ch1.basic_get(transient.as_str().into(), BasicGetOptions { no_ack: false }),
+        )
+        .await
+        .expect("basic.get")
+        .expect("the message published through node 2");
+        assert_eq!(text(&m.delivery), "from-2");
+        within("basic.ack", m.delivery.ack(BasicAckOptions::default()))
+            .await
+            .expect("basic.ack");
+        // And consumed through node 3, with the ack going back to node 1.
+        publish_confirmed(&ch2_pub, "", &transient, &["to-3".to_owned()]).await;
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let got = consume_n(&ch3, &transient, 1).await;
+        assert_eq!(got, [("to-3".to_owned(), false)]);
+        support::eventually(
+            "the ack from node 3 to settle on node 1",
+            support::WAIT,
+            || {
+                let m = cluster.metrics(1);
+                let settled = queue_gauge(&m, "warren_queue_messages_unacked", &transient)
+                    == Some(0)
+                    && queue_gauge(&m, "warren_queue_messages_ready", &transient) == Some(0);
+                async move { settled }
+            },
+        )
+        .await;
+
+        // The exclusive queue refuses every client but its owner, on any node: 405.
+        for id in [2, 3] {
+            let conn = support::connect(&cluster.url(id)).await;
+            let ch = support::channel(&conn).await;
+            assert_code(passive_queue(&ch, &exclusive).await, code::RESOURCE_LOCKED);
+            let ch = support::channel(&conn).await;
+            assert_code(
+                within(
+                    "basic.get",
+                    ch.basic_get(exclusive.as_str().into(), BasicGetOptions { no_ack: true }),
+                )
+                .await,
+                code::RESOURCE_LOCKED,
+            );
+            let ch = support::channel(&conn).await;
+            assert_code(
+                within(
+                    "basic.consume",
+                    ch.basic_consume(
+                        exclusive.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    ),
+                )
+                .await,
+                code::RESOURCE_LOCKED,
+            );
+            let ch = support::channel(&conn).await;
+            assert_code(
+                within(
+                    "queue.delete",
+                    ch.queue_delete(exclusive.as_str().into(), QueueDeleteOptions::default()),
+                )
+                .await,
+                code::RESOURCE_LOCKED,
+            );
+            let _ = conn.close(200, "bye".into()).await;
+        }
+        // Publishing to it is allowed from anywhere, as in RabbitMQ; the owner gets it.
+        publish_confirmed(&ch2_pub, "", &exclusive, &["for-owner".to_owned()]).await;
+        let m = within(
+            "basic.get",
+            ch1.basic_get(exclusive.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("basic.get by the owner")
+        .expect("the message published through node 2");
+        assert_eq!(text(&m.delivery), "for-owner");
+
+        // When the owner goes, so does the queue, on every node; the transient queue stays.
+        within("connection.close", c1.close(200, "bye".into()))
+            .await
+            .expect("connection.close");
+        for id in 1..=3 {
+            let conn = support::connect(&cluster.url(id)).await;
+            support::eventually("the exclusive queue to be gone", support::WAIT, || async {
+                let ch = support::channel(&conn).await;
+                match passive_queue(&ch, &exclusive).await {
+                    Ok(_) => false,
+                    Err(e) => {
+                        assert_eq!(support::reply_code(&e), Some(code::NOT_FOUND), "{e}");
+                        true
+                    }
+                }
+            })
+            .await;
+            let ch = support::channel(&conn).await;
+            passive_queue(&ch, &transient)
+                .await
+                .unwrap_or_else(|e| panic!("transient queue gone on node {id}: {e}"));
+            let _ = conn.close(200, "bye".into()).await;
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Consumers across nodes
+
+#[test]
+fn deleting_a_queue_through_another_node_cancels_its_consumers() {
+    let Some(cluster) = three_nodes("deleting_a_queue_through_another_node_cancels_its_consumers")
+    else {
+        return;
+    };
+    run(async {
+        let queue = unique("deleted");
+        let (_c1, ch1) = support::open(&cluster.url(1)).await;
+        declare_durable(&ch1, &queue, FieldTable::default()).await;
+
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let mut consumer = consume(&ch3, &queue, 10).await;
+        // One delivery first, so the consumer is known to be attached.
+        let ch1_pub = confirm_channel(&_c1).await;
+        publish_confirmed(&ch1_pub, "", &queue, &["before".to_owned()]).await;
+        let d = next_delivery(&mut consumer).await;
+        assert_eq!(text(&d), "before");
+        within("basic.ack", d.ack(BasicAckOptions::default()))
+            .await
+            .expect("basic.ack");
+
+        let (_c2, ch2) = support::open(&cluster.url(2)).await;
+        within(
+            "queue.delete",
+            ch2.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
+        )
+        .await
+        .expect("queue.delete through node 2");
+
+        // basic.cancel reaches the consumer on node 3: lapin ends its stream.
+        match within("basic.cancel from the broker", consumer.next()).await {
+            None => {}
+            Some(Ok(d)) => panic!("delivery after the delete: {:?}", text(&d)),
+            Some(Err(e)) => panic!("consumer failed instead of being cancelled: {e}"),
+        }
+        // The channel itself stays open and usable.
+        assert!(ch3.status().connected(), "channel on node 3 was closed");
+        assert_code(passive_queue(&ch3, &queue).await, code::NOT_FOUND);
+        for id in [1, 2] {
+            let ch = support::channel(&support::connect(&cluster.url(id)).await).await;
+            assert_code(passive_queue(&ch, &queue).await, code::NOT_FOUND);
+        }
+    });
+}
+
+#[test]
+fn unacked_deliveries_of_a_dead_nodes_consumer_are_redelivered() {
+    let Some(mut cluster) =
+        three_nodes("unacked_deliveries_of_a_dead_nodes_consumer_are_redelivered")
+    else {
+        return;
+    };
+    run(async {
+        const N: u32 = 20;
+        const HELD: usize = 10;
+        // Led by node 2, which stays up; the consumer holding messages is on node 1.
+        let queue = unique("held");
+        let (c2, ch2) = support::open(&cluster.url(2)).await;
+        declare_durable(&ch2, &queue, FieldTable::default()).await;
+        let ch2_pub = confirm_channel(&c2).await;
+        let all = bodies("m", 0..N);
+        publish_confirmed(&ch2_pub, "", &queue, &all).await;
+
+        let (_c1, ch1) = support::open(&cluster.url(1)).await;
+        let mut holder = consume(&ch1, &queue, HELD as u16).await;
+        let mut held = BTreeSet::new();
+        for _ in 0..HELD {
+            held.insert(text(&next_delivery(&mut holder).await));
+        }
+        wait_replica_ready(&cluster, 2, &queue, u64::from(N) - HELD as u64).await;
+
+        let kill = Instant::now();
+        cluster.kill9(1);
+
+        // A consumer on node 3 gets all N: the held ones come back marked redelivered once
+        // node 1 is declared down; the rest were never delivered.
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let got = within_for(
+            FAILOVER_LIMIT + support::WAIT,
+            "every message through node 3",
+            consume_n(&ch3, &queue, N as usize),
+        )
+        .await;
+        let took = kill.elapsed();
+        let bodies_got: BTreeSet<String> = got.iter().map(|(b, _)| b.clone()).collect();
+        assert_eq!(bodies_got.len(), got.len(), "duplicates: {got:?}");
+        assert_eq!(bodies_got, all.iter().cloned().collect(), "{got:?}");
+        for (b, redelivered) in &got {
+            assert_eq!(
+                *redelivered,
+                held.contains(b),
+                "{b}: redelivered flag {redelivered}, held by the dead consumer: {}",
+                held.contains(b)
+            );
+        }
+        println!("held_redelivered_ms={}", took.as_millis());
+    });
+}
