@@ -422,6 +422,9 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // Thousands of groups share one connection per peer; a burst of calls that time out
+        // together must not make the server drop the connection.
+        .http2_max_pending_accept_reset_streams(Some(10_000))
         .add_service(
             pb::raft_server::RaftServer::new(RaftService(handler.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)

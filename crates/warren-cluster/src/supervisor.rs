@@ -30,6 +30,11 @@ struct PeerState {
     last_ok: Instant,
     down: bool,
     incarnation: u64,
+    /// Whether the peer ever answered. One that never did is not declared down: it may still
+    /// be starting (a node with thousands of groups takes a while), and declaring it down
+    /// would make every replica stand for election at once. Groups it would lead get a leader
+    /// through the lower-ranked replicas' patience instead.
+    heard: bool,
 }
 
 /// Who is up, as this node sees it.
@@ -64,9 +69,11 @@ impl LivenessTable {
             last_ok: now,
             down: false,
             incarnation: 0,
+            heard: false,
         });
         match ok {
             Some(incarnation) => {
+                state.heard = true;
                 state.last_ok = now;
                 let restarted = state.incarnation != 0 && state.incarnation != incarnation;
                 state.incarnation = incarnation;
@@ -76,7 +83,10 @@ impl LivenessTable {
                 }
             }
             None => {
-                if !state.down && now.duration_since(state.last_ok) >= self.failure_timeout {
+                if state.heard
+                    && !state.down
+                    && now.duration_since(state.last_ok) >= self.failure_timeout
+                {
                     state.down = true;
                     return Some(true);
                 }
@@ -104,6 +114,10 @@ impl Liveness for LivenessTable {
 }
 
 pub(crate) const TICK: Duration = Duration::from_millis(200);
+/// Elections one node starts per supervisor round, at most.
+const ELECTIONS_PER_ROUND: usize = 64;
+/// How long a lower-ranked replica lets a live higher-ranked one try before standing itself.
+const FALLBACK_PATIENCE: Duration = Duration::from_secs(3);
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
 pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
@@ -215,18 +229,29 @@ fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) 
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
         let desired = handle.replicas();
-        let m = raft.metrics().borrow_watched().clone();
-        let membership = m.membership_config.membership().clone();
-        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
         let desired_set: BTreeSet<NodeId> = desired.iter().copied().collect();
-        if m.state != ServerState::Leader {
+        // Most groups need nothing: read what decides that under the borrow, clone nothing.
+        let metrics = raft.metrics();
+        let (leading, voters, learners) = {
+            let m = metrics.borrow_watched();
+            let membership = m.membership_config.membership();
+            let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+            let in_sync = voters == desired_set;
+            let preferred_elsewhere = desired.first().is_some_and(|p| *p != me);
+            if m.state == ServerState::Leader && in_sync && !preferred_elsewhere {
+                continue;
+            }
+            let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+            (m.state == ServerState::Leader, voters, learners)
+        };
+        if !leading {
             // A replica that is no longer wanted and no longer a voter leaves.
             if !desired_set.contains(&me) && !voters.contains(&me) && !voters.is_empty() {
                 node.registry().retire_group(group);
             }
             continue;
         }
+        let m = metrics.borrow_watched().clone();
         if changes.contains_key(&group) {
             continue;
         }
@@ -318,6 +343,7 @@ async fn drive_elections(
     let now = Instant::now();
     let me = node.id();
     let members = node.registry().members();
+    let mut started = 0;
     for handle in node.registry().handles() {
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
@@ -373,11 +399,13 @@ async fn drive_elections(
         let rank = alive.iter().position(|n| *n == me);
         let Some(rank) = rank else { continue };
         let waited = now.duration_since(since);
-        // Later ranks also leave time for a live leader to make itself known (it sends a
-        // heartbeat round when it sees this node come back).
+        // A replica ranked behind a live one stands only if that one has not managed for a
+        // long while (say its log is behind, so its pre-vote fails): the leader it elects, or
+        // a live leader it did not hear from yet (idle groups are silent), announces itself
+        // long before that.
         let turn = match rank {
             0 => Duration::ZERO,
-            r => super::registry::ELECTION_RETRY * (u32::try_from(r).unwrap_or(u32::MAX) + 2),
+            r => FALLBACK_PATIENCE * u32::try_from(r).unwrap_or(u32::MAX),
         };
         if waited < turn {
             continue;
@@ -388,6 +416,12 @@ async fn drive_elections(
         {
             continue;
         }
+        // Elections are spread over rounds: after a full restart thousands of groups would
+        // otherwise flood the peers with votes at once.
+        if started >= ELECTIONS_PER_ROUND {
+            break;
+        }
+        started += 1;
         last_elect.insert(group, now);
         if !initialized {
             // The preferred leader never came up to initialize the group: the first live
