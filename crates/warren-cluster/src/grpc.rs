@@ -186,6 +186,24 @@ impl Transport for GrpcTransport {
                         .into_inner();
                     Ok(PeerResponse::MetaIndex(reply.committed))
                 }
+                PeerRequest::MetaWait {
+                    index,
+                    timeout: wait,
+                } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    let reply = client
+                        .meta_wait(with_timeout(
+                            pb::MetaWaitRequest {
+                                index,
+                                timeout_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                            },
+                            timeout,
+                        ))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok(PeerResponse::MetaIndex(reply.committed))
+                }
                 PeerRequest::Deliver { items } => {
                     let mut client = pb::peer_client::PeerClient::new(channel)
                         .max_decoding_message_size(MAX_MESSAGE)
@@ -390,6 +408,26 @@ impl pb::peer_server::Peer for PeerService {
         _request: Request<pb::Empty>,
     ) -> Result<Response<pb::MetaIndexReply>, Status> {
         match self.0.handle(PeerRequest::MetaIndex).await {
+            PeerResponse::MetaIndex(committed) => {
+                Ok(Response::new(pb::MetaIndexReply { committed }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
+    }
+
+    async fn meta_wait(
+        &self,
+        request: Request<pb::MetaWaitRequest>,
+    ) -> Result<Response<pb::MetaIndexReply>, Status> {
+        let req = request.into_inner();
+        match self
+            .0
+            .handle(PeerRequest::MetaWait {
+                index: req.index,
+                timeout: Duration::from_millis(req.timeout_ms.min(10_000)),
+            })
+            .await
+        {
             PeerResponse::MetaIndex(committed) => {
                 Ok(Response::new(pb::MetaIndexReply { committed }))
             }

@@ -27,7 +27,7 @@ use warren_core::{GroupId, MsgId};
 use crate::db::{CF_META, DbError, Storage, decode, encode, keys};
 use crate::meta_sm::MetaMachine;
 use crate::network::{GroupNetwork, WireSnapshot};
-use crate::outbox::{Outbox, RemoteItem};
+use crate::outbox::{Liveness, Outbox, RemoteItem};
 use crate::proposer::{ItemResult, write_local};
 use crate::queue::{ClusterError, Delivery, QueueHandle, ReplyTo};
 use crate::registry::{EffectsSink, Registry};
@@ -39,6 +39,8 @@ use crate::types::{GroupRequest, GroupResponse, QueueRequest, Raft, TypeConfig};
 const NODE_KEYS: GroupId = u64::MAX;
 const META_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const META_WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// How long a metadata write waits for the other members to apply it.
+const PEER_APPLY_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -397,6 +399,7 @@ impl Node {
                 Some(l) if l == self.id => match self.meta_write_local(cmd.clone()).await {
                     Forwarded::Ok((index, reply)) => {
                         self.wait_meta_applied(index, deadline).await?;
+                        self.wait_peers_applied(index).await;
                         return Ok(reply);
                     }
                     other => other.describe(),
@@ -414,6 +417,7 @@ impl Node {
                             let (index, reply): (u64, MetaReply) =
                                 decode(&bytes).map_err(|e| ClusterError::Raft(e.to_string()))?;
                             self.wait_meta_applied(index, deadline).await?;
+                            self.wait_peers_applied(index).await;
                             return Ok(reply);
                         }
                         Ok(PeerResponse::MetaWrite(other)) => other.describe(),
@@ -455,6 +459,38 @@ impl Node {
             .await
             .map(|_| ())
             .map_err(|e| ClusterError::Raft(e.to_string()))
+    }
+
+    fn meta_applied(&self) -> u64 {
+        self.meta_raft
+            .metrics()
+            .borrow_watched()
+            .last_applied
+            .map_or(0, |l| l.index)
+    }
+
+    /// Waits (briefly) until every live member has applied the metadata up to `index`, so a
+    /// client that got its declare-ok here can use the queue through any node at once. A
+    /// member that is down, or too slow to answer in time, catches up on its own and checks
+    /// again before answering "not found" (`meta_sync`).
+    async fn wait_peers_applied(&self, index: u64) {
+        let peers: Vec<NodeId> = self
+            .members()
+            .keys()
+            .copied()
+            .filter(|n| *n != self.id && !self.liveness.is_down(*n))
+            .collect();
+        let waits = peers.into_iter().map(|peer| {
+            self.transport.call(
+                peer,
+                PeerRequest::MetaWait {
+                    index,
+                    timeout: PEER_APPLY_WAIT,
+                },
+                PEER_APPLY_WAIT + Duration::from_millis(200),
+            )
+        });
+        futures::future::join_all(waits).await;
     }
 
     /// Waits until this node has applied every metadata change the leader had committed when
@@ -711,6 +747,11 @@ impl PeerHandler for NodeHandler {
                         Forwarded::NotLeader(l) => Forwarded::NotLeader(l),
                         Forwarded::Error(e) => Forwarded::Error(e),
                     })
+                }
+                PeerRequest::MetaWait { index, timeout } => {
+                    let deadline = Instant::now() + timeout;
+                    let _ = node.wait_meta_applied(index, deadline).await;
+                    PeerResponse::MetaIndex(node.meta_applied())
                 }
                 PeerRequest::MetaIndex => PeerResponse::MetaIndex(
                     node.meta_raft

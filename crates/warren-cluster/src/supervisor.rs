@@ -17,6 +17,7 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use tracing::{info, warn};
 use warren_core::NodeId;
+use warren_core::meta::MetaCmd;
 use warren_core::queue::QueueCmd;
 
 use crate::node::Node;
@@ -160,6 +161,14 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
                 Some(true) => {
                     warn!(node = peer, "peer is down");
                     release_down_node(&node, peer);
+                    if node.meta_leader() == Some(node.id()) {
+                        // The metadata leader drops the down node's exclusive queues, as if
+                        // their connections had closed.
+                        let n = node.clone();
+                        tokio::spawn(async move {
+                            let _ = n.meta_write(MetaCmd::NodeDown { node: peer }).await;
+                        });
+                    }
                 }
                 Some(false) => {
                     info!(node = peer, "peer is back");

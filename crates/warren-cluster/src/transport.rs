@@ -39,6 +39,8 @@ pub enum PeerRequest {
     MetaWrite { cmd: Vec<u8> },
     /// The metadata group's committed index, for read barriers.
     MetaIndex,
+    /// Answer once the metadata is applied up to `index` here (or `timeout` passed).
+    MetaWait { index: u64, timeout: Duration },
     /// Encoded `RemoteDelivery` items for consumers attached on this node.
     Deliver { items: Vec<Vec<u8>> },
     Hello {

@@ -69,6 +69,7 @@ fn meta_name(cmd: &MetaCmd) -> &'static str {
         MetaCmd::ConnectionClosed { .. } => "connection-closed",
         MetaCmd::NodeRestarted { .. } => "node-restarted",
         MetaCmd::SetReplicas { .. } => "set-replicas",
+        MetaCmd::NodeDown { .. } => "node-down",
     }
 }
 
@@ -82,6 +83,7 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::Discard { .. } => "discard",
         QueueCmd::Get { .. } => "get",
         QueueCmd::Purge => "purge",
+        QueueCmd::Stats => "stats",
         QueueCmd::ChannelDown { .. } => "channel-down",
         QueueCmd::NodeRestarted { .. } => "node-restarted",
         QueueCmd::NodeDown { .. } => "node-down",

@@ -34,6 +34,13 @@ struct TestCluster {
 
 impl TestCluster {
     async fn start(n: u64) -> TestCluster {
+        // WARREN_TEST_LOG=info shows the nodes' logs when a test needs explaining.
+        if let Ok(filter) = std::env::var("WARREN_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let net = MemNet::new();
         let members: BTreeMap<NodeId, String> = (1..=n).map(|i| (i, format!("mem-{i}"))).collect();
         let mut dirs = Vec::new();

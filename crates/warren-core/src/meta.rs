@@ -216,6 +216,12 @@ pub enum MetaCmd {
     NodeRestarted {
         run: NodeRun,
     },
+    /// A node was declared down by the failure detector: the exclusive queues of its
+    /// connections go, as they would if those connections had closed. Its transient queues
+    /// stay (they return with the node, as RabbitMQ classic queues do).
+    NodeDown {
+        node: NodeId,
+    },
     /// The replica set a replicated queue should have (grow, shrink, replace a removed node).
     /// The first replica is the preferred leader. The queue's group converges to it.
     SetReplicas {
@@ -563,6 +569,12 @@ impl MetaState {
             }
             MetaCmd::Bind(decl) => self.bind(decl),
             MetaCmd::Unbind(decl) => self.unbind(decl, &mut effects),
+            MetaCmd::NodeDown { node } => {
+                self.remove_queues_where(&mut effects, |q| {
+                    q.exclusive_owner.is_some_and(|o| o.run.node == node)
+                });
+                Ok(MetaReply::Done)
+            }
             MetaCmd::ConnectionClosed { conn } => {
                 self.remove_queues_where(&mut effects, |q| q.exclusive_owner == Some(conn));
                 Ok(MetaReply::Done)

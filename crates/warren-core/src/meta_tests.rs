@@ -546,3 +546,22 @@ fn replica_sets_change_and_are_counted() {
     };
     assert_eq!(code(&mut s, not_replicated), 406);
 }
+
+#[test]
+fn a_down_node_takes_its_exclusive_queues_with_it() {
+    let mut s = MetaState::new();
+    let mut excl = queue("excl");
+    excl.exclusive_owner = Some(conn(1));
+    ok(&mut s, MetaCmd::DeclareQueue(excl));
+    let mut transient = queue("transient");
+    transient.durable = false;
+    ok(&mut s, MetaCmd::DeclareQueue(transient));
+    let fx = ok(&mut s, MetaCmd::NodeDown { node: RUN.node });
+    assert_eq!(fx.len(), 1);
+    assert!(s.queue("/", "excl").is_none());
+    assert!(
+        s.queue("/", "transient").is_some(),
+        "transient queues wait for their node"
+    );
+    assert!(ok(&mut s, MetaCmd::NodeDown { node: 2 }).is_empty());
+}

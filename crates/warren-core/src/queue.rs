@@ -97,6 +97,9 @@ pub enum QueueCmd {
         no_ack: bool,
     },
     Purge,
+    /// Reads the counters through the log, so they include every command before it (a
+    /// declare-ok or conditional delete on a node that does not serve the queue).
+    Stats,
     /// The channel closed or its connection died: its consumers go and its unsettled
     /// messages come back.
     ChannelDown {
@@ -136,6 +139,11 @@ pub enum QueueReply {
     GetEmpty,
     Purged {
         count: u64,
+    },
+    Stats {
+        ready: u64,
+        unacked: u64,
+        consumers: u64,
     },
     Error(AmqpError),
 }
@@ -270,6 +278,14 @@ impl QueueState {
                 QueueReply::Done
             }
             QueueCmd::Get { channel, no_ack } => self.get(channel, no_ack, &mut fx),
+            QueueCmd::Stats => {
+                let s = self.stats();
+                QueueReply::Stats {
+                    ready: s.ready,
+                    unacked: s.unacked,
+                    consumers: s.consumers,
+                }
+            }
             QueueCmd::Purge => {
                 let purged: Vec<MsgId> = std::mem::take(&mut self.ready).into_iter().collect();
                 for id in &purged {
@@ -322,8 +338,11 @@ impl QueueState {
     /// back), like a restart. If the node was only unreachable, its connections learn that
     /// their consumers are gone (`ConsumerGone`), so clients get a cancel notification
     /// rather than a consumer that silently receives nothing.
+    ///
+    /// The node's publishers are kept: a node only suspected down (cut off for a moment) still
+    /// resends the publishes it had in flight, and they must be recognised as resends. Its
+    /// numbering goes when the node restarts (`NodeRestarted`) or its channels close.
     fn node_down(&mut self, node: NodeId, fx: &mut Vec<Effect>) {
-        self.publishers.retain(|c, _| c.conn.run.node != node);
         for key in self
             .consumers
             .keys()

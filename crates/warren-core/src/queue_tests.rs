@@ -599,7 +599,33 @@ fn leader_recovery_returns_down_nodes_and_resends_the_rest() {
 }
 
 #[test]
-fn consumers_and_publishers_of_a_down_node_go() {
+fn a_node_wrongly_declared_down_still_has_its_resends_recognised() {
+    let mut q = QueueState::new();
+    let publish = |q: &mut QueueState, seq| {
+        q.apply(QueueCmd::Enqueue {
+            meta: MessageMeta { size: 1 },
+            publisher: Some(Publisher {
+                channel: channel(1),
+                seq,
+            }),
+        })
+        .0
+    };
+    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+    q.apply(QueueCmd::NodeDown { node: 1 });
+    q.apply(QueueCmd::LeaderRecovery { down: vec![1] });
+    assert_eq!(publish(&mut q, 1), QueueReply::Duplicate);
+    q.apply(QueueCmd::NodeRestarted {
+        run: NodeRun {
+            node: 1,
+            incarnation: 2,
+        },
+    });
+    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+}
+
+#[test]
+fn consumers_of_a_down_node_go() {
     let mut q = QueueState::new();
     let c = consumer(1, "c");
     consume(&mut q, &c, 0);

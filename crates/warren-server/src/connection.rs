@@ -33,7 +33,7 @@ use warren_codec::{
     encode_heartbeat, encode_method, reply_code,
 };
 use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{MessageMeta, Publisher, QueueCmd, QueueReply};
+use warren_core::queue::{MessageMeta, Publisher, QueueCmd, QueueReply, QueueStats};
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
 use crate::broker::Broker;
@@ -1345,18 +1345,15 @@ impl Connection {
         };
         if m.passive {
             let handle = self.accessible_queue(&name, &method)?;
-            let stats = handle.stats();
             self.channel(channel).last_queue = Some(name.clone());
-            if !m.nowait {
-                self.send_method(
-                    channel,
-                    &Method::QueueDeclareOk(warren_codec::QueueDeclareOk {
-                        queue: short(&name),
-                        message_count: stats.ready as u32,
-                        consumer_count: stats.consumers as u32,
-                    }),
-                );
-            }
+            let nowait = m.nowait;
+            self.spawn_op(channel, async move {
+                match queue_stats(&handle).await {
+                    Ok(_) if nowait => OpOutcome::NoReply,
+                    Ok(stats) => OpOutcome::Reply(declare_ok(&name, stats)),
+                    Err(e) => meta_failure(cluster_error(e), &method),
+                }
+            });
             return Ok(());
         }
         let exclusive = m.exclusive;
@@ -1387,14 +1384,10 @@ impl Connection {
                         return OpOutcome::NoReply;
                     }
                     let stats = match node.queue(&vhost, &name) {
-                        Some(handle) => handle.stats(),
+                        Some(handle) => queue_stats(&handle).await.unwrap_or_default(),
                         None => Default::default(),
                     };
-                    OpOutcome::Reply(Method::QueueDeclareOk(warren_codec::QueueDeclareOk {
-                        queue: short(&name),
-                        message_count: stats.ready as u32,
-                        consumer_count: stats.consumers as u32,
-                    }))
+                    OpOutcome::Reply(declare_ok(&name, stats))
                 }
                 Ok(MetaReply::Error(e)) => meta_failure(e, &method),
                 Ok(other) => meta_failure(
@@ -1413,56 +1406,59 @@ impl Connection {
         };
         let name = self.resolve_queue_name(channel, &m.queue, &method)?;
         let (if_unused, if_empty, nowait) = (m.if_unused, m.if_empty, m.nowait);
-        let meta_check = {
+        let exists = {
             let meta = self.node.meta();
             match meta.check_queue_access(&self.vhost, &name, Some(self.conn)) {
                 Ok(_) => Ok(true),
                 Err(e) if e.code == reply_code::NOT_FOUND => Ok(false),
                 Err(e) => Err(e),
             }
-        };
-        let exists = meta_check.map_err(|e| Failure::Channel(MethodError::new(e, &method)))?;
+        }
+        .map_err(|e| Failure::Channel(MethodError::new(e, &method)))?;
         let handle = if exists {
             self.node.queue(&self.vhost, &name)
         } else {
             None
         };
-        let (count, consumers) = handle
-            .as_ref()
-            .map(|h| {
-                let s = h.stats();
-                (s.ready, s.consumers)
-            })
-            .unwrap_or((0, 0));
-        if exists && if_unused && consumers > 0 {
-            return Err(Failure::Channel(MethodError::new(
-                AmqpError::precondition_failed(format!(
-                    "queue '{name}' in vhost '{}' in use",
-                    self.vhost
-                )),
-                &method,
-            )));
-        }
-        if exists && if_empty && count > 0 {
-            return Err(Failure::Channel(MethodError::new(
-                AmqpError::precondition_failed(format!(
-                    "queue '{name}' in vhost '{}' is not empty",
-                    self.vhost
-                )),
-                &method,
-            )));
-        }
-        let cmd = MetaCmd::DeleteQueue {
-            vhost: self.vhost.clone(),
-            name,
-            by: Some(self.conn),
-        };
-        let reply = (!nowait).then(|| {
-            Method::QueueDeleteOk(warren_codec::QueueDeleteOk {
-                message_count: count as u32,
-            })
+        let node = self.node.clone();
+        let vhost = self.vhost.clone();
+        let by = Some(self.conn);
+        self.spawn_op(channel, async move {
+            // The counts come from the node serving the queue: the checks must not pass on a
+            // node that merely has no local copy.
+            let (count, consumers) = match &handle {
+                Some(h) => match queue_stats(h).await {
+                    Ok(s) => (s.ready, s.consumers),
+                    Err(e) => return meta_failure(cluster_error(e), &method),
+                },
+                None => (0, 0),
+            };
+            if exists && if_unused && consumers > 0 {
+                return OpOutcome::ChannelError(MethodError::new(
+                    AmqpError::precondition_failed(format!(
+                        "queue '{name}' in vhost '{vhost}' in use"
+                    )),
+                    &method,
+                ));
+            }
+            if exists && if_empty && count > 0 {
+                return OpOutcome::ChannelError(MethodError::new(
+                    AmqpError::precondition_failed(format!(
+                        "queue '{name}' in vhost '{vhost}' is not empty"
+                    )),
+                    &method,
+                ));
+            }
+            let cmd = MetaCmd::DeleteQueue { vhost, name, by };
+            match node.meta_write(cmd).await {
+                Ok(MetaReply::Error(e)) => meta_failure(e, &method),
+                Ok(_) if nowait => OpOutcome::NoReply,
+                Ok(_) => OpOutcome::Reply(Method::QueueDeleteOk(warren_codec::QueueDeleteOk {
+                    message_count: count as u32,
+                })),
+                Err(e) => meta_failure(cluster_error(e), &method),
+            }
         });
-        self.spawn_meta(channel, method, cmd, reply);
         Ok(())
     }
 
@@ -2245,8 +2241,44 @@ fn unexpected_in_handshake(frame: &Frame, expected: &str) -> MethodError {
     }
 }
 
+/// A queue that is gone, or whose only node is down, is a 404 for the channel (RabbitMQ says
+/// the same of a queue on a down node); anything else is the broker's fault.
 fn cluster_error(e: ClusterError) -> AmqpError {
-    AmqpError::internal(format!("cluster error: {e}"))
+    match e {
+        ClusterError::QueueGone(_) | ClusterError::QueueUnavailable(_) => {
+            AmqpError::not_found(e.to_string())
+        }
+        other => AmqpError::internal(format!("cluster error: {other}")),
+    }
+}
+
+fn declare_ok(name: &str, stats: QueueStats) -> Method {
+    Method::QueueDeclareOk(warren_codec::QueueDeclareOk {
+        queue: short(name),
+        message_count: stats.ready as u32,
+        consumer_count: stats.consumers as u32,
+    })
+}
+
+/// A queue's counters as its serving node has them: local when this node serves it, else read
+/// through the queue's log, so they include every command committed before.
+async fn queue_stats(handle: &QueueHandle) -> Result<QueueStats, ClusterError> {
+    if handle.is_leader() {
+        return Ok(handle.stats());
+    }
+    match handle.call(QueueCmd::Stats, None).await?.reply {
+        QueueReply::Stats {
+            ready,
+            unacked,
+            consumers,
+        } => Ok(QueueStats {
+            ready,
+            unacked,
+            consumers,
+            ready_bytes: 0,
+        }),
+        other => Err(ClusterError::Raft(format!("unexpected reply {other:?}"))),
+    }
 }
 
 fn meta_failure(e: AmqpError, method: &Method) -> OpOutcome {
