@@ -497,25 +497,30 @@ impl Node {
     /// called: a read barrier for "not found" answers that another node's write may explain.
     pub async fn meta_sync(&self) -> Result<(), ClusterError> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        let leader = self.meta_raft.metrics().borrow_watched().current_leader;
-        let committed = match leader {
-            Some(l) if l == self.id => self
-                .meta_raft
-                .metrics()
-                .borrow_watched()
-                .last_applied
-                .map_or(0, |l| l.index),
-            Some(l) => match self
-                .transport
-                .call(l, PeerRequest::MetaIndex, Duration::from_secs(2))
-                .await
-            {
-                Ok(PeerResponse::MetaIndex(i)) => i,
-                _ => return Err(ClusterError::NoMetaLeader),
-            },
-            None => return Err(ClusterError::NoMetaLeader),
-        };
-        self.wait_meta_applied(committed, deadline).await
+        loop {
+            // Right after start-up, or during an election, no leader is known yet: wait for
+            // one rather than answer from a copy that may be behind.
+            let leader = self.meta_raft.metrics().borrow_watched().current_leader;
+            let committed = match leader {
+                Some(l) if l == self.id => Some(self.meta_applied()),
+                Some(l) => match self
+                    .transport
+                    .call(l, PeerRequest::MetaIndex, Duration::from_secs(2))
+                    .await
+                {
+                    Ok(PeerResponse::MetaIndex(i)) => Some(i),
+                    _ => None,
+                },
+                None => None,
+            };
+            if let Some(committed) = committed {
+                return self.wait_meta_applied(committed, deadline).await;
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NoMetaLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn queue(&self, vhost: &str, name: &str) -> Option<Arc<QueueHandle>> {

@@ -172,11 +172,21 @@ pub struct QueueMachine {
     last_applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
     handle: Weak<QueueHandle>,
+    /// Entries up to this index were in the log when the node started: applying them again
+    /// rebuilds the state but must not deliver anything. Those deliveries went out (or were
+    /// lost) in the previous run; the leader-recovery command resends what is still out.
+    replay_until: u64,
 }
 
 impl QueueMachine {
     /// Opens the state machine of `group`, restoring its last snapshot if it has one.
-    pub fn open(storage: Storage, group: GroupId, handle: &Arc<QueueHandle>) -> io::Result<Self> {
+    /// `replay_until` is the last log index present when the node started.
+    pub fn open(
+        storage: Storage,
+        group: GroupId,
+        handle: &Arc<QueueHandle>,
+        replay_until: u64,
+    ) -> io::Result<Self> {
         let mut machine = QueueMachine {
             group,
             storage,
@@ -184,6 +194,7 @@ impl QueueMachine {
             last_applied: None,
             membership: StoredMembership::default(),
             handle: Arc::downgrade(handle),
+            replay_until,
         };
         if let Some(snap) = load_snapshot(&machine.storage, group)? {
             let payload: SnapshotPayload = postcard::from_bytes(&snap.data).map_err(io_err)?;
@@ -266,9 +277,10 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                         QueueReply::GetOk { msg, .. } => bodies.get(*msg),
                         _ => None,
                     };
+                    let replaying = entry.log_id.index <= self.replay_until;
                     match &handle {
-                        Some(h) => h.run_effects(effects, &mut bodies),
-                        None => {
+                        Some(h) if !replaying => h.run_effects(effects, &mut bodies),
+                        _ => {
                             for e in effects {
                                 if let warren_core::queue::Effect::Release { msgs } = e {
                                     bodies.release(&msgs);

@@ -330,7 +330,19 @@ async fn run_group(
         reg.queue_config.clone(),
         reg.transport.clone(),
     );
-    let machine = match QueueMachine::open(storage.clone(), group, &handle) {
+    let log_store = storage.log_store::<TypeConfig>(group);
+    let replay_until = {
+        use openraft::storage::RaftLogStorage;
+        let mut probe = log_store.clone();
+        match probe.get_log_state().await {
+            Ok(state) => state.last_log_id.map_or(0, |l| l.index),
+            Err(e) => {
+                error!(group, error = %e, "cannot read the queue's log");
+                return;
+            }
+        }
+    };
+    let machine = match QueueMachine::open(storage.clone(), group, &handle, replay_until) {
         Ok(m) => m,
         Err(e) => {
             error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
@@ -338,7 +350,7 @@ async fn run_group(
         }
     };
     let network = GroupNetwork::new(group, transport, storage.clone());
-    let raft = match Raft::new(node_id, config, network, storage.log_store(group), machine).await {
+    let raft = match Raft::new(node_id, config, network, log_store, machine).await {
         Ok(r) => r,
         Err(e) => {
             error!(group, queue = %handle.name(), error = %e, "cannot start queue group");
@@ -419,13 +431,17 @@ async fn watch_leadership(
                 })
                 .unwrap_or_default();
             info!(queue = %h.name(), ?down, "leading queue");
-            h.submit(
-                crate::types::QueueRequest {
+            // Written here, not through the proposer: if this node turns out not to lead (a
+            // leadership restored at start-up from an old term), the command is dropped
+            // rather than forwarded, and the real leader has run its own recovery.
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let request = crate::types::QueueRequest {
                     cmd: QueueCmd::LeaderRecovery { down },
                     content: None,
-                },
-                crate::queue::ReplyTo::None,
-            );
+                };
+                let _ = crate::proposer::write_local(&raft, &[request]).await;
+            });
         }
         was_leader = leading;
         drop(h);

@@ -2076,7 +2076,9 @@ impl Connection {
             &Method::BasicDeliver(warren_codec::BasicDeliver {
                 consumer_tag: short(&d.consumer.tag),
                 delivery_tag: tag,
-                redelivered: d.delivery_count > 0,
+                // A resend this channel no longer holds was delivered (and maybe acked)
+                // before a leader change: it may be a repeat, which is what the flag says.
+                redelivered: d.delivery_count > 0 || d.resend,
                 exchange: d.content.exchange.clone(),
                 routing_key: d.content.routing_key.clone(),
             }),

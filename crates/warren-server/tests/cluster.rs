@@ -822,8 +822,6 @@ fn killing_the_leader_loses_no_confirmed_message() {
 /// flag on the repeat, after a failover too, since consumers use the flag to decide when
 /// to check for duplicates.
 #[test]
-#[ignore = "bug: after a leader failover, deliveries the consumer already acked are resent \
-            to it with redelivered=false"]
 fn repeats_after_a_failover_carry_the_redelivered_flag() {
     let Some(mut cluster) = three_nodes("repeats_after_a_failover_carry_the_redelivered_flag")
     else {
@@ -1401,8 +1399,6 @@ async fn consume_n_flagged(ch: &Channel, queue: &str, n: usize) -> Vec<(String, 
 /// does: also through a node that holds no replica of the queue (a transient queue of
 /// another node, a replicated queue with fewer replicas than nodes).
 #[test]
-#[ignore = "bug: queue.declare-ok through a node without a replica of the queue reports \
-            message-count 0 and consumer-count 0"]
 fn declare_ok_counts_are_the_same_through_every_node() {
     let Some(cluster) = three_nodes("declare_ok_counts_are_the_same_through_every_node") else {
         return;
@@ -1481,8 +1477,6 @@ fn declare_ok_counts_are_the_same_through_every_node() {
 /// fails that channel, as in RabbitMQ (404, "home node ... is down or inaccessible"); the
 /// client's connection, and its other channels, stay up.
 #[test]
-#[ignore = "bug: basic.get or basic.consume on a queue whose node is down closes the whole \
-            connection with 541 INTERNAL_ERROR instead of failing the channel"]
 fn a_queue_on_a_dead_node_fails_the_channel_not_the_connection() {
     let Some(mut cluster) =
         three_nodes("a_queue_on_a_dead_node_fails_the_channel_not_the_connection")
@@ -1552,8 +1546,6 @@ fn a_queue_on_a_dead_node_fails_the_channel_not_the_connection() {
 /// connection recovery does, with the same name), as in RabbitMQ, where the queues of a
 /// node that goes down are removed.
 #[test]
-#[ignore = "bug: an exclusive queue whose owner's node died stays declared and locked (405) \
-            until that node restarts"]
 fn an_exclusive_queue_goes_with_its_dead_node() {
     let Some(mut cluster) = three_nodes("an_exclusive_queue_goes_with_its_dead_node") else {
         return;
@@ -1607,8 +1599,6 @@ fn an_exclusive_queue_goes_with_its_dead_node() {
 /// queue.delete with if-empty or if-unused is refused for a queue with messages or
 /// consumers wherever the client is connected, also through a node without a replica.
 #[test]
-#[ignore = "bug: queue.delete if-empty/if-unused through a node without a replica deletes a \
-            queue that has messages and consumers"]
 fn conditional_delete_is_refused_through_every_node() {
     let Some(cluster) = three_nodes("conditional_delete_is_refused_through_every_node") else {
         return;
@@ -1668,9 +1658,6 @@ fn conditional_delete_is_refused_through_every_node() {
 /// sure one of them follows in the metadata group rather than leading it; many rounds,
 /// since a lagging copy of the metadata only shows sometimes.
 #[test]
-#[ignore = "bug: a publish through another node right after a declare-ok is often unroutable \
-            (312 NO_ROUTE, or dropped yet confirmed) or, to a new exchange, closes the channel \
-            with 404"]
 fn publish_right_after_a_declare_through_another_node_is_routed() {
     let Some(cluster) = three_nodes("publish_right_after_a_declare_through_another_node_is_routed")
     else {
