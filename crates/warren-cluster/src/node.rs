@@ -531,20 +531,30 @@ impl Node {
         self.registry.handles()
     }
 
-    /// Replicas for a new replicated queue: `count` members (all of them if fewer), this node
-    /// first when it is a member — it becomes the preferred leader, so the declaring client's
-    /// node serves it, as RabbitMQ's default `client-local` locator does — then the members
-    /// holding the fewest replicas, down nodes last.
-    pub fn replica_set(&self, count: usize) -> Vec<NodeId> {
+    /// Replicas for a new replicated queue: `count` members (all of them if fewer). The first
+    /// is the preferred leader: with the default `client-local` locator this node (the
+    /// declaring client's, as in RabbitMQ), with `balanced` the live member that leads the
+    /// fewest queues. The rest are the members holding the fewest replicas, down nodes last.
+    pub fn replica_set(&self, count: usize, balanced: bool) -> Vec<NodeId> {
         let members: Vec<NodeId> = self.members().keys().copied().collect();
         let counts = self.meta().replica_counts();
         let down: BTreeSet<NodeId> = self.down_nodes().into_iter().collect();
-        let mut others: Vec<NodeId> = members.iter().copied().filter(|n| *n != self.id).collect();
-        others.sort_by_key(|n| (down.contains(n), counts.get(n).map_or(0, |c| c.0), *n));
+        let load = |n: &NodeId| counts.get(n).copied().unwrap_or((0, 0));
+        let leader = if balanced {
+            members
+                .iter()
+                .copied()
+                .min_by_key(|n| (down.contains(n), load(n).1, load(n).0, *n))
+                .unwrap_or(self.id)
+        } else if members.contains(&self.id) || members.is_empty() {
+            self.id
+        } else {
+            members.first().copied().unwrap_or(self.id)
+        };
+        let mut others: Vec<NodeId> = members.iter().copied().filter(|n| *n != leader).collect();
+        others.sort_by_key(|n| (down.contains(n), load(n).0, *n));
         let mut replicas = Vec::with_capacity(count);
-        if members.contains(&self.id) || members.is_empty() {
-            replicas.push(self.id);
-        }
+        replicas.push(leader);
         replicas.extend(others);
         replicas.truncate(count.max(1));
         replicas

@@ -93,6 +93,10 @@ impl TestCluster {
 
     /// Declares a durable queue through `via`, which becomes its preferred leader.
     async fn declare(&self, via: NodeId, name: &str) -> Arc<QueueHandle> {
+        self.declare_with(via, name, false).await
+    }
+
+    async fn declare_with(&self, via: NodeId, name: &str, balanced: bool) -> Arc<QueueHandle> {
         let node = self.node(via);
         let reply = node
             .meta_write(MetaCmd::DeclareQueue(QueueDecl {
@@ -103,7 +107,7 @@ impl TestCluster {
                 auto_delete: false,
                 arguments: FieldTable::new(),
                 declared_by: node.run(),
-                replicas: node.replica_set(3),
+                replicas: node.replica_set(3, balanced),
             }))
             .await
             .expect("declare");
@@ -531,4 +535,50 @@ impl DeliverySink for HoldingSink {
     }
 
     fn consumer_gone(&self, _consumer: &ConsumerKey) {}
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_slow_network_still_confirms_each_publish_once() {
+    let c = TestCluster::start(3).await;
+    c.declare(1, "q").await;
+    assert_eq!(c.await_leader("q", |n| n == 1).await, 1);
+    // One call in five is lost (its caller waits out the timeout) and every call is delayed:
+    // forwarding, replication and deliveries all have to retry their way through.
+    c.net.set_delay(Duration::from_millis(5));
+    c.net.drop_one_in(5, 42);
+    let rec = Arc::new(Recorder::default());
+    let via = c.node(3).queue("/", "q").unwrap();
+    let ch = channel(c.node(3), 1);
+    for seq in 1..=30 {
+        via.submit(
+            enqueue(ch, seq, &format!("m{seq}")),
+            ReplyTo::Sink(rec.clone(), seq),
+        );
+    }
+    rec.wait_for(
+        "30 confirms through a lossy network",
+        Duration::from_secs(60),
+        |r| (1..=30).all(|s| r.confirmed(s)),
+    )
+    .await;
+    c.net.heal();
+    let leader = c.await_leader("q", |_| true).await;
+    let h = c.node(leader).queue("/", "q").unwrap();
+    assert_eq!(ready_count(&h).await, 30, "each publish exactly once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_balanced_locator_spreads_leaders() {
+    let c = TestCluster::start(3).await;
+    for i in 0..6 {
+        c.declare_with(1, &format!("b{i}"), true).await;
+    }
+    let mut leaders = BTreeMap::new();
+    for i in 0..6 {
+        let name = format!("b{i}");
+        let leader = c.await_leader(&name, |_| true).await;
+        *leaders.entry(leader).or_insert(0) += 1;
+    }
+    assert_eq!(leaders.len(), 3, "leaders {leaders:?}");
+    assert!(leaders.values().all(|n| *n == 2), "leaders {leaders:?}");
 }

@@ -1365,10 +1365,13 @@ impl Connection {
             auto_delete: m.auto_delete,
             arguments: m.arguments.clone(),
             declared_by: self.conn.run,
-            replicas: self.node.replica_set(replica_count(
-                &m.arguments,
-                self.broker.config.default_replicas,
-            )),
+            replicas: self.node.replica_set(
+                replica_count(&m.arguments, self.broker.config.default_replicas),
+                m.arguments
+                    .get("x-queue-leader-locator")
+                    .and_then(FieldValue::as_str)
+                    == Some("balanced"),
+            ),
         });
         if exclusive {
             self.has_exclusive_queues = true;
