@@ -8,7 +8,7 @@
 //! converges to its set (`supervisor::reconcile`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use openraft::async_runtime::WatchReceiver;
 use openraft::{BasicNode, ServerState};
@@ -17,19 +17,19 @@ use warren_core::NodeId;
 use warren_core::meta::{MetaCmd, MetaReply, Placement};
 use warren_proto as pb;
 
-use crate::node::Node;
+use crate::node::{Node, NodeSlot};
 
-pub struct AdminService(pub Weak<Node>);
+pub struct AdminService(Arc<NodeSlot>);
 
 impl AdminService {
-    pub fn server(node: &Arc<Node>) -> pb::admin_server::AdminServer<AdminService> {
-        pb::admin_server::AdminServer::new(AdminService(Arc::downgrade(node)))
+    pub fn server(slot: Arc<NodeSlot>) -> pb::admin_server::AdminServer<AdminService> {
+        pb::admin_server::AdminServer::new(AdminService(slot))
     }
 
     fn node(&self) -> Result<Arc<Node>, Status> {
         self.0
-            .upgrade()
-            .ok_or_else(|| Status::unavailable("node is stopping"))
+            .get()
+            .ok_or_else(|| Status::unavailable("node is starting or stopping"))
     }
 }
 

@@ -477,3 +477,61 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }
+
+/// Finds the cluster's initial members through DNS: `service` (host:port) resolves to the
+/// address of every node (a Kubernetes headless service does this for a StatefulSet's pods);
+/// each answers a hello with its node id and the address it advertises. Returns once `expect`
+/// distinct nodes answered, this one among them, so that every node starts the metadata group
+/// with the same member list.
+pub async fn discover_members(
+    service: &str,
+    expect: usize,
+    deadline: std::time::Instant,
+) -> Result<std::collections::BTreeMap<NodeId, String>, String> {
+    let mut found = std::collections::BTreeMap::new();
+    loop {
+        // A comma-separated list of names is allowed too (each resolved the same way).
+        let mut addrs = Vec::new();
+        for name in service.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if let Ok(found) = tokio::net::lookup_host(name).await {
+                addrs.extend(found);
+            }
+        }
+        {
+            for addr in addrs {
+                let endpoint = match Endpoint::from_shared(format!("http://{addr}")) {
+                    Ok(e) => e.connect_timeout(Duration::from_secs(1)),
+                    Err(_) => continue,
+                };
+                let Ok(channel) = endpoint.connect().await else {
+                    continue;
+                };
+                let mut client = pb::peer_client::PeerClient::new(channel);
+                let hello = pb::HelloRequest {
+                    from: 0,
+                    incarnation: 0,
+                    advertise: String::new(),
+                };
+                if let Ok(reply) = client
+                    .hello(with_timeout(hello, Duration::from_secs(1)))
+                    .await
+                {
+                    let reply = reply.into_inner();
+                    if reply.node_id != 0 && !reply.advertise.is_empty() {
+                        found.insert(reply.node_id, reply.advertise);
+                    }
+                }
+            }
+        }
+        if found.len() >= expect {
+            return Ok(found);
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(format!(
+                "found {} of {expect} nodes through {service}: {found:?}",
+                found.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

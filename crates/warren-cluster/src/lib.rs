@@ -36,7 +36,7 @@ pub mod supervisor;
 pub mod transport;
 pub mod types;
 
-pub use node::{Node, NodeConfig, NodeError, NodeHandler};
+pub use node::{Node, NodeConfig, NodeError, NodeHandler, NodeSlot};
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 

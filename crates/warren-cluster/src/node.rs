@@ -729,16 +729,65 @@ where
     }
 }
 
-/// The `PeerHandler` of a node: holds the node weakly, so a transport's reference to it never
-/// keeps a stopped node alive.
-pub struct NodeHandler(pub std::sync::Weak<Node>);
+/// Where the peer-facing services find the node. The cluster listener starts before the node
+/// (peers discovering each other must be able to say hello first), so the node is filled in
+/// later; it is held weakly, so a transport's reference never keeps a stopped node alive.
+#[derive(Default)]
+pub struct NodeSlot(std::sync::OnceLock<std::sync::Weak<Node>>);
+
+impl NodeSlot {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn set(&self, node: &Arc<Node>) {
+        let _ = self.0.set(Arc::downgrade(node));
+    }
+
+    pub fn get(&self) -> Option<Arc<Node>> {
+        self.0.get().and_then(std::sync::Weak::upgrade)
+    }
+}
+
+/// The `PeerHandler` of a node. Before the node exists it answers `Hello` only, with the
+/// identity it was configured with.
+pub struct NodeHandler {
+    slot: Arc<NodeSlot>,
+    id: NodeId,
+    advertise: String,
+}
+
+impl NodeHandler {
+    pub fn new(slot: Arc<NodeSlot>, id: NodeId, advertise: String) -> Self {
+        NodeHandler {
+            slot,
+            id,
+            advertise,
+        }
+    }
+
+    /// A handler for a node that already exists.
+    pub fn for_node(node: &Arc<Node>) -> Self {
+        let slot = NodeSlot::new();
+        slot.set(node);
+        Self::new(slot, node.id, node.advertise.clone())
+    }
+}
 
 impl PeerHandler for NodeHandler {
     fn handle(&self, request: PeerRequest) -> BoxFuture<'static, PeerResponse> {
-        let node = self.0.clone();
+        let node = self.slot.get();
+        let (id, advertise) = (self.id, self.advertise.clone());
         Box::pin(async move {
-            let Some(node) = node.upgrade() else {
-                return PeerResponse::Raft(Err("node stopped".into()));
+            let Some(node) = node else {
+                return match request {
+                    PeerRequest::Hello { .. } => PeerResponse::Hello {
+                        node: id,
+                        incarnation: 0,
+                        advertise,
+                    },
+                    _ => PeerResponse::Raft(Err("node is starting or stopped".into())),
+                };
             };
             match request {
                 PeerRequest::Raft {

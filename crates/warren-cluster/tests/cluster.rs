@@ -63,7 +63,7 @@ impl TestCluster {
             starting.push(async move {
                 let node = Node::start(cfg, net.transport(id)).await.expect("start");
                 let handler: Arc<dyn warren_cluster::transport::PeerHandler> =
-                    Arc::new(NodeHandler(Arc::downgrade(&node)));
+                    Arc::new(NodeHandler::for_node(&node));
                 net.register(id, Arc::downgrade(&handler));
                 (id, node, handler)
             });

@@ -52,6 +52,13 @@ pub struct Cli {
     /// The cluster's initial members, `id@host:port`, comma-separated (this node included).
     #[arg(long, env = "WARREN_MEMBERS", value_delimiter = ',')]
     pub members: Vec<String>,
+    /// Find the initial members through DNS: a host:port that resolves to every node's cluster
+    /// listener (a Kubernetes headless service). Needs --expect and --advertise.
+    #[arg(long, env = "WARREN_DISCOVER")]
+    pub discover: Option<String>,
+    /// With --discover: how many nodes form the initial cluster.
+    #[arg(long, env = "WARREN_EXPECT")]
+    pub expect: Option<usize>,
     /// Take the node id from the host name's trailing ordinal (`warren-2` is node 3), as a
     /// Kubernetes StatefulSet names its pods.
     #[arg(long, env = "WARREN_NODE_ID_FROM_HOSTNAME")]
@@ -108,6 +115,8 @@ struct FileRaft {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileCluster {
+    discover: Option<String>,
+    expect: Option<usize>,
     listen: Option<String>,
     advertise: Option<String>,
     members: Option<Vec<String>>,
@@ -183,6 +192,8 @@ pub struct Config {
     pub members: BTreeMap<u64, String>,
     pub failure_timeout_ms: u64,
     pub default_replicas: usize,
+    /// DNS discovery of the initial members: the service address and the expected count.
+    pub discover: Option<(String, usize)>,
 }
 
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
@@ -397,7 +408,35 @@ impl Config {
                 return Err(invalid(setting, format!("node {id} is listed twice")));
             }
         }
-        let advertise = match cli.advertise.or(file.cluster.advertise) {
+        let explicit_advertise = cli.advertise.or(file.cluster.advertise);
+        let discover = match (
+            cli.discover.or(file.cluster.discover),
+            cli.expect.or(file.cluster.expect),
+        ) {
+            (None, _) => None,
+            (Some(_), None | Some(0)) => {
+                return Err(invalid(
+                    "cluster.expect (--expect / WARREN_EXPECT)",
+                    "discovery needs the number of nodes that form the cluster",
+                ));
+            }
+            (Some(service), Some(n)) => {
+                if !members.is_empty() {
+                    return Err(invalid(
+                        "cluster.discover",
+                        "give either a member list or a discovery name, not both",
+                    ));
+                }
+                if explicit_advertise.is_none() {
+                    return Err(invalid(
+                        "cluster.advertise (--advertise / WARREN_ADVERTISE)",
+                        "discovery needs the address peers reach this node at (e.g. the pod's DNS name)",
+                    ));
+                }
+                Some((service, n))
+            }
+        };
+        let advertise = match explicit_advertise {
             Some(a) => a,
             None => match members.get(&node_id) {
                 Some(a) => a.clone(),
@@ -410,7 +449,7 @@ impl Config {
                 }
             },
         };
-        if members.is_empty() {
+        if members.is_empty() && discover.is_none() {
             members.insert(node_id, advertise.clone());
         }
         if members.len() > 1 && cluster_listen.is_none() {
@@ -460,6 +499,7 @@ impl Config {
             members,
             failure_timeout_ms,
             default_replicas,
+            discover,
         })
     }
 }

@@ -24,7 +24,7 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 use warren_cluster::admin::AdminService;
 use warren_cluster::grpc::{self, GrpcTransport};
-use warren_cluster::{Node, NodeConfig, NodeHandler};
+use warren_cluster::{Node, NodeConfig, NodeHandler, NodeSlot};
 
 use crate::broker::Broker;
 use crate::config::{Cli, Config, Listen};
@@ -100,29 +100,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let transport = GrpcTransport::new();
-    let node = Node::start(
-        NodeConfig {
-            node_id: config.node_id,
-            data_dir: config.data_dir.clone(),
-            advertise: config.advertise.clone(),
-            members: config.members.clone(),
-            heartbeat_ms: config.raft.heartbeat_ms,
-            election_timeout_min_ms: config.raft.election_timeout_min_ms,
-            election_timeout_max_ms: config.raft.election_timeout_max_ms,
-            snapshot_every: config.raft.snapshot_every,
-            failure_timeout_ms: config.failure_timeout_ms,
-        },
-        transport,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
+    // Peers can say hello (discovery) before this node has opened its storage.
+    let slot = NodeSlot::new();
     let (cluster_stop_tx, cluster_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let cluster_server = match cluster_listener {
         Some(listener) => {
             println!("warren: listening cluster {}", listener.local_addr()?);
-            let handler = Arc::new(NodeHandler(Arc::downgrade(&node)));
-            let admin = AdminService::server(&node);
+            let handler = Arc::new(NodeHandler::new(
+                slot.clone(),
+                config.node_id,
+                config.advertise.clone(),
+            ));
+            let admin = AdminService::server(slot.clone());
             Some(tokio::spawn(grpc::serve(
                 listener,
                 handler,
@@ -134,8 +123,36 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let members = match &config.discover {
+        Some((service, expect)) => {
+            info!(%service, expect, "discovering cluster members");
+            let deadline = std::time::Instant::now() + Duration::from_secs(600);
+            grpc::discover_members(service, *expect, deadline)
+                .await
+                .map_err(|e| anyhow::anyhow!("cluster.discover: {e}"))?
+        }
+        None => config.members.clone(),
+    };
+    let transport = GrpcTransport::new();
+    let node = Node::start(
+        NodeConfig {
+            node_id: config.node_id,
+            data_dir: config.data_dir.clone(),
+            advertise: config.advertise.clone(),
+            members: members.clone(),
+            heartbeat_ms: config.raft.heartbeat_ms,
+            election_timeout_min_ms: config.raft.election_timeout_min_ms,
+            election_timeout_max_ms: config.raft.election_timeout_max_ms,
+            snapshot_every: config.raft.snapshot_every,
+            failure_timeout_ms: config.failure_timeout_ms,
+        },
+        transport,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
+    slot.set(&node);
     // A node that is not among the initial members waits to be added (warrenctl add-node).
-    let joining = !config.members.contains_key(&config.node_id);
+    let joining = !members.contains_key(&config.node_id);
     let ready_timeout = if joining {
         Duration::from_secs(24 * 3600)
     } else {
