@@ -16,7 +16,9 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership
 use warren_core::meta::{MetaEffect, MetaState};
 
 use crate::db::{GroupId, Storage};
-use crate::queue_sm::{StoredSnapshot, io_err, load_snapshot, save_snapshot};
+use crate::queue_sm::{
+    StoredSnapshot, current_snapshot, io_err, load_snapshot, persist_snapshot, save_snapshot,
+};
 use crate::types::{GroupRequest, GroupResponse, TypeConfig};
 
 /// Receives what applying metadata commands changes, to keep queue handles in step.
@@ -81,18 +83,15 @@ impl RaftSnapshotBuilder<TypeConfig> for MetaSnapshotBuilder {
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
         let data = std::mem::replace(&mut self.data, Ok(Vec::new()))?;
-        let stored = StoredSnapshot {
-            meta: SnapshotMetaOf::<TypeConfig> {
+        persist_snapshot(
+            &self.storage,
+            self.group,
+            SnapshotMetaOf::<TypeConfig> {
                 last_log_id: self.last_applied,
                 last_membership: self.membership.clone(),
             },
             data,
-        };
-        save_snapshot(&self.storage, self.group, &stored)?;
-        Ok(SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
-            meta: stored.meta,
-            snapshot: Cursor::new(stored.data),
-        })
+        )
     }
 }
 
@@ -174,11 +173,6 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
-        Ok(
-            load_snapshot(&self.storage, self.group)?.map(|s| SnapshotOf::<TypeConfig, _> {
-                meta: s.meta,
-                snapshot: Cursor::new(s.data),
-            }),
-        )
+        current_snapshot(&self.storage, self.group)
     }
 }

@@ -77,6 +77,34 @@ pub(crate) fn save_snapshot(
         .map_err(io_err)
 }
 
+/// Stores a freshly built snapshot and hands it to openraft.
+pub(crate) fn persist_snapshot(
+    storage: &Storage,
+    group: GroupId,
+    meta: SnapshotMetaOf<TypeConfig>,
+    data: Vec<u8>,
+) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
+    let stored = StoredSnapshot { meta, data };
+    save_snapshot(storage, group, &stored)?;
+    Ok(SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
+        meta: stored.meta,
+        snapshot: Cursor::new(stored.data),
+    })
+}
+
+/// The group's current snapshot, as openraft asks for it.
+pub(crate) fn current_snapshot(
+    storage: &Storage,
+    group: GroupId,
+) -> io::Result<Option<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>>> {
+    Ok(
+        load_snapshot(storage, group)?.map(|s| SnapshotOf::<TypeConfig, _> {
+            meta: s.meta,
+            snapshot: Cursor::new(s.data),
+        }),
+    )
+}
+
 /// Deletes everything a group's state machine stored (bodies and snapshot).
 pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()> {
     let from = keys::group_prefix(group);
@@ -228,12 +256,7 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
             last_log_id: self.last_applied,
             last_membership: self.membership.clone(),
         };
-        let stored = StoredSnapshot { meta, data };
-        save_snapshot(&self.storage, self.group, &stored)?;
-        Ok(SnapshotOf::<TypeConfig, Cursor<Vec<u8>>> {
-            meta: stored.meta,
-            snapshot: Cursor::new(stored.data),
-        })
+        persist_snapshot(&self.storage, self.group, meta, data)
     }
 }
 
@@ -372,11 +395,6 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
-        Ok(
-            load_snapshot(&self.storage, self.group)?.map(|s| SnapshotOf::<TypeConfig, _> {
-                meta: s.meta,
-                snapshot: Cursor::new(s.data),
-            }),
-        )
+        current_snapshot(&self.storage, self.group)
     }
 }

@@ -402,6 +402,25 @@ impl Connection {
         }
     }
 
+    /// Reads the handshake's next frame, which must be the method `pick` accepts, on channel 0;
+    /// anything else is the error to close the connection with.
+    async fn expect_method<T>(
+        &mut self,
+        stream: &mut TcpStream,
+        rbuf: &mut BytesMut,
+        deadline: Instant,
+        expected: &str,
+        pick: impl FnOnce(Method) -> Result<T, Box<Method>>,
+    ) -> std::io::Result<Result<T, MethodError>> {
+        Ok(match self.handshake_frame(stream, rbuf, deadline).await? {
+            Ok(Frame::Method { channel: 0, method }) => {
+                pick(method).map_err(|other| unexpected_in_handshake(&other, expected))
+            }
+            Ok(other) => Err(unexpected_frame_in_handshake(&other, expected)),
+            Err(e) => Err(e),
+        })
+    }
+
     /// Sends connection.close during the handshake and waits briefly for close-ok.
     async fn handshake_close(
         &mut self,
@@ -446,15 +465,14 @@ impl Connection {
         self.send_method(0, &Method::ConnectionStart(self.broker.connection_start()));
         self.flush_direct(stream).await?;
 
-        let start_ok = match self.handshake_frame(stream, rbuf, deadline).await? {
-            Ok(Frame::Method {
-                channel: 0,
-                method: Method::ConnectionStartOk(m),
-            }) => m,
-            Ok(other) => {
-                let err = unexpected_in_handshake(&other, "connection.start-ok");
-                return self.handshake_close(stream, rbuf, err).await;
-            }
+        let start_ok = match self
+            .expect_method(stream, rbuf, deadline, "connection.start-ok", |m| match m {
+                Method::ConnectionStartOk(x) => Ok(x),
+                other => Err(Box::new(other)),
+            })
+            .await?
+        {
+            Ok(m) => m,
             Err(e) => return self.handshake_close(stream, rbuf, e).await,
         };
         let capability = |name: &str| {
@@ -504,15 +522,14 @@ impl Connection {
         );
         self.flush_direct(stream).await?;
 
-        let tune_ok = match self.handshake_frame(stream, rbuf, deadline).await? {
-            Ok(Frame::Method {
-                channel: 0,
-                method: Method::ConnectionTuneOk(m),
-            }) => m,
-            Ok(other) => {
-                let err = unexpected_in_handshake(&other, "connection.tune-ok");
-                return self.handshake_close(stream, rbuf, err).await;
-            }
+        let tune_ok = match self
+            .expect_method(stream, rbuf, deadline, "connection.tune-ok", |m| match m {
+                Method::ConnectionTuneOk(x) => Ok(x),
+                other => Err(Box::new(other)),
+            })
+            .await?
+        {
+            Ok(m) => m,
             Err(e) => return self.handshake_close(stream, rbuf, e).await,
         };
         let cfg = &self.broker.config.amqp;
@@ -541,15 +558,14 @@ impl Connection {
         self.channel_max = channel_max;
         self.heartbeat = Duration::from_secs(u64::from(tune_ok.heartbeat));
 
-        let open = match self.handshake_frame(stream, rbuf, deadline).await? {
-            Ok(Frame::Method {
-                channel: 0,
-                method: Method::ConnectionOpen(m),
-            }) => m,
-            Ok(other) => {
-                let err = unexpected_in_handshake(&other, "connection.open");
-                return self.handshake_close(stream, rbuf, err).await;
-            }
+        let open = match self
+            .expect_method(stream, rbuf, deadline, "connection.open", |m| match m {
+                Method::ConnectionOpen(x) => Ok(x),
+                other => Err(Box::new(other)),
+            })
+            .await?
+        {
+            Ok(m) => m,
             Err(e) => return self.handshake_close(stream, rbuf, e).await,
         };
         let vhost = open.virtual_host.as_str().to_owned();
@@ -2233,12 +2249,16 @@ fn unknown_tag(tag: u64, method: &Method) -> Failure {
     ))
 }
 
-fn unexpected_in_handshake(frame: &Frame, expected: &str) -> MethodError {
+fn unexpected_in_handshake(method: &Method, expected: &str) -> MethodError {
+    MethodError::new(
+        AmqpError::command_invalid(format!("expected {expected}, got {}", method.name())),
+        method,
+    )
+}
+
+fn unexpected_frame_in_handshake(frame: &Frame, expected: &str) -> MethodError {
     match frame {
-        Frame::Method { method, .. } => MethodError::new(
-            AmqpError::command_invalid(format!("expected {expected}, got {}", method.name())),
-            method,
-        ),
+        Frame::Method { method, .. } => unexpected_in_handshake(method, expected),
         _ => MethodError::bare(
             reply_code::UNEXPECTED_FRAME,
             format!("expected {expected}, got a content or heartbeat frame"),
