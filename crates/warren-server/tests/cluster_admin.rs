@@ -1,0 +1,904 @@
+//! Process-level tests of cluster administration: each test starts its own cluster of
+//! `warren` processes on loopback (see `support::cluster`) and changes it the way an operator
+//! does, through the `warrenctl` binary against a node's cluster port: `status`, `add-node`,
+//! `remove-node` (of a live and of a dead node), `add-replica` / `remove-replica` and
+//! `rebalance`. They check what `status` reports (members, leaders, replicas, lag, message
+//! counts), that queue groups converge to what was asked, and that messages survive every
+//! change: all of them, each exactly once, consumed over AMQP afterwards. Skipped when
+//! `WARREN_TEST_EXTERNAL_AMQP` points at an external broker.
+//!
+//! Needs the `warrenctl` binary next to `warren` (`cargo build -p warrenctl`, or `cargo test
+//! --workspace`).
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    BasicQosOptions, ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Connection};
+use support::cluster::{Cluster, Status};
+use support::{next_delivery, run, unique, within, within_for};
+
+const VHOST: &str = "/";
+
+/// How long a queue group may take to reach the replica set or leader an admin command asked
+/// for. Catching up a new replica and switching voters takes a few supervisor rounds (200 ms
+/// each); the margin is for a loaded two-core machine.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// How long the cluster may take to notice a killed node and elect new queue leaders.
+const FAILOVER: Duration = Duration::from_secs(15);
+
+/// Pause between two polls of `warrenctl status`.
+const POLL: Duration = Duration::from_millis(150);
+
+const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: false,
+    durable: true,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+const PASSIVE: QueueDeclareOptions = QueueDeclareOptions {
+    passive: true,
+    durable: false,
+    exclusive: false,
+    auto_delete: false,
+    nowait: false,
+};
+
+fn cluster(test: &str, size: usize) -> Option<Cluster> {
+    support::cluster::cluster(test, size)
+}
+
+fn bodies(prefix: &str, range: std::ops::Range<u32>) -> Vec<String> {
+    range.map(|i| format!("{prefix}-{i}")).collect()
+}
+
+fn set(ids: &[u64]) -> BTreeSet<u64> {
+    ids.iter().copied().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// AMQP helpers
+
+async fn declare(ch: &Channel, name: &str, args: FieldTable) {
+    within(
+        "queue.declare",
+        ch.queue_declare(name.into(), DURABLE, args),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("declare durable queue {name}: {e}"));
+}
+
+/// Declares a durable queue with `x-quorum-initial-group-size` `replicas`.
+async fn declare_with_replicas(ch: &Channel, name: &str, replicas: i64) {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-quorum-initial-group-size".into(),
+        AMQPValue::LongLongInt(replicas),
+    );
+    declare(ch, name, args).await;
+}
+
+async fn confirm_channel(conn: &Connection) -> Channel {
+    let ch = support::channel(conn).await;
+    within(
+        "confirm.select",
+        ch.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await
+    .expect("confirm.select");
+    ch
+}
+
+/// Publishes persistent, mandatory `bodies` to `queue` (default exchange) through a confirm
+/// channel and waits for every confirm, failing on a nack or a return.
+async fn publish(ch: &Channel, queue: &str, bodies: &[String]) {
+    let mut pending = Vec::with_capacity(bodies.len());
+    for b in bodies {
+        let confirm = within(
+            "basic.publish",
+            ch.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                b.as_bytes(),
+                BasicProperties::default().with_delivery_mode(2),
+            ),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("publish {b} to {queue}: {e}"));
+        pending.push(confirm);
+    }
+    for (b, p) in bodies.iter().zip(pending) {
+        let c = within("a publisher confirm", p)
+            .await
+            .unwrap_or_else(|e| panic!("confirm of {b}: {e}"));
+        assert!(c.is_ack(), "{b} was nacked");
+        if let Some(m) = c.take_message() {
+            panic!("{b} was returned ({} {})", m.reply_code, m.reply_text);
+        }
+    }
+}
+
+/// Opens a connection to node `id` and publishes `bodies` to `queue` through it.
+async fn publish_via(cluster: &Cluster, id: usize, queue: &str, bodies: &[String]) {
+    let conn = support::connect(&cluster.url(id)).await;
+    let ch = confirm_channel(&conn).await;
+    publish(&ch, queue, bodies).await;
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Consumes `n` messages from `queue` with manual acks, then cancels and checks that the
+/// queue is empty; returns the bodies in arrival order.
+async fn drain(ch: &Channel, queue: &str, n: usize) -> Vec<String> {
+    within("basic.qos", ch.basic_qos(100, BasicQosOptions::default()))
+        .await
+        .expect("basic.qos");
+    let mut consumer = within(
+        "basic.consume",
+        ch.basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("basic.consume on {queue}: {e}"));
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let d = next_delivery(&mut consumer).await;
+        got.push(String::from_utf8_lossy(&d.data).into_owned());
+        within("basic.ack", d.ack(BasicAckOptions::default()))
+            .await
+            .expect("basic.ack");
+    }
+    within(
+        "basic.cancel",
+        ch.basic_cancel(consumer.tag(), BasicCancelOptions::default()),
+    )
+    .await
+    .expect("basic.cancel");
+    // Nothing beyond the expected count: a duplicate would still be waiting here.
+    let extra = within(
+        "basic.get",
+        ch.basic_get(queue.into(), BasicGetOptions { no_ack: true }),
+    )
+    .await
+    .expect("basic.get");
+    if let Some(m) = extra {
+        panic!(
+            "{queue} still holds a message after {n} were consumed: {:?}",
+            String::from_utf8_lossy(&m.delivery.data)
+        );
+    }
+    got
+}
+
+/// Consumes everything `want` says `queue` holds, through node `id`, and checks that exactly
+/// those messages came, each once. The first consume may have to wait for a new leader, so
+/// it is given [`FAILOVER`].
+async fn assert_queue_holds(cluster: &Cluster, id: usize, queue: &str, want: &[String]) {
+    let conn = support::connect(&cluster.url(id)).await;
+    let ch = support::channel(&conn).await;
+    let got = within_for(
+        FAILOVER + support::WAIT,
+        &format!("{} messages from {queue} through node {id}", want.len()),
+        drain(&ch, queue, want.len()),
+    )
+    .await;
+    assert_same_messages(&got, want, &format!("{queue} through node {id}"));
+    let _ = conn.close(200, "bye".into()).await;
+}
+
+/// Asserts that `got` holds exactly the messages of `want`, each once (in any order: a
+/// leader change may redeliver in a different order, but never lose or repeat).
+#[track_caller]
+fn assert_same_messages(got: &[String], want: &[String], what: &str) {
+    let mut counts: BTreeMap<&str, i64> = BTreeMap::new();
+    for w in want {
+        *counts.entry(w.as_str()).or_default() -= 1;
+    }
+    for g in got {
+        *counts.entry(g.as_str()).or_default() += 1;
+    }
+    let missing: Vec<&str> = counts
+        .iter()
+        .filter(|(_, c)| **c < 0)
+        .map(|(b, _)| *b)
+        .collect();
+    let extra: Vec<(&str, i64)> = counts
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(b, c)| (*b, *c))
+        .collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: got {} messages, expected {}; missing: {missing:?}; duplicated or unexpected \
+         (body, extra copies): {extra:?}",
+        got.len(),
+        want.len()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Waiting on `warrenctl status`
+
+/// Polls `check` every [`POLL`] until it returns `Ok`, failing the test with `what` and the
+/// last error once `limit` has passed.
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        polls += 1;
+        let last = match check().await {
+            Ok(v) => {
+                println!("{what}: after {} ms", start.elapsed().as_millis());
+                return v;
+            }
+            Err(e) => e,
+        };
+        if start.elapsed() >= limit {
+            panic!("{what}: not reached within {limit:?} ({polls} polls); last: {last}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// `warrenctl status` through each of `ids`, by the node that answered.
+async fn views(cluster: &Cluster, ids: &[usize]) -> Result<BTreeMap<u64, Status>, String> {
+    let mut out = BTreeMap::new();
+    for &id in ids {
+        let s = cluster.try_status(id).await?;
+        if s.node != id as u64 {
+            return Err(format!(
+                "status through node {id} came from node {}",
+                s.node
+            ));
+        }
+        out.insert(s.node, s);
+    }
+    Ok(out)
+}
+
+/// Checks that every view lists exactly `members`, each a voter and up.
+fn members_are(views: &BTreeMap<u64, Status>, members: &[u64]) -> Result<(), String> {
+    for (node, s) in views {
+        let ids: Vec<u64> = s.members.iter().map(|m| m.id).collect();
+        if ids != members {
+            return Err(format!(
+                "node {node} sees members {ids:?}, expected {members:?}:\n{}",
+                s.text
+            ));
+        }
+        if let Some(m) = s.members.iter().find(|m| !m.voter || !m.up) {
+            return Err(format!(
+                "node {node} sees member {} as voter={} up={}:\n{}",
+                m.id, m.voter, m.up, s.text
+            ));
+        }
+        let meta = s
+            .metadata()
+            .ok_or_else(|| format!("node {node} lists no metadata group:\n{}", s.text))?;
+        if meta.replicas != members {
+            return Err(format!(
+                "node {node}: metadata group voters {:?}, expected {members:?}",
+                meta.replicas
+            ));
+        }
+        if !meta.leader.is_some_and(|l| members.contains(&l)) {
+            return Err(format!(
+                "node {node}: metadata leader {:?} is not a member",
+                meta.leader
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that queue `queue`'s group has converged to the replica set `want`: every view
+/// lists it with that set (no node twice), exactly one replica leads it and every replica
+/// agrees which, and that leader reports every other replica - and nothing else - as a
+/// follower with zero lag (a replica still catching up, or one being replaced, shows up
+/// there). With `ready`, every replica's copy also holds that many ready messages. Returns
+/// the leader and the replica list (preferred leader first).
+fn converged(
+    views: &BTreeMap<u64, Status>,
+    queue: &str,
+    want: &BTreeSet<u64>,
+    ready: Option<u64>,
+) -> Result<(u64, Vec<u64>), String> {
+    let mut replicas = None;
+    for (node, s) in views {
+        let row = s
+            .queue(VHOST, queue)
+            .ok_or_else(|| format!("node {node} does not list {queue}:\n{}", s.text))?;
+        let got: BTreeSet<u64> = row.replicas.iter().copied().collect();
+        if &got != want || row.replicas.len() != want.len() {
+            return Err(format!(
+                "node {node} lists replicas {:?} for {queue}, expected {want:?}",
+                row.replicas
+            ));
+        }
+        replicas.get_or_insert_with(|| row.replicas.clone());
+    }
+    let replicas = replicas.ok_or("no views")?;
+    // Nodes that lead the group by their own account.
+    let leaders: Vec<u64> = views
+        .iter()
+        .filter(|(node, s)| {
+            s.queue(VHOST, queue)
+                .is_some_and(|r| r.leader == Some(**node))
+        })
+        .map(|(node, _)| *node)
+        .collect();
+    let [leader] = leaders[..] else {
+        return Err(format!(
+            "{queue} is led by {leaders:?} by their own account"
+        ));
+    };
+    if !want.contains(&leader) {
+        return Err(format!("{queue} is led by {leader}, not one of {want:?}"));
+    }
+    for (node, s) in views.iter().filter(|(n, _)| want.contains(n)) {
+        let row = s.queue(VHOST, queue).expect("checked above");
+        if row.leader != Some(leader) {
+            return Err(format!(
+                "replica {node} of {queue} names leader {:?}, the leader is {leader}",
+                row.leader
+            ));
+        }
+        if let Some(n) = ready
+            && row.ready != n
+        {
+            return Err(format!(
+                "replica {node} of {queue} holds {} ready messages, expected {n}",
+                row.ready
+            ));
+        }
+    }
+    let row = views[&leader].queue(VHOST, queue).expect("checked above");
+    // The leader may list itself (at zero); any other entry is a replica it still feeds.
+    let followers: BTreeSet<u64> = want.iter().copied().filter(|n| *n != leader).collect();
+    let lagging: BTreeSet<u64> = row.lag.keys().copied().filter(|n| *n != leader).collect();
+    if lagging != followers || row.lag.values().any(|l| *l != 0) {
+        return Err(format!(
+            "leader {leader} of {queue} reports lag {:?}, expected zero for each of \
+             {followers:?}",
+            row.lag
+        ));
+    }
+    Ok((leader, replicas))
+}
+
+/// Waits until `queue` has converged (see [`converged`]) as seen through `ids`; returns its
+/// leader and replica list.
+async fn wait_converged(
+    cluster: &Cluster,
+    ids: &[usize],
+    queue: &str,
+    want: &[u64],
+    ready: Option<u64>,
+) -> (u64, Vec<u64>) {
+    let want = set(want);
+    wait_for(
+        &format!("{queue} converged to replicas {want:?}"),
+        CONVERGE,
+        || async {
+            let v = views(cluster, ids).await?;
+            converged(&v, queue, &want, ready)
+        },
+    )
+    .await
+}
+
+/// The metadata group's leader as node `id` sees it.
+async fn meta_leader(cluster: &Cluster, id: usize) -> u64 {
+    wait_for("a metadata leader", FAILOVER, || async {
+        let s = cluster.try_status(id).await?;
+        s.metadata()
+            .and_then(|m| m.leader)
+            .ok_or_else(|| format!("no metadata leader yet:\n{}", s.text))
+    })
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+/// The status parser reads what warrenctl prints (also a blank replica column and lag).
+#[test]
+fn status_output_parses() {
+    let text = "node 2 sees 2 member(s):\n    1  127.0.0.1:25672          voter   up\n    \
+                2  127.0.0.1:25673          learner DOWN\n\n   group  name                     \
+                        leader  replicas       last-log    applied    ready  unacked  lag\n       \
+                0  metadata                              1  1,2                   9          9 \
+                       0        0  2:0\n       7  //q:x                                 -  \
+                                 0          0        3        1  \n       8  //long             \
+                                   2  2,1                  12         11        4        0  1:3\n";
+    let s = Status::parse(text).expect("parses");
+    assert_eq!(s.node, 2);
+    assert_eq!(s.members.len(), 2);
+    assert!(s.members[0].voter && s.members[0].up);
+    assert!(!s.members[1].voter && !s.members[1].up);
+    assert_eq!(s.members[1].address, "127.0.0.1:25673");
+    let meta = s.metadata().expect("metadata row");
+    assert_eq!(meta.leader, Some(1));
+    assert_eq!(meta.replicas, [1, 2]);
+    assert_eq!(meta.lag, BTreeMap::from([(2, 0)]));
+    let q = s.queue(VHOST, "q:x").expect("q:x row");
+    assert_eq!(
+        (q.leader, q.replicas.len(), q.ready, q.unacked),
+        (None, 0, 3, 1)
+    );
+    let long = s.queue(VHOST, "long").expect("long row");
+    assert_eq!(long.replicas, [2, 1]);
+    assert_eq!((long.last_log, long.applied), (12, 11));
+    assert_eq!(long.lag, BTreeMap::from([(1, 3)]));
+    assert!(Status::parse("nonsense").is_err());
+}
+
+/// `warrenctl status` through each node lists the three members (voters, up, at their
+/// cluster addresses), the metadata group's leader, and every queue with its leader (the
+/// node it was declared through: client-local placement), its three replicas (that node
+/// first) and its ready and unacked counts as every replica has applied them.
+#[test]
+fn status_shows_members_leaders_and_counts() {
+    let Some(cluster) = cluster("status_shows_members_leaders_and_counts", 3) else {
+        return;
+    };
+    run(async {
+        // One queue through each node with 3, 6 and 9 messages; on node 1's queue a consumer
+        // holds two of them unacked.
+        let mut queues = Vec::new();
+        let mut conns = Vec::new();
+        for id in 1..=3u32 {
+            let (conn, ch) = support::open(&cluster.url(id as usize)).await;
+            let q = unique(&format!("status-{id}"));
+            declare(&ch, &q, FieldTable::default()).await;
+            let pub_ch = confirm_channel(&conn).await;
+            publish(&pub_ch, &q, &bodies(&q, 0..id * 3)).await;
+            queues.push((q, u64::from(id), u64::from(id) * 3, 0u64));
+            conns.push((conn, ch));
+        }
+        let holder = &conns[0].1;
+        within("basic.qos", holder.basic_qos(2, BasicQosOptions::default()))
+            .await
+            .expect("basic.qos");
+        let mut consumer = within(
+            "basic.consume",
+            holder.basic_consume(
+                queues[0].0.as_str().into(),
+                "holder".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("basic.consume");
+        for _ in 0..2 {
+            next_delivery(&mut consumer).await;
+        }
+        queues[0].2 = 1;
+        queues[0].3 = 2;
+
+        for id in 1..=3usize {
+            wait_for(
+                &format!("status through node {id} showing every queue"),
+                CONVERGE,
+                || async {
+                    let s = cluster.try_status(id).await?;
+                    if s.node != id as u64 {
+                        return Err(format!("answered by node {}", s.node));
+                    }
+                    let want: Vec<(u64, String)> = (1..=3)
+                        .map(|m| (m, cluster.cluster_addr(m as usize).to_string()))
+                        .collect();
+                    let got: Vec<(u64, String)> = s
+                        .members
+                        .iter()
+                        .map(|m| (m.id, m.address.clone()))
+                        .collect();
+                    if got != want || s.members.iter().any(|m| !m.voter || !m.up) {
+                        return Err(format!("members are not 1-3, voters, up:\n{}", s.text));
+                    }
+                    let meta = s.metadata().ok_or("no metadata row")?;
+                    if meta.replicas != [1, 2, 3] || meta.leader.is_none_or(|l| l > 3) {
+                        return Err(format!("metadata row is off:\n{}", s.text));
+                    }
+                    for (q, via, ready, unacked) in &queues {
+                        let row = s
+                            .queue(VHOST, q)
+                            .ok_or_else(|| format!("{q} is not listed:\n{}", s.text))?;
+                        let replica_set: BTreeSet<u64> = row.replicas.iter().copied().collect();
+                        if row.replicas.first() != Some(via) || replica_set != set(&[1, 2, 3]) {
+                            return Err(format!(
+                                "{q}: replicas {:?}, expected node {via} first of 1-3",
+                                row.replicas
+                            ));
+                        }
+                        if row.leader != Some(*via) {
+                            return Err(format!(
+                                "{q}: leader {:?}, expected {via}:\n{}",
+                                row.leader, s.text
+                            ));
+                        }
+                        if (row.ready, row.unacked) != (*ready, *unacked) {
+                            return Err(format!(
+                                "{q}: ready {} unacked {}, expected {ready} and {unacked}:\n{}",
+                                row.ready, row.unacked, s.text
+                            ));
+                        }
+                        if row.last_log == 0 || row.applied == 0 || row.applied > row.last_log {
+                            return Err(format!(
+                                "{q}: last-log {} applied {}:\n{}",
+                                row.last_log, row.applied, s.text
+                            ));
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .await;
+        }
+        // The leaders report their followers' lag, all caught up.
+        let all = views(&cluster, &[1, 2, 3])
+            .await
+            .expect("status of every node");
+        for (q, via, ready, _) in &queues {
+            let (leader, _) = converged(&all, q, &set(&[1, 2, 3]), Some(*ready))
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(leader, *via);
+        }
+        drop(consumer);
+    });
+}
+
+/// A node started with the cluster's member list but not in it waits (no `warren: ready`,
+/// not a member) until `warrenctl add-node` - sent to a node that is not the metadata leader,
+/// so warrenctl follows the redirect. Then it is ready, every node lists four voters, it
+/// serves queues declared before it joined, and queues declared through it have it as
+/// preferred leader and leader.
+#[test]
+fn add_node_joins_a_running_cluster() {
+    let Some(mut cluster) = cluster("add_node_joins_a_running_cluster", 3) else {
+        return;
+    };
+    run(async {
+        let before = unique("before-join");
+        let before_msgs = bodies(&before, 0..5);
+        {
+            let (conn, ch) = support::open(&cluster.url(1)).await;
+            declare(&ch, &before, FieldTable::default()).await;
+            publish(&confirm_channel(&conn).await, &before, &before_msgs).await;
+        }
+
+        let id = cluster.launch_joiner();
+        assert_eq!(id, 4);
+        let addr4 = cluster.cluster_addr(4).to_string();
+        wait_for("node 4 waiting to be added", FAILOVER, || async {
+            match cluster
+                .stderr(4)
+                .contains("waiting to be added to the cluster")
+            {
+                true => Ok(()),
+                false => Err(cluster.stderr(4)),
+            }
+        })
+        .await;
+        // A negative check: for a while, node 4 stays unready and outside the cluster. The
+        // window bounds how long we look; nothing waits on it.
+        let window = Instant::now();
+        while window.elapsed() < Duration::from_secs(1) {
+            assert!(
+                !cluster.printed_ready(4),
+                "node 4 became ready before it was added:\n{}",
+                cluster.node(4).stdout_text()
+            );
+            let s = cluster.status(1).await;
+            assert!(
+                s.member(4).is_none(),
+                "node 4 is a member before it was added:\n{}",
+                s.text
+            );
+            tokio::time::sleep(POLL).await;
+        }
+
+        let leader = meta_leader(&cluster, 1).await;
+        let via = (1..=3).find(|n| *n != leader as usize).expect("a follower");
+        let out = cluster
+            .ctl(via, &["add-node", "4", &addr4])
+            .await
+            .expect_ok();
+        assert!(
+            out.contains("node 4") && out.contains("joined"),
+            "add-node output: {out}"
+        );
+        cluster.await_ready(4);
+
+        let all = [1, 2, 3, 4];
+        wait_for("four voters, up, through every node", CONVERGE, || async {
+            let v = views(&cluster, &all).await?;
+            members_are(&v, &[1, 2, 3, 4])
+        })
+        .await;
+
+        // The queue from before the join, through the new node.
+        assert_queue_holds(&cluster, 4, &before, &before_msgs).await;
+
+        // A queue declared through node 4 prefers it and is led by it.
+        let fresh = unique("via-4");
+        let fresh_msgs = bodies(&fresh, 0..20);
+        let (conn4, ch4) = support::open(&cluster.url(4)).await;
+        declare(&ch4, &fresh, FieldTable::default()).await;
+        publish(&confirm_channel(&conn4).await, &fresh, &fresh_msgs).await;
+        let s = cluster.status(4).await;
+        let row = s.queue(VHOST, &fresh).expect("fresh queue listed");
+        assert_eq!(row.replicas.len(), 3, "{}", s.text);
+        assert_eq!(row.replicas[0], 4, "preferred leader:\n{}", s.text);
+        let replicas = row.replicas.clone();
+        let (leader, _) = wait_converged(&cluster, &all, &fresh, &replicas, Some(20)).await;
+        assert_eq!(leader, 4, "leader of a queue declared through node 4");
+        let got = drain(&ch4, &fresh, fresh_msgs.len()).await;
+        assert_same_messages(&got, &fresh_msgs, "queue declared through node 4");
+    });
+}
+
+/// `warrenctl remove-node 3` on a four-node cluster: every queue with a replica on node 3
+/// (including queues node 3 leads) gets one on another member, the groups converge to
+/// three replicas without node 3, the members no longer include it, and once its process is
+/// stopped every message is still there, once.
+#[test]
+fn remove_node_moves_its_replicas_and_keeps_messages() {
+    let Some(mut cluster) = cluster("remove_node_moves_its_replicas_and_keeps_messages", 4) else {
+        return;
+    };
+    run(async {
+        // Two queues led by node 3, one each through nodes 1, 2 and 4.
+        let mut queues: Vec<(String, Vec<String>)> = Vec::new();
+        for via in [3, 3, 1, 2, 4] {
+            let q = unique(&format!("rm-via-{via}"));
+            let msgs = bodies(&q, 0..40);
+            let (conn, ch) = support::open(&cluster.url(via)).await;
+            declare(&ch, &q, FieldTable::default()).await;
+            publish(&confirm_channel(&conn).await, &q, &msgs).await;
+            queues.push((q, msgs));
+        }
+        let before = views(&cluster, &[1, 2, 3, 4]).await.expect("status");
+        let on_3 = queues
+            .iter()
+            .filter(|(q, _)| before[&1].queue(VHOST, q).unwrap().replicas.contains(&3))
+            .count();
+        assert!(on_3 >= 2, "queues on node 3:\n{}", before[&1].text);
+
+        let out = cluster.ctl(1, &["remove-node", "3"]).await.expect_ok();
+        assert!(out.contains("node 3 removed"), "remove-node output: {out}");
+        assert!(
+            out.contains(&format!("{on_3} queue replica set(s) moved")),
+            "remove-node output: {out} ({on_3} queues had a replica on node 3)"
+        );
+
+        let rest = [1, 2, 4];
+        wait_for(
+            "members 1, 2 and 4 through every node",
+            CONVERGE,
+            || async {
+                let v = views(&cluster, &rest).await?;
+                members_are(&v, &[1, 2, 4])
+            },
+        )
+        .await;
+        for (q, msgs) in &queues {
+            let (leader, _) =
+                wait_converged(&cluster, &rest, q, &[1, 2, 4], Some(msgs.len() as u64)).await;
+            assert_ne!(leader, 3);
+        }
+
+        // The operator stops the removed node; it shuts down cleanly.
+        let status = cluster.sigterm(3);
+        assert!(status.success(), "removed node 3 exited with {status}");
+        for (q, msgs) in &queues {
+            assert_queue_holds(&cluster, 2, q, msgs).await;
+        }
+    });
+}
+
+/// A queue declared with one replica grows to three with `warrenctl add-replica`; the new
+/// replicas get its messages (the only original replica is then killed and the queue still
+/// serves all of them); `warrenctl remove-replica` of the dead node shrinks it to two, and
+/// messages published meanwhile survive that too.
+#[test]
+fn grow_and_shrink_a_queue() {
+    let Some(mut cluster) = cluster("grow_and_shrink_a_queue", 3) else {
+        return;
+    };
+    run(async {
+        const N: u32 = 200;
+        let q = unique("grow");
+        let first = bodies(&format!("{q}-a"), 0..N);
+        {
+            let (conn, ch) = support::open(&cluster.url(1)).await;
+            declare_with_replicas(&ch, &q, 1).await;
+            publish(&confirm_channel(&conn).await, &q, &first).await;
+        }
+        wait_converged(&cluster, &[1, 2, 3], &q, &[1], Some(N.into())).await;
+
+        // Refusals: a node that is not a member, the last replica.
+        let out = cluster.ctl(2, &["add-replica", &q, "9"]).await;
+        assert!(
+            !out.success() && out.stderr.contains("not a cluster member"),
+            "{}",
+            out.describe()
+        );
+        let out = cluster.ctl(2, &["remove-replica", &q, "1"]).await;
+        assert!(
+            !out.success() && out.stderr.contains("last replica"),
+            "{}",
+            out.describe()
+        );
+
+        let out = cluster.ctl(2, &["add-replica", &q, "2"]).await.expect_ok();
+        assert!(out.contains("[1, 2]"), "add-replica output: {out}");
+        let out = cluster
+            .ctl(3, &["add-replica", &q, "3", "--vhost", VHOST])
+            .await
+            .expect_ok();
+        assert!(out.contains("[1, 2, 3]"), "add-replica output: {out}");
+        let (leader, replicas) =
+            wait_converged(&cluster, &[1, 2, 3], &q, &[1, 2, 3], Some(N.into())).await;
+        assert_eq!(leader, 1, "the preferred leader keeps the queue");
+        assert_eq!(replicas, [1, 2, 3]);
+
+        // Only nodes 2 and 3 hold the queue now.
+        cluster.kill9(1);
+        assert_queue_holds(&cluster, 2, &q, &first).await;
+
+        let second = bodies(&format!("{q}-b"), 0..50);
+        publish_via(&cluster, 2, &q, &second).await;
+        let out = cluster
+            .ctl(3, &["remove-replica", &q, "1"])
+            .await
+            .expect_ok();
+        assert!(out.contains("[2, 3]"), "remove-replica output: {out}");
+        wait_converged(&cluster, &[2, 3], &q, &[2, 3], Some(second.len() as u64)).await;
+        assert_queue_holds(&cluster, 3, &q, &second).await;
+    });
+}
+
+/// Six queues declared through node 1 are all led by it; `warrenctl rebalance` gives two of
+/// them to each node as preferred leader, leadership follows, and every message published
+/// before is still there, once.
+#[test]
+fn rebalance_spreads_leaders() {
+    let Some(cluster) = cluster("rebalance_spreads_leaders", 3) else {
+        return;
+    };
+    run(async {
+        let (conn, ch) = support::open(&cluster.url(1)).await;
+        let pub_ch = confirm_channel(&conn).await;
+        let mut queues = Vec::new();
+        for i in 0..6 {
+            let q = unique(&format!("rebalance-{i}"));
+            let msgs = bodies(&q, 0..25);
+            declare(&ch, &q, FieldTable::default()).await;
+            publish(&pub_ch, &q, &msgs).await;
+            queues.push((q, msgs));
+        }
+        let all = [1, 2, 3];
+        for (q, msgs) in &queues {
+            let (leader, replicas) =
+                wait_converged(&cluster, &all, q, &[1, 2, 3], Some(msgs.len() as u64)).await;
+            assert_eq!((leader, replicas[0]), (1, 1), "{q} before the rebalance");
+        }
+
+        let out = cluster.ctl(2, &["rebalance"]).await.expect_ok();
+        assert!(out.contains("4 queue(s)"), "rebalance output: {out}");
+
+        let mut leaders: BTreeMap<u64, usize> = BTreeMap::new();
+        for (q, msgs) in &queues {
+            let (leader, replicas) =
+                wait_converged(&cluster, &all, q, &[1, 2, 3], Some(msgs.len() as u64)).await;
+            assert_eq!(leader, replicas[0], "{q} is led by its preferred replica");
+            *leaders.entry(leader).or_default() += 1;
+        }
+        assert_eq!(
+            leaders,
+            BTreeMap::from([(1, 2), (2, 2), (3, 2)]),
+            "queues led per node"
+        );
+        // A second rebalance has nothing to do.
+        let out = cluster.ctl(3, &["rebalance"]).await.expect_ok();
+        assert!(out.contains("0 queue(s)"), "second rebalance output: {out}");
+        for (q, msgs) in &queues {
+            assert_queue_holds(&cluster, 3, q, msgs).await;
+        }
+    });
+}
+
+/// A node that is down (killed) can be removed too: its queue replicas, including those of
+/// queues it led, are re-created on the remaining members from the surviving copies, the
+/// groups converge without it, and every message is still there, once.
+#[test]
+fn remove_node_that_is_down_recreates_its_replicas() {
+    let Some(mut cluster) = cluster("remove_node_that_is_down_recreates_its_replicas", 4) else {
+        return;
+    };
+    run(async {
+        let mut queues: Vec<(String, Vec<String>)> = Vec::new();
+        for via in [4, 4, 1, 2] {
+            let q = unique(&format!("dead-via-{via}"));
+            let msgs = bodies(&q, 0..40);
+            let (conn, ch) = support::open(&cluster.url(via)).await;
+            declare(&ch, &q, FieldTable::default()).await;
+            publish(&confirm_channel(&conn).await, &q, &msgs).await;
+            queues.push((q, msgs));
+        }
+        cluster.kill9(4);
+        let rest = [1, 2, 3];
+        wait_for("node 4 reported DOWN", FAILOVER, || async {
+            let s = cluster.try_status(1).await?;
+            match s.member(4) {
+                Some(m) if !m.up => Ok(()),
+                _ => Err(s.text),
+            }
+        })
+        .await;
+        // Membership changes need a metadata leader; if node 4 led the metadata group, the
+        // others elect a new one first (warrenctl would be sent to the dead node meanwhile).
+        wait_for("a live metadata leader", FAILOVER, || async {
+            let s = cluster.try_status(2).await?;
+            match s.metadata().and_then(|m| m.leader) {
+                Some(l) if l != 4 => Ok(()),
+                _ => Err(s.text),
+            }
+        })
+        .await;
+
+        let out = cluster.ctl(2, &["remove-node", "4"]).await.expect_ok();
+        assert!(out.contains("node 4 removed"), "remove-node output: {out}");
+
+        wait_for(
+            "members 1, 2 and 3 through every node",
+            CONVERGE,
+            || async {
+                let v = views(&cluster, &rest).await?;
+                members_are(&v, &[1, 2, 3])
+            },
+        )
+        .await;
+        for (q, msgs) in &queues {
+            wait_converged(&cluster, &rest, q, &[1, 2, 3], Some(msgs.len() as u64)).await;
+        }
+        for (q, msgs) in &queues {
+            assert_queue_holds(&cluster, 1, q, msgs).await;
+        }
+        // The queues are usable through every remaining node after the change.
+        for (i, (q, _)) in queues.iter().enumerate() {
+            let (_, ch) = support::open(&cluster.url(rest[i % 3])).await;
+            let n = within(
+                "passive declare",
+                ch.queue_declare(q.as_str().into(), PASSIVE, FieldTable::default()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{q} through node {}: {e}", rest[i % 3]))
+            .message_count();
+            assert_eq!(n, 0, "{q} was drained");
+        }
+    });
+}
