@@ -96,7 +96,9 @@ fn meta_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
         election_timeout_min: cfg.election_timeout_min_ms,
         election_timeout_max: cfg.election_timeout_max_ms,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-        max_in_snapshot_log_to_keep: 256,
+        // Entries kept behind a snapshot let a briefly lagging replica catch up from the log
+        // instead of a snapshot transfer.
+        max_in_snapshot_log_to_keep: cfg.snapshot_every.min(256),
         ..Default::default()
     }
     .validate()
@@ -118,7 +120,9 @@ fn queue_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
         election_timeout_max: lease_max,
         enable_tick: false,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
-        max_in_snapshot_log_to_keep: 256,
+        // Entries kept behind a snapshot let a briefly lagging replica catch up from the log
+        // instead of a snapshot transfer.
+        max_in_snapshot_log_to_keep: cfg.snapshot_every.min(256),
         max_payload_entries: 1024,
         ..Default::default()
     }

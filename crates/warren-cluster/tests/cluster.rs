@@ -34,6 +34,12 @@ struct TestCluster {
 
 impl TestCluster {
     async fn start(n: u64) -> TestCluster {
+        Self::start_with(n, 1000).await
+    }
+
+    /// `snapshot_every`: log entries between snapshots (small values make groups purge their
+    /// logs, so new replicas must be sent a snapshot).
+    async fn start_with(n: u64, snapshot_every: u64) -> TestCluster {
         // WARREN_TEST_LOG=info shows the nodes' logs when a test needs explaining.
         if let Ok(filter) = std::env::var("WARREN_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -55,7 +61,7 @@ impl TestCluster {
                 heartbeat_ms: 100,
                 election_timeout_min_ms: 400,
                 election_timeout_max_ms: 800,
-                snapshot_every: 1000,
+                snapshot_every,
                 failure_timeout_ms: 400,
             };
             dirs.push(dir);
@@ -581,4 +587,103 @@ async fn the_balanced_locator_spreads_leaders() {
     }
     assert_eq!(leaders.len(), 3, "leaders {leaders:?}");
     assert!(leaders.values().all(|n| *n == 2), "leaders {leaders:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodies() {
+    let c = TestCluster::start_with(3, 10).await;
+    // A queue with one replica, on node 1.
+    let node = c.node(1);
+    node.meta_write(MetaCmd::DeclareQueue(QueueDecl {
+        vhost: "/".into(),
+        name: "solo".into(),
+        durable: true,
+        exclusive_owner: None,
+        auto_delete: false,
+        arguments: FieldTable::new(),
+        declared_by: node.run(),
+        replicas: vec![1],
+    }))
+    .await
+    .expect("declare");
+    assert_eq!(c.await_leader("solo", |n| n == 1).await, 1);
+    let rec = Arc::new(Recorder::default());
+    let h = node.queue("/", "solo").unwrap();
+    let ch = channel(node, 1);
+    for seq in 1..=60 {
+        h.submit(
+            enqueue(ch, seq, &format!("m{seq}")),
+            ReplyTo::Sink(rec.clone(), seq),
+        );
+    }
+    rec.wait_for("60 confirms", WAIT, |r| (1..=60).all(|s| r.confirmed(s)))
+        .await;
+
+    // Grow to nodes 1 and 2: with the log purged (a snapshot every 10 entries), node 2 can
+    // only catch up from a snapshot, which must carry the message bodies.
+    node.meta_write(MetaCmd::SetReplicas {
+        vhost: "/".into(),
+        name: "solo".into(),
+        replicas: vec![1, 2],
+    })
+    .await
+    .expect("grow");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        // Node 1 (leading) sees node 2 in the group with no lag; node 2 applied everything.
+        let group =
+            |s: warren_proto::StatusReply| s.groups.into_iter().find(|g| g.name == "//solo");
+        let caught_up = match (group(c.node(1).status()), group(c.node(2).status())) {
+            (Some(l), Some(f)) => l.lag.get(&2) == Some(&0) && f.committed >= 60,
+            _ => false,
+        };
+        if caught_up {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 never caught up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Shrink to node 2 alone, then cut node 1 off: node 2 must serve every message from what
+    // it received.
+    node.meta_write(MetaCmd::SetReplicas {
+        vhost: "/".into(),
+        name: "solo".into(),
+        replicas: vec![2],
+    })
+    .await
+    .expect("shrink");
+    assert_eq!(c.await_leader("solo", |n| n == 2).await, 2);
+    c.net.isolate(1);
+    let consumer = c.node(2).queue("/", "solo").unwrap();
+    let key = ConsumerKey {
+        channel: channel(c.node(2), 9),
+        tag: "reader".into(),
+    };
+    consumer.attach(key.clone(), rec.clone());
+    let consumed = consumer.call(
+        QueueCmd::Consume {
+            consumer: key,
+            prefetch: 100,
+            no_ack: false,
+            exclusive: false,
+        },
+        None,
+    );
+    tokio::time::timeout(WAIT, consumed)
+        .await
+        .expect("node 2 alone serves the queue")
+        .expect("consume");
+    rec.wait_for("all 60 bodies from node 2", WAIT, |r| {
+        r.deliveries.lock().unwrap().len() >= 60
+    })
+    .await;
+    let bodies: std::collections::BTreeSet<String> = rec
+        .deliveries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(b, _)| b.clone())
+        .collect();
+    assert_eq!(bodies.len(), 60);
 }
