@@ -101,6 +101,10 @@ pub struct CheckResult {
     pub duplicates_after_ack: usize,
     /// Repeats that arrived with `redelivered = false`.
     pub duplicates_unflagged: usize,
+    /// Of those, repeats on the same consumer connection that had the message already:
+    /// that node knew it had delivered it, so the missing flag is the broker's doing (a
+    /// paused node's stale copy arriving late, on another connection, is not).
+    pub duplicates_unflagged_same_session: usize,
     pub unflagged_examples: Vec<String>,
     /// Unknown-outcome publishes that were delivered / never delivered.
     pub info_delivered: usize,
@@ -185,6 +189,8 @@ pub fn check(ops: &[Op]) -> CheckResult {
         deliveries: usize,
         acked: bool,
         requeued: usize,
+        /// Consumer connections (process, session) that received the pair.
+        sessions: Vec<(String, u64)>,
     }
     let mut pairs: HashMap<(String, String), PairState> = HashMap::new();
     let mut delivered_msgs: HashSet<String> = HashSet::new();
@@ -240,6 +246,10 @@ pub fn check(ops: &[Op]) -> CheckResult {
                         r.duplicates_redelivered_flag += 1;
                     } else {
                         r.duplicates_unflagged += 1;
+                        let here = (op.process.clone(), op.session.unwrap_or(0));
+                        if st.sessions.contains(&here) {
+                            r.duplicates_unflagged_same_session += 1;
+                        }
                         push_example(
                             &mut r.unflagged_examples,
                             format!(
@@ -255,6 +265,8 @@ pub fn check(ops: &[Op]) -> CheckResult {
                     }
                 }
                 st.deliveries += 1;
+                st.sessions
+                    .push((op.process.clone(), op.session.unwrap_or(0)));
                 // Only first deliveries count for order: a repeat without the flag is
                 // already counted above (it is a second copy, not a reordering).
                 let first = st.deliveries == 1;
@@ -473,6 +485,7 @@ mod tests {
         assert_eq!(r.duplicates, 2);
         assert_eq!(r.duplicates_redelivered_flag, 1);
         assert_eq!(r.duplicates_unflagged, 1);
+        assert_eq!(r.duplicates_unflagged_same_session, 1);
         assert_eq!(r.duplicates_after_ack, 2);
     }
 

@@ -305,7 +305,8 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
                     writeln!(f, "{line}")?;
                 }
             }
-            println!("chaos: batch {passed} passed, {} failed", failed.len());
+            // The plain "N passed, N failed" line CI logs are read for.
+            println!("chaos: {passed} passed, {} failed", failed.len());
             for f in &failed {
                 println!("chaos:   failed: {f}");
             }

@@ -128,8 +128,9 @@ pub enum Fault {
     ReplaceNode {
         target: Target,
     },
-    /// `warrenctl add-replica` of the queue on a member that lacks one; the heal removes a
-    /// replica (chosen by `pick`, possibly the leader) so the set shrinks back.
+    /// `warrenctl add-replica` of the queue on a member that lacks one, or, when every
+    /// member has one, `remove-replica` of the replica chosen by `pick` (possibly the
+    /// leader); the heal undoes the change.
     GrowShrink {
         queue: String,
         pick: u64,
@@ -402,8 +403,8 @@ pub struct Nemesis {
     history: Arc<History>,
     /// The node whose data directory is a tmpfs (disk nemesis).
     disk_node: Option<u64>,
-    /// Replicas added by a GrowShrink, to remove when it heals.
-    grown: Vec<(String, u64)>,
+    /// Replica changes of a GrowShrink, to undo when it heals: (queue, node, grown).
+    grown: Vec<(String, u64, bool)>,
     /// Nodes whose clock rate was changed, to restart with real clocks.
     drifting: BTreeSet<u64>,
     partitioned: bool,
@@ -468,7 +469,9 @@ impl Nemesis {
         let start = Instant::now();
         for ev in events {
             let at = start + Duration::from_millis(ev.at_ms);
-            if at > deadline {
+            // A fault that takes long to inflict (a rolling restart) delays the ones after
+            // it; none starts after the fault period.
+            if at > deadline || Instant::now() + Duration::from_secs(1) > deadline {
                 break;
             }
             tokio::time::sleep_until(at.into()).await;
@@ -535,7 +538,7 @@ impl Nemesis {
                     ))
                 }
                 Fault::ReplaceNode { target } => self.replace_node(target).await,
-                Fault::GrowShrink { queue, .. } => {
+                Fault::GrowShrink { queue, pick } => {
                     let members = self.cluster.members();
                     let live = self.live_members();
                     let status = admin::status(live[0]).await?;
@@ -543,21 +546,33 @@ impl Nemesis {
                         .queue(queue)
                         .map(|g| g.replicas.clone())
                         .unwrap_or_default();
-                    let Some(add) = members.iter().find(|m| !replicas.contains(m)).copied()
-                    else {
-                        return Ok((vec![], serde_json::json!({ "skipped": "no spare member" })));
+                    // Grow onto a member without a replica if there is one, else shrink
+                    // (possibly removing the leader); the heal undoes it.
+                    let spare = members.iter().find(|m| !replicas.contains(m)).copied();
+                    let (verb, node) = match spare {
+                        Some(n) => ("add-replica", n),
+                        None if replicas.len() > 1 => (
+                            "remove-replica",
+                            replicas[(*pick % replicas.len() as u64) as usize],
+                        ),
+                        None => {
+                            return Ok((
+                                vec![],
+                                serde_json::json!({ "skipped": "one replica, no spare member" }),
+                            ));
+                        }
                     };
                     let out = admin::warrenctl(
                         self.cluster.warrenctl(),
                         live[0],
-                        &["add-replica".into(), queue.clone(), add.to_string()],
+                        &[verb.into(), queue.clone(), node.to_string()],
                         Duration::from_secs(30),
                     )
                     .await?;
-                    self.grown.push((queue.clone(), add));
+                    self.grown.push((queue.clone(), node, verb == "add-replica"));
                     Ok((
-                        vec![add],
-                        serde_json::json!({ "added": add, "replicas_before": replicas, "warrenctl": out }),
+                        vec![node],
+                        serde_json::json!({ verb: node, "replicas_before": replicas, "warrenctl": out }),
                     ))
                 }
                 Fault::ClockJump { target, seconds } => {
@@ -679,26 +694,29 @@ impl Nemesis {
                 Fault::RollingRestart { .. } | Fault::ReplaceNode { .. } => {
                     Ok(serde_json::json!("nothing to heal"))
                 }
-                Fault::GrowShrink { queue, pick } => {
+                Fault::GrowShrink { queue, .. } => {
+                    let Some(i) = self.grown.iter().position(|(q, _, _)| q == queue) else {
+                        return Ok(serde_json::json!({ "skipped": "nothing changed" }));
+                    };
+                    let (_, node, grew) = self.grown.remove(i);
                     let live = self.live_members();
-                    let status = admin::status(live[0]).await?;
-                    let replicas = status
-                        .queue(queue)
-                        .map(|g| g.replicas.clone())
-                        .unwrap_or_default();
-                    self.grown.retain(|(q, _)| q != queue);
-                    if replicas.len() <= 3 {
-                        return Ok(serde_json::json!({ "skipped": "not grown", "replicas": replicas }));
+                    // Undo: shrink what grew, grow back what shrank (if still a member).
+                    let verb = if grew {
+                        "remove-replica"
+                    } else {
+                        "add-replica"
+                    };
+                    if !grew && !self.cluster.members().contains(&node) {
+                        return Ok(serde_json::json!({ "skipped": "node no longer a member" }));
                     }
-                    let drop = replicas[(*pick % replicas.len() as u64) as usize];
                     let out = admin::warrenctl(
                         self.cluster.warrenctl(),
                         live[0],
-                        &["remove-replica".into(), queue.clone(), drop.to_string()],
+                        &[verb.into(), queue.clone(), node.to_string()],
                         Duration::from_secs(30),
                     )
                     .await?;
-                    Ok(serde_json::json!({ "removed": drop, "replicas_before": replicas, "warrenctl": out }))
+                    Ok(serde_json::json!({ verb: node, "warrenctl": out }))
                 }
                 Fault::ClockJump { .. } => {
                     for n in &nodes {

@@ -280,8 +280,8 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
     }
     if result.duplicates_unflagged > 0 {
         warnings.push(format!(
-            "{} repeated deliveries without the redelivered flag",
-            result.duplicates_unflagged
+            "{} repeated deliveries without the redelivered flag ({} on the connection that had the message already)",
+            result.duplicates_unflagged, result.duplicates_unflagged_same_session
         ));
     }
     for f in &nemesis_failures {
@@ -436,8 +436,12 @@ pub fn text_summary(s: &Summary, schedule: &[nemesis::Event]) -> String {
     );
     let _ = writeln!(
         t,
-        "duplicates: {} ({} flagged redelivered, {} after an ack, {} unflagged)",
-        c.duplicates, c.duplicates_redelivered_flag, c.duplicates_after_ack, c.duplicates_unflagged
+        "duplicates: {} ({} flagged redelivered, {} after an ack, {} unflagged, {} of them on the same connection)",
+        c.duplicates,
+        c.duplicates_redelivered_flag,
+        c.duplicates_after_ack,
+        c.duplicates_unflagged,
+        c.duplicates_unflagged_same_session
     );
     let _ = writeln!(
         t,
