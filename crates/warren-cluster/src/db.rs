@@ -290,6 +290,30 @@ impl Storage {
         }
     }
 
+    /// The groups that have a Raft log here (metadata group included).
+    pub fn stored_groups(&self) -> Result<Vec<GroupId>, DbError> {
+        let cf = self.cf(CF_LOG);
+        let mut groups = Vec::new();
+        let mut next = Some(keys::group_prefix(0).to_vec());
+        // One seek per group: jump past each group's keys instead of reading them all.
+        while let Some(from) = next.take() {
+            let mut iter = self.db().raw_iterator_cf(cf);
+            iter.seek(&from);
+            if !iter.valid() {
+                iter.status()?;
+                break;
+            }
+            let Some(key) = iter.key() else { break };
+            let Some(prefix) = key.get(..keys::PREFIX_LEN) else {
+                break;
+            };
+            let group = u64::from_be_bytes(prefix.try_into().unwrap_or([0xff; 8]));
+            groups.push(group);
+            next = keys::group_upper_bound(group).map(|k| k.to_vec());
+        }
+        Ok(groups)
+    }
+
     /// Counters of the group-commit flusher.
     pub fn flush_stats(&self) -> FlushStats {
         self.inner.flusher.stats()

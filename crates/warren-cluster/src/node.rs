@@ -294,6 +294,8 @@ impl Node {
         self.meta_write_until(MetaCmd::NodeRestarted { run: self.run }, deadline)
             .await
             .map_err(|e| NodeError::Timeout(format!("joining the metadata group: {e}")))?;
+        // Every earlier metadata entry is applied now: replica sets are final.
+        self.registry.start_groups();
         let handles: Vec<Arc<QueueHandle>> = self
             .queue_handles()
             .into_iter()
@@ -612,7 +614,8 @@ impl Node {
             match handle.raft() {
                 Some(raft) => write_local(&raft, &requests).await,
                 None => {
-                    return PeerResponse::Submit(Forwarded::NotLeader(handle.leader_hint()));
+                    let hint = handle.leader_hint().filter(|n| *n != self.id);
+                    return PeerResponse::Submit(Forwarded::NotLeader(hint));
                 }
             }
         };

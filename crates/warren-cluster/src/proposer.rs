@@ -242,10 +242,13 @@ pub(crate) async fn run(
                         reply.send(Ok(outcome));
                     }
                     ItemResult::NotLeader(hint) => {
-                        if hint.is_some() && hint != asked {
+                        // A hint naming the node asked, or this one without a replica, is
+                        // stale: ask around instead.
+                        let hint = hint.filter(|n| Some(*n) != asked);
+                        if hint.is_some() {
                             redirect = true;
                         }
-                        h.set_leader_hint(hint.filter(|n| Some(*n) != asked));
+                        h.set_leader_hint(hint);
                         retry.push_back((request, reply));
                     }
                     ItemResult::Retry(reason) => {

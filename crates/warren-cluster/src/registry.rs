@@ -48,6 +48,8 @@ pub(crate) struct Registry {
     queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
     by_id: RwLock<HashMap<u64, Arc<QueueHandle>>>,
     pub(crate) groups: Mutex<HashMap<GroupId, GroupRunner>>,
+    /// False until the metadata replay at start-up is over (see `start_groups`).
+    groups_started: std::sync::atomic::AtomicBool,
     /// Addresses of the cluster's members, from the metadata group's membership.
     members: RwLock<BTreeMap<NodeId, String>>,
     /// Auto-delete requests, executed by a task that owns a weak reference to the node.
@@ -91,6 +93,7 @@ impl Registry {
             queues: RwLock::new(HashMap::new()),
             by_id: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
+            groups_started: std::sync::atomic::AtomicBool::new(false),
             members: RwLock::new(BTreeMap::new()),
             unused_tx,
         }
@@ -180,6 +183,14 @@ impl Registry {
 
     /// Runs the queue's group here if this node is one of its replicas.
     fn reconcile_group(self: &Arc<Self>, handle: &Arc<QueueHandle>) {
+        // While the node replays its metadata at start-up, replica sets are not final yet: a
+        // node taken out of a queue while it was down must not bring its old replica back.
+        if !self
+            .groups_started
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return;
+        }
         let def = handle.def();
         let Placement::Replicated { group, replicas } = &def.placement else {
             return;
@@ -235,8 +246,47 @@ impl Registry {
             if let Some(h) = self.by_id(group) {
                 h.set_raft(None);
                 h.set_leader(false);
+                h.set_leader_hint(None);
             }
             let _ = runner.stop.send(true);
+        }
+    }
+
+    /// After the metadata replay at start-up: runs the groups of the queues this node is a
+    /// replica of, and deletes what it stored for groups it no longer belongs to (queues
+    /// deleted, or moved off this node, while it was down). Its copy of those can never be
+    /// used again: this node will not run a replica of them.
+    pub fn start_groups(self: &Arc<Self>) {
+        // Listed before any group starts, so a group created meanwhile is never mistaken for
+        // a stale one.
+        let stored = self.storage.stored_groups();
+        self.groups_started
+            .store(true, std::sync::atomic::Ordering::Release);
+        let mut wanted = std::collections::HashSet::new();
+        for handle in self.handles() {
+            if let Placement::Replicated { group, replicas } = handle.def().placement
+                && replicas.contains(&self.node_id)
+            {
+                wanted.insert(group);
+            }
+            self.reconcile_group(&handle);
+        }
+        match stored {
+            Ok(stored) => {
+                for group in stored {
+                    if group != warren_core::METADATA_GROUP && !wanted.contains(&group) {
+                        info!(group, "deleting the copy of a group this node left");
+                        let log = self.storage.log_store::<TypeConfig>(group);
+                        if let Err(e) = log
+                            .destroy()
+                            .and_then(|_| destroy_state(&self.storage, group))
+                        {
+                            warn!(group, error = %e, "could not delete a stale group");
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "could not list stored groups"),
         }
     }
 
