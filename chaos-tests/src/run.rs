@@ -223,6 +223,8 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
     }
     nem.cluster.stop_all().await;
     let panics = nem.cluster.grep_logs("panicked");
+    // A C-level abort (a RocksDB assertion) is not a Rust panic; it is reported apart.
+    let aborts = nem.cluster.grep_logs("Assertion");
     let node_starts = nem.cluster.starts();
     let nemesis_failures = nem.failures.clone();
     drop(nem);
@@ -265,6 +267,13 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
     }
     if confirms_after_heal == 0 {
         problems.push("no publish was confirmed after the faults healed".to_owned());
+    }
+    for (n, lines) in &aborts {
+        warnings.push(format!(
+            "node {n} aborted {} time(s): {}",
+            lines.len(),
+            lines[0].chars().take(200).collect::<String>()
+        ));
     }
     if !drained {
         warnings.push(format!(
