@@ -70,7 +70,7 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         queues: usize,
     },
-    /// Lists the nemeses.
+    /// Lists the nemeses and the named scenarios.
     Nemeses,
 }
 
@@ -352,7 +352,17 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Nemeses => {
             for (n, d) in nemesis::NEMESES {
-                println!("{n:<18} {d}");
+                println!("{n:<22} {d}");
+            }
+            println!();
+            println!("scenarios (fixed fault lists kept as regression tests):");
+            for sc in nemesis::SCENARIOS {
+                let about: String = sc.about.split_whitespace().collect::<Vec<_>>().join(" ");
+                println!("{:<22} {about}", sc.name);
+                if let Some(bug) = sc.known_bug {
+                    let bug: String = bug.split_whitespace().collect::<Vec<_>>().join(" ");
+                    println!("{:<22} known bug, expected to fail: {bug}", "");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -77,7 +77,70 @@ pub const NEMESES: &[(&str, &str)] = &[
 ];
 
 pub fn known(nemesis: &str) -> bool {
-    NEMESES.iter().any(|(n, _)| *n == nemesis)
+    NEMESES.iter().any(|(n, _)| *n == nemesis) || scenario(nemesis).is_some()
+}
+
+/// A named scenario: a fixed fault list that reproduced a broker bug, kept as a
+/// regression test (`chaos run --nemesis NAME`). Scenarios are not random; the seed only
+/// drives the workload.
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    /// Set while the bug is open: the scenario is expected to fail.
+    pub known_bug: Option<&'static str>,
+    /// Unflagged repeats on the connection that already had the message fail the run
+    /// (they are only a warning elsewhere).
+    pub strict_duplicates: bool,
+    pub events: fn() -> Vec<Event>,
+}
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "remove-consumer-node",
+        about: "warrenctl remove-node of node 1, which has consumers of chaos-q2 and chaos-q4 \
+                (led elsewhere) with unacked deliveries; then a fresh node 4 is added. Every \
+                message those consumers held must come back to the queue.",
+        known_bug: Some(
+            "messages out with a removed node's consumers stay unacked forever \
+             (membership seed 3)",
+        ),
+        strict_duplicates: false,
+        events: || {
+            vec![Event {
+                at_ms: 6_000,
+                hold_ms: 1_000,
+                fault: Fault::ReplaceNode {
+                    target: Target::Node { pick: 0 },
+                },
+            }]
+        },
+    },
+    Scenario {
+        name: "leader-handback",
+        about: "SIGKILL and restart chaos-q2's preferred leader (node 2) three times; each \
+                time it comes back it takes the queue's leadership back while publishes \
+                through the other nodes are being resent. Each publish must be enqueued once.",
+        known_bug: Some(
+            "a publish resent across a leadership handover is enqueued twice and delivered \
+             twice without the redelivered flag (disk seed 4, partition seed 2)",
+        ),
+        strict_duplicates: true,
+        events: || {
+            (0..3)
+                .map(|i| Event {
+                    at_ms: 4_000 + i * 9_000,
+                    hold_ms: 3_000,
+                    fault: Fault::Kill {
+                        target: Target::Node { pick: 1 },
+                    },
+                })
+                .collect()
+        },
+    },
+];
+
+pub fn scenario(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
 }
 
 /// What a fault targets; resolved against the cluster when the fault starts.
@@ -167,6 +230,9 @@ pub fn schedule(nemesis: &str, seed: u64, duration: Duration, queues: &[String])
     let mut events = Vec::new();
     if nemesis == "none" {
         return events;
+    }
+    if let Some(sc) = scenario(nemesis) {
+        return (sc.events)();
     }
     let mut t = rng.random_range(2_000..5_000);
     // Bounded: every event advances t by at least 3 s.
@@ -878,6 +944,16 @@ mod tests {
         let a = schedule("partition", 7, Duration::from_secs(60), &queues());
         let c = schedule("partition", 8, Duration::from_secs(60), &queues());
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn scenarios_are_runnable_by_name() {
+        for sc in SCENARIOS {
+            assert!(known(sc.name));
+            let events = schedule(sc.name, 1, Duration::from_secs(40), &queues());
+            assert!(!events.is_empty(), "{}", sc.name);
+            assert!(events.iter().all(|e| e.at_ms + e.hold_ms < 40_000));
+        }
     }
 
     #[test]

@@ -253,6 +253,14 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
             result.order_violations
         ));
     }
+    if nemesis::scenario(&opts.nemesis).is_some_and(|sc| sc.strict_duplicates)
+        && result.duplicates_unflagged_same_session > 0
+    {
+        problems.push(format!(
+            "{} messages delivered twice on one connection without the redelivered flag",
+            result.duplicates_unflagged_same_session
+        ));
+    }
     if !metadata_agree {
         problems.push("nodes disagree on the metadata (see final-status.json)".to_owned());
     }
