@@ -104,6 +104,23 @@ fn git_describe() -> String {
     }
 }
 
+/// Size and modification time of a binary, to tell builds apart when the working tree's
+/// revision (`git describe --dirty`) does not.
+fn binary_stamp(path: &Path) -> String {
+    match std::fs::metadata(path) {
+        Ok(m) => {
+            let mtime = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            format!("{} bytes, modified at unix {mtime}", m.len())
+        }
+        Err(e) => format!("unreadable: {e}"),
+    }
+}
+
 /// Performs a run; returns its summary (also written to the run directory). Errors are
 /// harness failures (the cluster could not be started, the topology not declared).
 pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
@@ -135,6 +152,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
             "quiet_s": opts.quiet.as_secs(),
             "git": git,
             "warren": opts.bins.warren,
+            "warren_build": binary_stamp(&opts.bins.warren),
             "command": opts.command(),
         }))?,
     )?;
