@@ -72,6 +72,8 @@ enum Cmd {
     },
     /// Lists the nemeses and the named scenarios.
     Nemeses,
+    /// Tabulates every run under a directory (its `*/summary.json`) by nemesis.
+    Report { dir: PathBuf },
 }
 
 #[derive(Args, Clone)]
@@ -350,6 +352,10 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&events)?);
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Report { dir } => {
+            print!("{}", report_table(&dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Nemeses => {
             for (n, d) in nemesis::NEMESES {
                 println!("{n:<22} {d}");
@@ -367,6 +373,88 @@ async fn main_async(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Per nemesis and cluster size: runs, verdicts, confirmed publishes, lost, unexpected,
+/// duplicates, and the failing seeds with their first problem.
+fn report_table(dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    #[derive(Default)]
+    struct Row {
+        runs: u64,
+        pass: u64,
+        ok: u64,
+        lost: u64,
+        unexpected: u64,
+        dups: u64,
+        unflagged_same: u64,
+        seeds: Vec<u64>,
+        failures: Vec<String>,
+    }
+    let mut rows: BTreeMap<(String, u64), Row> = BTreeMap::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let Ok(text) = std::fs::read_to_string(e.path().join("summary.json")) else {
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let n = |k: &str| v["checker"][k].as_u64().unwrap_or(0);
+        let key = (
+            v["nemesis"].as_str().unwrap_or("?").to_owned(),
+            v["nodes"].as_u64().unwrap_or(0),
+        );
+        let row = rows.entry(key).or_default();
+        row.runs += 1;
+        let seed = v["seed"].as_u64().unwrap_or(0);
+        row.seeds.push(seed);
+        if v["verdict"] == "pass" {
+            row.pass += 1;
+        } else {
+            let first = v["problems"][0].as_str().unwrap_or("").to_owned();
+            row.failures.push(format!("seed {seed}: {first}"));
+        }
+        row.ok += n("publishes_ok");
+        row.lost += n("lost");
+        row.unexpected += n("unexpected");
+        row.dups += n("duplicates");
+        row.unflagged_same += n("duplicates_unflagged_same_session");
+    }
+    let mut t = String::new();
+    let _ = writeln!(
+        t,
+        "| nemesis | nodes | runs | pass | confirmed | lost | unexpected | duplicates | unflagged on same connection | seeds |"
+    );
+    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
+    let mut total = Row::default();
+    for ((nemesis, nodes), r) in &rows {
+        let (lo, hi) = (
+            r.seeds.iter().min().unwrap_or(&0),
+            r.seeds.iter().max().unwrap_or(&0),
+        );
+        let _ = writeln!(
+            t,
+            "| {nemesis} | {nodes} | {} | {} | {} | {} | {} | {} | {} | {lo}–{hi} |",
+            r.runs, r.pass, r.ok, r.lost, r.unexpected, r.dups, r.unflagged_same
+        );
+        total.runs += r.runs;
+        total.pass += r.pass;
+        total.ok += r.ok;
+        total.lost += r.lost;
+        total.unexpected += r.unexpected;
+    }
+    let _ = writeln!(
+        t,
+        "| **all** | | {} | {} | {} | {} | {} | | | |",
+        total.runs, total.pass, total.ok, total.lost, total.unexpected
+    );
+    for ((nemesis, nodes), r) in &rows {
+        for f in &r.failures {
+            let _ = writeln!(t, "- {nemesis} ({nodes} nodes) {f}");
+        }
+    }
+    Ok(t)
 }
 
 fn main() -> ExitCode {
