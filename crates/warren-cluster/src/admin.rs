@@ -384,7 +384,9 @@ impl Node {
                         lag,
                     )
                 }
-                None => (h.leader_hint().unwrap_or(0), 0, 0, HashMap::new()),
+                // A node without a replica only has a forwarding hint, which may be stale;
+                // it reports no leader rather than a guess (the replicas report the real one).
+                None => (0, 0, 0, HashMap::new()),
             };
             groups.push(pb::GroupStatus {
                 group: h.id(),

@@ -123,6 +123,12 @@ fn target(handle: &QueueHandle, ctx: &ProposerContext) -> Target {
             }
         }
         Placement::Replicated { replicas, .. } => match handle.leader_hint() {
+            // Without a running replica this node cannot lead: a hint naming it is left over
+            // from before it left the group (or restarted), and asking itself would loop.
+            Some(n) if n == ctx.node => {
+                handle.set_leader_hint(None);
+                target(handle, ctx)
+            }
             Some(n) => Target::Remote(n),
             None => {
                 // Ask the replicas in turn, skipping down ones; the one asked answers with
