@@ -832,11 +832,14 @@ impl PeerHandler for NodeHandler {
                         .map_or(0, |l| l.index),
                 ),
                 PeerRequest::Deliver { items } => node.handle_deliver(items),
-                PeerRequest::Hello { .. } => PeerResponse::Hello {
-                    node: node.id,
-                    incarnation: node.run.incarnation,
-                    advertise: node.advertise.clone(),
-                },
+                PeerRequest::Hello { from, .. } => {
+                    node.liveness.note_hello(from);
+                    PeerResponse::Hello {
+                        node: node.id,
+                        incarnation: node.run.incarnation,
+                        advertise: node.advertise.clone(),
+                    }
+                }
             }
         })
     }

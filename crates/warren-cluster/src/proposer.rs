@@ -44,6 +44,8 @@ pub(crate) enum ItemResult {
 const BATCH: usize = 1024;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
+/// How often a forward in flight checks whether its target was declared down.
+const DOWN_POLL: Duration = Duration::from_millis(50);
 
 /// Writes commands to this node's Raft group. A leader whose lease ran out while the group
 /// was idle (no heartbeats flow between idle groups) renews it with one heartbeat round and
@@ -178,7 +180,22 @@ async fn forward(
         FORWARD_TIMEOUT,
     );
     let all = |r: ItemResult| vec![r; requests.len()];
-    match call.await {
+    // A node that dies or is cut off mid-call would hold the batch for the whole timeout;
+    // once the failure detector says so, the outcome is unknown and the batch goes to the
+    // next leader (resends are applied at most once).
+    let watch_down = async {
+        loop {
+            tokio::time::sleep(DOWN_POLL).await;
+            if ctx.liveness.is_down(node) {
+                return;
+            }
+        }
+    };
+    let answer = tokio::select! {
+        answer = call => answer,
+        () = watch_down => return all(ItemResult::Retry(format!("node {node} went down"))),
+    };
+    match answer {
         Ok(PeerResponse::Submit(Forwarded::Ok(items))) => {
             let mut out: Vec<ItemResult> = items
                 .iter()

@@ -31,12 +31,30 @@ struct PeerState {
     last_ok: Instant,
     down: bool,
     incarnation: u64,
-    /// Whether the peer ever answered. One that never did is not declared down: it may still
-    /// be starting (a node with thousands of groups takes a while), and declaring it down
-    /// would make every replica stand for election at once. Groups it would lead get a leader
-    /// through the lower-ranked replicas' patience instead.
+    /// Whether the peer ever answered or said hello. One that never did is declared down only
+    /// after `NEVER_HEARD_GRACE`: it may still be starting, and declaring it down at once
+    /// would make every replica stand for election together. Without any limit, a peer that
+    /// crashed before this node's first ping reached it would stay up forever, and so would
+    /// every queue it led.
     heard: bool,
+    /// When this node started watching the peer.
+    since: Instant,
 }
+
+impl PeerState {
+    fn new(now: Instant) -> Self {
+        PeerState {
+            last_ok: now,
+            down: false,
+            incarnation: 0,
+            heard: false,
+            since: now,
+        }
+    }
+}
+
+/// How long a peer that never answered may stay silent before it is declared down.
+const NEVER_HEARD_GRACE: Duration = Duration::from_secs(5);
 
 /// Who is up, as this node sees it.
 pub struct LivenessTable {
@@ -66,12 +84,7 @@ impl LivenessTable {
     /// when it just came back (answering again, or answering as a new run).
     fn record(&self, node: NodeId, ok: Option<u64>, now: Instant) -> Option<bool> {
         let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
-        let state = peers.entry(node).or_insert(PeerState {
-            last_ok: now,
-            down: false,
-            incarnation: 0,
-            heard: false,
-        });
+        let state = peers.entry(node).or_insert_with(|| PeerState::new(now));
         match ok {
             Some(incarnation) => {
                 state.heard = true;
@@ -84,16 +97,36 @@ impl LivenessTable {
                 }
             }
             None => {
-                if state.heard
-                    && !state.down
-                    && now.duration_since(state.last_ok) >= self.failure_timeout
-                {
+                let silent_for = if state.heard {
+                    self.failure_timeout
+                } else {
+                    NEVER_HEARD_GRACE.max(self.failure_timeout)
+                };
+                let silent_since = if state.heard {
+                    state.last_ok
+                } else {
+                    state.since
+                };
+                if !state.down && now.duration_since(silent_since) >= silent_for {
                     state.down = true;
                     return Some(true);
                 }
             }
         }
         None
+    }
+
+    /// A hello from `node` arrived: it ran at some point, so the normal failure timeout
+    /// applies to it. Its pings being answered is still what keeps it up: an incoming hello
+    /// says nothing about the link in the other direction.
+    pub(crate) fn note_hello(&self, node: NodeId) {
+        let now = Instant::now();
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let state = peers.entry(node).or_insert_with(|| PeerState::new(now));
+        if !state.heard {
+            state.heard = true;
+            state.last_ok = now;
+        }
     }
 
     fn forget_except(&self, members: &HashSet<NodeId>) {
@@ -442,5 +475,55 @@ async fn drive_elections(
         // Pre-vote first: a replica whose log is behind, or that is cut off from a leader the
         // others still follow, finds out without bumping the term and unseating anyone.
         let _ = raft.trigger().elect(true).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(1000);
+
+    #[test]
+    fn an_answering_peer_goes_down_after_the_failure_timeout_and_comes_back() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        assert_eq!(table.record(2, Some(1), t0), None);
+        assert_eq!(table.record(2, None, t0 + TIMEOUT / 2), None);
+        assert_eq!(table.record(2, None, t0 + TIMEOUT), Some(true));
+        assert!(table.is_down(2));
+        assert_eq!(table.record(2, None, t0 + TIMEOUT * 2), None);
+        assert_eq!(table.record(2, Some(1), t0 + TIMEOUT * 3), Some(false));
+        assert!(!table.is_down(2));
+    }
+
+    #[test]
+    fn a_restarted_peer_is_reported_back_even_if_never_seen_down() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        table.record(2, Some(1), t0);
+        assert_eq!(table.record(2, Some(2), t0), Some(false));
+    }
+
+    #[test]
+    fn a_peer_never_heard_from_gets_a_grace_period_then_goes_down() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        assert_eq!(table.record(2, None, t0), None);
+        assert_eq!(table.record(2, None, t0 + TIMEOUT * 2), None);
+        assert_eq!(table.record(2, None, t0 + NEVER_HEARD_GRACE), Some(true));
+    }
+
+    #[test]
+    fn a_hello_from_a_peer_that_never_answered_starts_its_failure_timeout() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        table.record(2, None, t0);
+        table.note_hello(2);
+        let after = Instant::now() + TIMEOUT;
+        assert_eq!(table.record(2, None, after), Some(true));
+        // A hello alone does not bring a down peer back: only its answers do.
+        table.note_hello(2);
+        assert!(table.is_down(2));
     }
 }
