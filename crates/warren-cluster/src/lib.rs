@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod db;
+mod dead_letter;
 pub mod flusher;
 pub mod grpc;
 pub mod log_store;

@@ -204,6 +204,7 @@ impl Node {
         let outbox = Outbox::new(transport.clone());
         outbox.set_liveness(liveness.clone());
         let (unused_tx, mut unused_rx) = mpsc::unbounded_channel();
+        let (dead_letter_tx, dead_letter_rx) = mpsc::unbounded_channel();
         let registry = Arc::new(Registry::new(
             cfg.node_id,
             run,
@@ -213,6 +214,7 @@ impl Node {
             outbox,
             liveness.clone(),
             unused_tx,
+            dead_letter_tx,
         ));
         registry.set_members(cfg.members.clone());
         let meta_state = Arc::new(RwLock::new(MetaState::new()));
@@ -268,6 +270,10 @@ impl Node {
         });
         tokio::spawn(track_membership(Arc::downgrade(&node)));
         tokio::spawn(supervisor::run(Arc::downgrade(&node), liveness));
+        tokio::spawn(crate::dead_letter::run(
+            Arc::downgrade(&node),
+            dead_letter_rx,
+        ));
         let weak = Arc::downgrade(&node);
         tokio::spawn(async move {
             while let Some((vhost, name, owner)) = unused_rx.recv().await {
@@ -675,13 +681,10 @@ impl Node {
 /// A delivery for a consumer that no longer exists here goes back to its queue.
 fn give_back(handle: &QueueHandle, channel: warren_core::ChannelRef, msg: MsgId) {
     handle.submit(
-        QueueRequest {
-            cmd: QueueCmd::Requeue {
-                channel,
-                msgs: vec![msg],
-            },
-            content: None,
-        },
+        QueueRequest::new(QueueCmd::Requeue {
+            channel,
+            msgs: vec![msg],
+        }),
         ReplyTo::None,
     );
 }

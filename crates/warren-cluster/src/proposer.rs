@@ -57,7 +57,12 @@ pub(crate) async fn write_local(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let entries = requests.iter().cloned().map(GroupRequest::Queue);
+        // The leader's clock decides when messages expire; replicas read it from the entry.
+        let at_ms = crate::types::now_ms();
+        let entries = requests.iter().cloned().map(|mut r| {
+            r.at_ms = at_ms;
+            GroupRequest::Queue(r)
+        });
         let mut results = match raft.client_write_many(entries).await {
             Ok(stream) => stream,
             Err(fatal) => return vec![ItemResult::Retry(fatal.to_string()); requests.len()],

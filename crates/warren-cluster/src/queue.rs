@@ -17,12 +17,14 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
 use warren_core::meta::{Placement, QueueDef};
-use warren_core::queue::{Effect, QueueCmd, QueueReply, QueueState, QueueStats};
+use warren_core::queue::{
+    DeadLetterReason, Effect, QueueCmd, QueueConfig, QueueReply, QueueState, QueueStats,
+};
 use warren_core::{ConsumerKey, MessageContent, MsgId, NodeId};
 
 use crate::outbox::{Outbox, RemoteItem};
 use crate::queue_sm::QueueMachine;
-use crate::types::{QueueOutcome, QueueRequest, Raft};
+use crate::types::{QueueOutcome, QueueRequest, Raft, now_ms};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {
@@ -121,6 +123,24 @@ pub(crate) struct LocalQueue {
 /// Called when an auto-delete queue loses its last consumer.
 pub(crate) type UnusedHook = Arc<dyn Fn(&QueueHandle) + Send + Sync>;
 
+/// A message the queue's leader must publish to the queue's dead-letter exchange; once every
+/// target queue has it, the source commits `DeadLettered`.
+pub(crate) struct DeadLetter {
+    pub source: Arc<QueueHandle>,
+    pub msg: MsgId,
+    pub reason: DeadLetterReason,
+    pub seq: u64,
+    pub content: MessageContent,
+}
+
+/// Hands dead-letters to the node, which can route them; must not block.
+pub(crate) type DeadLetterHook = Arc<dyn Fn(DeadLetter) + Send + Sync>;
+
+/// A queue's behaviours from its declaration arguments, which were validated at declare.
+fn config_of(def: &QueueDef) -> QueueConfig {
+    QueueConfig::from_arguments(&def.arguments).unwrap_or_default()
+}
+
 pub struct QueueHandle {
     node: NodeId,
     vhost: String,
@@ -141,6 +161,9 @@ pub struct QueueHandle {
     /// does; it waits for the leader's log.
     may_initialize: AtomicBool,
     self_ref: OnceLock<Weak<QueueHandle>>,
+    on_dead_letter: OnceLock<DeadLetterHook>,
+    /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
+    timer_at: AtomicU64,
 }
 
 impl QueueHandle {
@@ -172,6 +195,8 @@ impl QueueHandle {
             raft: Mutex::new(None),
             may_initialize: AtomicBool::new(false),
             self_ref: OnceLock::new(),
+            on_dead_letter: OnceLock::new(),
+            timer_at: AtomicU64::new(0),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
         handle
@@ -184,17 +209,60 @@ impl QueueHandle {
         on_unused: Option<UnusedHook>,
         outbox: Arc<Outbox>,
     ) -> Arc<Self> {
+        let config = config_of(&def);
         Self::new(
             node,
             vhost,
             def,
             Backend::Local(Box::new(Mutex::new(LocalQueue {
-                state: QueueState::new(),
+                state: QueueState::with_config(config),
                 bodies: HashMap::new(),
             }))),
             on_unused,
             outbox,
         )
+    }
+
+    pub(crate) fn set_dead_letter_hook(&self, hook: DeadLetterHook) {
+        let _ = self.on_dead_letter.set(hook);
+    }
+
+    /// Commits a `Tick` at `at` (ms since the epoch), when the message at the head expires.
+    /// One timer is armed at a time, the earliest asked for; every command's effects ask again
+    /// for the then earliest expiry, so a timer that fires early or late is corrected.
+    fn arm_timer(&self, at: u64) {
+        let armed = self.timer_at.load(Ordering::Acquire);
+        if armed != 0 && armed <= at {
+            return;
+        }
+        if self
+            .timer_at
+            .compare_exchange(armed, at, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let Some(handle) = self.arc() else { return };
+        let weak = Arc::downgrade(&handle);
+        drop(handle);
+        tokio::spawn(async move {
+            let wait = at.saturating_sub(now_ms());
+            tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            let Some(h) = weak.upgrade() else { return };
+            // A later, earlier timer may have replaced this one; it then does the work.
+            if h.timer_at
+                .compare_exchange(at, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+                && !h.is_closed()
+            {
+                h.submit(QueueRequest::new(QueueCmd::Tick), ReplyTo::None);
+            }
+        });
+    }
+
+    /// The queue's behaviours, from its declaration arguments.
+    pub fn config(&self) -> QueueConfig {
+        config_of(&self.def.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The queue's cluster-wide id (its Raft group for a replicated queue).
@@ -333,7 +401,14 @@ impl QueueHandle {
         content: Option<MessageContent>,
     ) -> Result<QueueOutcome, ClusterError> {
         let (tx, rx) = oneshot::channel();
-        self.submit(QueueRequest { cmd, content }, ReplyTo::Oneshot(tx));
+        self.submit(
+            QueueRequest {
+                cmd,
+                content,
+                at_ms: 0,
+            },
+            ReplyTo::Oneshot(tx),
+        );
         rx.await
             .unwrap_or_else(|_| Err(ClusterError::QueueGone(self.name())))
     }
@@ -351,9 +426,13 @@ impl QueueHandle {
         };
         let mut local = local.lock().unwrap_or_else(|p| p.into_inner());
         let LocalQueue { state, bodies } = &mut *local;
-        let QueueRequest { cmd, content } = request;
-        let (reply, effects) = state.apply(cmd);
-        if let (QueueReply::Enqueued { msg }, Some(content)) = (&reply, content) {
+        let QueueRequest { cmd, content, .. } = request;
+        let (reply, effects) = state.apply(cmd, now_ms());
+        if let (
+            QueueReply::Enqueued { msg } | QueueReply::Rejected { msg: Some(msg) },
+            Some(content),
+        ) = (&reply, content)
+        {
             bodies.insert(*msg, content);
         }
         let get_content = match &reply {
@@ -439,6 +518,44 @@ impl QueueHandle {
                                 consumer,
                             },
                         );
+                    }
+                }
+                Effect::Timer { at } => {
+                    if leader {
+                        self.arm_timer(at);
+                    }
+                }
+                Effect::DeadLetter {
+                    msg, reason, seq, ..
+                } => {
+                    if !leader {
+                        continue;
+                    }
+                    let Some(handle) = self.arc() else { continue };
+                    match bodies.get(msg) {
+                        Some(content) => {
+                            if let Some(hook) = self.on_dead_letter.get() {
+                                hook(DeadLetter {
+                                    source: handle,
+                                    msg,
+                                    reason,
+                                    seq,
+                                    content,
+                                });
+                            }
+                        }
+                        None => {
+                            // Nothing left to publish: let the message go rather than hold
+                            // it forever.
+                            warn!(queue = %self.name(), msg, "no body for a dead-letter");
+                            // Not from here: a local queue is locked while its effects run.
+                            tokio::spawn(async move {
+                                handle.submit(
+                                    QueueRequest::new(QueueCmd::DeadLettered { msgs: vec![msg] }),
+                                    ReplyTo::None,
+                                );
+                            });
+                        }
                     }
                 }
                 Effect::LastConsumerGone => {

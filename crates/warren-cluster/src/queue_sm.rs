@@ -218,7 +218,7 @@ impl QueueMachine {
         let mut machine = QueueMachine {
             group,
             storage,
-            state: QueueState::new(),
+            state: QueueState::with_config(handle.config()),
             last_applied: None,
             membership: StoredMembership::default(),
             handle: Arc::downgrade(handle),
@@ -292,8 +292,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                     GroupResponse::Empty
                 }
                 EntryPayload::Normal(GroupRequest::Queue(req)) => {
-                    let (reply, effects) = self.state.apply(req.cmd);
-                    if let (QueueReply::Enqueued { msg }, Some(content)) = (&reply, req.content) {
+                    let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
+                    if let (
+                        QueueReply::Enqueued { msg } | QueueReply::Rejected { msg: Some(msg) },
+                        Some(content),
+                    ) = (&reply, req.content)
+                    {
                         bodies.put(*msg, content);
                     }
                     let content = match &reply {

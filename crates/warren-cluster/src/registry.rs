@@ -26,7 +26,7 @@ use crate::meta_sm::MetaEffects;
 use crate::network::GroupNetwork;
 use crate::outbox::{Liveness, Outbox};
 use crate::proposer::{self, ProposerContext};
-use crate::queue::{Backend, QueueHandle, UnusedHook};
+use crate::queue::{Backend, DeadLetter, QueueHandle, UnusedHook};
 use crate::queue_sm::{QueueMachine, destroy_state};
 use crate::transport::Transport;
 use crate::types::{Raft, TypeConfig};
@@ -54,6 +54,8 @@ pub(crate) struct Registry {
     members: RwLock<BTreeMap<NodeId, String>>,
     /// Auto-delete requests, executed by a task that owns a weak reference to the node.
     unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
+    /// Dead-letters of the queues this node leads, for the node's dead-letter service.
+    dead_letter_tx: mpsc::UnboundedSender<DeadLetter>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -75,6 +77,7 @@ impl Registry {
         outbox: Arc<Outbox>,
         liveness: Arc<dyn Liveness>,
         unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
+        dead_letter_tx: mpsc::UnboundedSender<DeadLetter>,
     ) -> Self {
         let proposer = Arc::new(ProposerContext {
             node: node_id,
@@ -96,6 +99,7 @@ impl Registry {
             groups_started: std::sync::atomic::AtomicBool::new(false),
             members: RwLock::new(BTreeMap::new()),
             unused_tx,
+            dead_letter_tx,
         }
     }
 
@@ -169,6 +173,10 @@ impl Registry {
                 handle
             }
         };
+        let tx = self.dead_letter_tx.clone();
+        handle.set_dead_letter_hook(Arc::new(move |dl| {
+            let _ = tx.send(dl);
+        }));
         // Only a member of the replica set the queue was declared with may create its group:
         // a node that joined later replays old declarations, but the groups exist already.
         let original_replica = match &def.placement {
@@ -486,10 +494,7 @@ async fn watch_leadership(
             // rather than forwarded, and the real leader has run its own recovery.
             let raft = raft.clone();
             tokio::spawn(async move {
-                let request = crate::types::QueueRequest {
-                    cmd: QueueCmd::LeaderRecovery { down },
-                    content: None,
-                };
+                let request = crate::types::QueueRequest::new(QueueCmd::LeaderRecovery { down });
                 let _ = crate::proposer::write_local(&raft, &[request]).await;
             });
         }

@@ -353,10 +353,7 @@ fn release_down_node(node: &Node, down: NodeId) {
     for handle in node.registry().handles() {
         if handle.is_leader() && handle.is_replicated() {
             handle.submit(
-                QueueRequest {
-                    cmd: QueueCmd::NodeDown { node: down },
-                    content: None,
-                },
+                QueueRequest::new(QueueCmd::NodeDown { node: down }),
                 ReplyTo::None,
             );
         }

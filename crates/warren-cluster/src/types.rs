@@ -26,6 +26,36 @@ pub type Raft<SM> = openraft::Raft<TypeConfig, SM>;
 pub struct QueueRequest {
     pub cmd: QueueCmd,
     pub content: Option<MessageContent>,
+    /// The time the command takes effect (ms since the epoch), stamped by the queue's leader
+    /// as it writes the command to the log, so every replica expires the same messages.
+    /// Zero until then.
+    #[serde(default)]
+    pub at_ms: u64,
+}
+
+impl QueueRequest {
+    pub fn new(cmd: QueueCmd) -> Self {
+        QueueRequest {
+            cmd,
+            content: None,
+            at_ms: 0,
+        }
+    }
+
+    pub fn with_content(cmd: QueueCmd, content: MessageContent) -> Self {
+        QueueRequest {
+            cmd,
+            content: Some(content),
+            at_ms: 0,
+        }
+    }
+}
+
+/// The wall clock in ms since the epoch, as queue leaders stamp it.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A queue command's result; `content` carries the message of a basic.get.
@@ -88,5 +118,8 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::NodeRestarted { .. } => "node-restarted",
         QueueCmd::NodeDown { .. } => "node-down",
         QueueCmd::LeaderRecovery { .. } => "leader-recovery",
+        QueueCmd::Configure { .. } => "configure",
+        QueueCmd::Tick => "tick",
+        QueueCmd::DeadLettered { .. } => "dead-lettered",
     }
 }

@@ -19,7 +19,7 @@ use warren_cluster::{
 };
 use warren_codec::{FieldTable, ShortStr};
 use warren_core::meta::{MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{MessageMeta, Publisher, QueueCmd, QueueReply};
+use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply};
 use warren_core::{ChannelRef, ConnectionRef, ConsumerKey, MessageContent, NodeId};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -166,15 +166,19 @@ fn content(body: &str) -> MessageContent {
 }
 
 fn enqueue(channel: ChannelRef, seq: u64, body: &str) -> QueueRequest {
-    QueueRequest {
-        cmd: QueueCmd::Enqueue {
+    QueueRequest::with_content(
+        QueueCmd::Enqueue {
             meta: MessageMeta {
                 size: body.len() as u64,
+                ..MessageMeta::default()
             },
-            publisher: Some(Publisher { channel, seq }),
+            publisher: Some(Publisher {
+                id: PublisherId::Channel(channel),
+                seq,
+            }),
         },
-        content: Some(content(body)),
-    }
+        content(body),
+    )
 }
 
 /// Collects completions and deliveries, and wakes waiters on each.
@@ -199,13 +203,10 @@ impl DeliverySink for Recorder {
         self.deliveries.lock().unwrap().push((body, d.resend));
         // Settle as a consumer with manual ack would.
         d.handle.submit(
-            QueueRequest {
-                cmd: QueueCmd::Settle {
-                    channel: d.consumer.channel,
-                    msgs: vec![d.msg],
-                },
-                content: None,
-            },
+            QueueRequest::new(QueueCmd::Settle {
+                channel: d.consumer.channel,
+                msgs: vec![d.msg],
+            }),
             ReplyTo::None,
         );
         self.changed.notify_waiters();
@@ -295,6 +296,7 @@ async fn publish_on_one_node_consume_on_another() {
                 prefetch: 10,
                 no_ack: false,
                 exclusive: false,
+                priority: 0,
             },
             None,
         )
@@ -404,6 +406,7 @@ async fn a_lost_leader_is_replaced_and_consumers_elsewhere_keep_receiving() {
                 prefetch: 5,
                 no_ack: false,
                 exclusive: false,
+                priority: 0,
             },
             None,
         )
@@ -473,6 +476,7 @@ async fn a_down_node_gives_back_what_its_consumers_held() {
                 prefetch: 10,
                 no_ack: false,
                 exclusive: false,
+                priority: 0,
             },
             None,
         )
@@ -512,6 +516,7 @@ async fn a_down_node_gives_back_what_its_consumers_held() {
                 prefetch: 10,
                 no_ack: false,
                 exclusive: false,
+                priority: 0,
             },
             None,
         )
@@ -667,6 +672,7 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
             prefetch: 100,
             no_ack: false,
             exclusive: false,
+            priority: 0,
         },
         None,
     );

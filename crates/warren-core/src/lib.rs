@@ -5,6 +5,7 @@
 //! the same commands on every replica and must get the same answers. The codec crate supplies
 //! the AMQP value types (field tables); the server and cluster crates are the adapters.
 
+pub mod dead_letter;
 pub mod error;
 pub mod ids;
 pub mod meta;

@@ -1,33 +1,47 @@
 //! The queue state machine: which messages a queue holds, which are ready, which are out with
-//! which channel, and who consumes them.
+//! which channel, which are on their way to a dead-letter exchange, and who consumes them.
 //!
 //! It is the replicated part of a queue. The cluster crate feeds it the queue group's committed
-//! log (or, for transient queues, applies commands directly), and the server executes the
-//! effects it returns: only the group's leader sends `Deliver`s. Message bodies are not here:
-//! the adapter stores them by `MsgId` and deletes them on `Release`, which keeps this state
-//! small and snapshots cheap. Everything is deterministic — ordered maps, no clock, no
+//! log (or, for transient queues, applies commands directly), and carries out the effects it
+//! returns: only the group's leader sends `Deliver`s, publishes `DeadLetter`s and arms
+//! `Timer`s. Message bodies are not here: the adapter stores them by `MsgId` and deletes them on
+//! `Release`, which keeps this state small and snapshots cheap. Everything is deterministic —
+//! ordered maps, no clock (the leader stamps `now_ms` into each command's log entry), no
 //! randomness — because every replica must reach the same state from the same log.
+//!
+//! The queue arguments RabbitMQ users rely on live in `QueueConfig`: message TTL, max length
+//! and bytes with the three overflow behaviours, dead-lettering, the delivery limit, priorities
+//! and single active consumer. Their rules follow RabbitMQ's quorum queues, except where the
+//! feature table asks for more (reject-publish-dlx, at-least-once dead-lettering everywhere).
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
+use warren_codec::{FieldTable, FieldValue};
 
 use crate::error::AmqpError;
 use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun};
 
 /// What the queue needs to know about a message; the body and properties stay outside.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageMeta {
     /// Body size in bytes, for byte-based limits and statistics.
     pub size: u64,
+    /// The message's `priority` property (0 when absent).
+    pub priority: u8,
+    /// The message's `expiration` property, in milliseconds.
+    pub ttl: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct Message {
     meta: MessageMeta,
     /// How many times the message went back to the queue after a delivery; > 0 means the
-    /// next delivery carries `redelivered = true`.
+    /// next delivery carries `redelivered = true` (and an `x-delivery-count` header).
     delivery_count: u32,
+    /// When the message expires (ms since the epoch, from the leader's clock).
+    expires_at: Option<u64>,
 }
 
 /// Who holds a delivered, unsettled message.
@@ -45,6 +59,10 @@ pub struct ConsumerState {
     pub in_flight: u32,
     pub no_ack: bool,
     pub exclusive: bool,
+    /// The consumer's `x-priority`: higher priorities are served first.
+    pub priority: i32,
+    /// Registration order, for single active consumer.
+    order: u64,
 }
 
 impl ConsumerState {
@@ -53,13 +71,146 @@ impl ConsumerState {
     }
 }
 
-/// Who published a message: the channel and its per-queue sequence number. A publish that is
-/// resent after a leader change (its first outcome unknown) carries the same number, so the
-/// queue takes it once.
+/// Who published a message, for recognising resends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum PublisherId {
+    /// A client channel, with a sequence number per queue.
+    Channel(ChannelRef),
+    /// Another queue dead-lettering into this one, with its dead-letter sequence number.
+    Queue(u64),
+}
+
+/// A publish's origin and sequence number. A publish that is resent after a leader change
+/// (its first outcome unknown) carries the same number, so the queue takes it once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Publisher {
-    pub channel: ChannelRef,
+    pub id: PublisherId,
     pub seq: u64,
+}
+
+/// What happens when a publish would take a queue over its length limits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Overflow {
+    /// Drop (or dead-letter) the oldest ready messages.
+    #[default]
+    DropHead,
+    /// Refuse the publish: the publisher gets a nack.
+    RejectPublish,
+    /// Refuse the publish and dead-letter the refused message.
+    RejectPublishDlx,
+}
+
+/// Why a message left for the dead-letter exchange; the names are the `x-death` reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterReason {
+    Rejected,
+    Expired,
+    MaxLen,
+    DeliveryLimit,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::Expired => "expired",
+            DeadLetterReason::MaxLen => "maxlen",
+            DeadLetterReason::DeliveryLimit => "delivery_limit",
+        }
+    }
+}
+
+/// The queue behaviours set by arguments (`x-message-ttl`, ...) or policies.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueConfig {
+    pub message_ttl: Option<u64>,
+    pub max_length: Option<u64>,
+    pub max_length_bytes: Option<u64>,
+    pub overflow: Overflow,
+    /// Whether messages that die go to a dead-letter exchange (the adapter knows which);
+    /// without one they are dropped.
+    pub dead_letter: bool,
+    pub delivery_limit: Option<u32>,
+    pub max_priority: Option<u8>,
+    pub single_active_consumer: bool,
+}
+
+fn arg_u64(args: &FieldTable, key: &str) -> Result<Option<u64>, AmqpError> {
+    match args.get(key) {
+        None => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(n) if n >= 0 => Ok(Some(n as u64)),
+            _ => Err(AmqpError::precondition_failed(format!(
+                "invalid arg '{key}': expected a non-negative integer, got {v:?}"
+            ))),
+        },
+    }
+}
+
+impl QueueConfig {
+    /// Reads and validates the queue arguments RabbitMQ defines; invalid values are 406, as
+    /// RabbitMQ answers them.
+    pub fn from_arguments(args: &FieldTable) -> Result<QueueConfig, AmqpError> {
+        let overflow = match args.get("x-overflow") {
+            None => Overflow::DropHead,
+            Some(v) => match v.as_str() {
+                Some("drop-head") => Overflow::DropHead,
+                Some("reject-publish") => Overflow::RejectPublish,
+                Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
+                _ => {
+                    return Err(AmqpError::precondition_failed(format!(
+                        "invalid arg 'x-overflow': {v:?}; expected drop-head, reject-publish \
+                         or reject-publish-dlx"
+                    )));
+                }
+            },
+        };
+        let dead_letter = match args.get("x-dead-letter-exchange") {
+            None => false,
+            Some(v) if v.as_str().is_some() => true,
+            Some(v) => {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-dead-letter-exchange': expected a string, got {v:?}"
+                )));
+            }
+        };
+        if let Some(v) = args.get("x-dead-letter-routing-key")
+            && v.as_str().is_none()
+        {
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid arg 'x-dead-letter-routing-key': expected a string, got {v:?}"
+            )));
+        }
+        let max_priority = match arg_u64(args, "x-max-priority")? {
+            None => None,
+            Some(p) if (1..=255).contains(&p) => Some(p as u8),
+            Some(p) => {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-max-priority': {p} is outside 1..=255"
+                )));
+            }
+        };
+        let single_active_consumer = match args.get("x-single-active-consumer") {
+            None => false,
+            Some(FieldValue::Bool(b)) => *b,
+            Some(v) => {
+                return Err(AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-single-active-consumer': expected a boolean, got {v:?}"
+                )));
+            }
+        };
+        Ok(QueueConfig {
+            message_ttl: arg_u64(args, "x-message-ttl")?,
+            max_length: arg_u64(args, "x-max-length")?,
+            max_length_bytes: arg_u64(args, "x-max-length-bytes")?,
+            overflow,
+            dead_letter,
+            delivery_limit: arg_u64(args, "x-delivery-limit")?
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            max_priority,
+            single_active_consumer,
+        })
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -73,6 +224,8 @@ pub enum QueueCmd {
         prefetch: u32,
         no_ack: bool,
         exclusive: bool,
+        /// The consumer's `x-priority` argument.
+        priority: i32,
     },
     Cancel {
         consumer: ConsumerKey,
@@ -87,7 +240,7 @@ pub enum QueueCmd {
         channel: ChannelRef,
         msgs: Vec<MsgId>,
     },
-    /// basic.nack / basic.reject without requeue: dropped (dead-lettered once that exists).
+    /// basic.nack / basic.reject without requeue: dead-lettered (reason `rejected`) or dropped.
     Discard {
         channel: ChannelRef,
         msgs: Vec<MsgId>,
@@ -113,11 +266,23 @@ pub enum QueueCmd {
     NodeDown {
         node: NodeId,
     },
-    /// A new leader took over: what channels on `down` nodes held comes back, and every
-    /// delivery still out with a live consumer is sent again (`resend`), since the old leader
-    /// may have decided it without sending it. Connections drop resends they already have.
+    /// A new leader took over: what channels on `down` nodes held comes back, every delivery
+    /// still out with a live consumer is sent again (`resend`), since the old leader may have
+    /// decided it without sending it, and dead-letters in progress are published again.
+    /// Connections drop resends they already have; target queues drop repeated dead-letters.
     LeaderRecovery {
         down: Vec<NodeId>,
+    },
+    /// Sets the queue's behaviours (declaration arguments, then policy changes).
+    Configure {
+        config: QueueConfig,
+    },
+    /// Time passed: messages at the head whose TTL ran out expire.
+    Tick,
+    /// Every target of these dead-lettered messages has committed them (or there was none):
+    /// the queue lets them go.
+    DeadLettered {
+        msgs: Vec<MsgId>,
     },
 }
 
@@ -129,6 +294,12 @@ pub enum QueueReply {
     /// The publisher's sequence number was already taken: this is a resend of a message the
     /// queue has (or had) already.
     Duplicate,
+    /// Refused by `x-overflow: reject-publish(-dlx)`: the publisher gets a nack. With
+    /// reject-publish-dlx the message is kept as `msg` until its dead-letter commits, so its
+    /// body must be stored like an enqueued one's.
+    Rejected {
+        msg: Option<MsgId>,
+    },
     Done,
     GetOk {
         msg: MsgId,
@@ -163,6 +334,16 @@ pub enum Effect {
     /// These messages left the queue for good: their bodies can be deleted. Executed after the
     /// command's reply and earlier effects have read what they need.
     Release { msgs: Vec<MsgId> },
+    /// Publish this message to the queue's dead-letter exchange, then commit `DeadLettered`
+    /// (leader only). `seq` numbers this queue's dead-letters so targets take each once.
+    DeadLetter {
+        msg: MsgId,
+        reason: DeadLetterReason,
+        seq: u64,
+        delivery_count: u32,
+    },
+    /// Commit a `Tick` at this time (ms since the epoch): a message will expire then.
+    Timer { at: u64 },
     /// The queue lost its last consumer (auto-delete queues go now).
     LastConsumerGone,
     /// The queue dropped this consumer on its own (its node was declared down); the consumer's
@@ -170,18 +351,29 @@ pub enum Effect {
     ConsumerGone { consumer: ConsumerKey },
 }
 
+/// Ready messages in delivery order: highest priority first, then oldest.
+type ReadyKey = (Reverse<u8>, MsgId);
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueState {
+    config: QueueConfig,
     next_msg: MsgId,
     messages: BTreeMap<MsgId, Message>,
-    ready: BTreeSet<MsgId>,
+    ready: BTreeSet<ReadyKey>,
     checked_out: BTreeMap<MsgId, CheckedOut>,
+    /// Messages on their way to the dead-letter exchange: the seq and reason of each.
+    dead_lettering: BTreeMap<MsgId, (u64, DeadLetterReason)>,
+    next_dead_letter: u64,
     consumers: BTreeMap<ConsumerKey, ConsumerState>,
     /// Round-robin order of consumers: the front gets the next message it has credit for.
     rotation: VecDeque<ConsumerKey>,
+    next_consumer_order: u64,
     ready_bytes: u64,
-    /// Highest sequence number taken from each publishing channel.
-    publishers: BTreeMap<ChannelRef, u64>,
+    /// Highest sequence number taken from each publisher.
+    publishers: BTreeMap<PublisherId, u64>,
+    /// No-ack deliveries of the dispatch in progress; empty between commands.
+    #[serde(skip)]
+    pending_release: Vec<MsgId>,
 }
 
 /// Counters for queue.declare-ok, metrics and the management API.
@@ -196,6 +388,17 @@ pub struct QueueStats {
 impl QueueState {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    pub fn with_config(config: QueueConfig) -> Self {
+        QueueState {
+            config,
+            ..Self::default()
+        }
+    }
+
+    pub fn config(&self) -> &QueueConfig {
+        &self.config
     }
 
     pub fn stats(&self) -> QueueStats {
@@ -224,60 +427,60 @@ impl QueueState {
             .collect()
     }
 
-    /// Every message the queue holds (ready or out), in id order.
+    /// Every message the queue holds (ready, out or being dead-lettered), in id order.
     pub fn message_ids(&self) -> impl Iterator<Item = MsgId> + '_ {
         self.messages.keys().copied()
     }
 
     pub fn is_ready(&self, msg: MsgId) -> bool {
-        self.ready.contains(&msg)
+        self.messages
+            .get(&msg)
+            .is_some_and(|m| self.ready.contains(&(Reverse(m.meta.priority), msg)))
     }
 
-    pub fn apply(&mut self, cmd: QueueCmd) -> (QueueReply, Vec<Effect>) {
+    /// Applies one command at `now_ms` (the leader's clock, from the command's log entry).
+    pub fn apply(&mut self, cmd: QueueCmd, now_ms: u64) -> (QueueReply, Vec<Effect>) {
         let mut fx = Vec::new();
         let reply = match cmd {
             QueueCmd::Enqueue { meta, publisher } => {
                 if let Some(p) = publisher {
-                    let last = self.publishers.entry(p.channel).or_insert(0);
+                    let last = self.publishers.entry(p.id).or_insert(0);
                     if p.seq <= *last {
                         return (QueueReply::Duplicate, Vec::new());
                     }
                     *last = p.seq;
                 }
-                let id = self.next_msg;
-                self.next_msg += 1;
-                self.messages.insert(
-                    id,
-                    Message {
-                        meta,
-                        delivery_count: 0,
-                    },
-                );
-                self.make_ready(id);
-                QueueReply::Enqueued { msg: id }
+                self.enqueue(meta, now_ms, &mut fx)
             }
             QueueCmd::Consume {
                 consumer,
                 prefetch,
                 no_ack,
                 exclusive,
-            } => self.consume(consumer, prefetch, no_ack, exclusive),
+                priority,
+            } => self.consume(consumer, prefetch, no_ack, exclusive, priority),
             QueueCmd::Cancel { consumer } => {
                 self.remove_consumer(&consumer, &mut fx);
                 QueueReply::Done
             }
-            QueueCmd::Settle { channel, msgs } | QueueCmd::Discard { channel, msgs } => {
-                let released = self.take_checked_out(&channel, &msgs);
-                self.forget(released, &mut fx);
+            QueueCmd::Settle { channel, msgs } => {
+                let settled = self.take_checked_out(&channel, &msgs);
+                self.forget(settled, &mut fx);
+                QueueReply::Done
+            }
+            QueueCmd::Discard { channel, msgs } => {
+                for id in self.take_checked_out(&channel, &msgs) {
+                    self.dead_letter(id, DeadLetterReason::Rejected, &mut fx);
+                }
                 QueueReply::Done
             }
             QueueCmd::Requeue { channel, msgs } => {
                 for id in self.take_checked_out(&channel, &msgs) {
-                    self.return_message(id);
+                    self.return_message(id, &mut fx);
                 }
                 QueueReply::Done
             }
-            QueueCmd::Get { channel, no_ack } => self.get(channel, no_ack, &mut fx),
+            QueueCmd::Get { channel, no_ack } => self.get(channel, no_ack, now_ms, &mut fx),
             QueueCmd::Stats => {
                 let s = self.stats();
                 QueueReply::Stats {
@@ -287,20 +490,18 @@ impl QueueState {
                 }
             }
             QueueCmd::Purge => {
-                let purged: Vec<MsgId> = std::mem::take(&mut self.ready).into_iter().collect();
-                for id in &purged {
-                    self.messages.remove(id);
-                }
+                let purged: Vec<MsgId> = std::mem::take(&mut self.ready)
+                    .into_iter()
+                    .map(|(_, id)| id)
+                    .collect();
                 self.ready_bytes = 0;
                 let count = purged.len() as u64;
-                if !purged.is_empty() {
-                    fx.push(Effect::Release { msgs: purged });
-                }
+                self.forget(purged, &mut fx);
                 QueueReply::Purged { count }
             }
             QueueCmd::ChannelDown { channel } => {
-                self.publishers.remove(&channel);
-                if self.channels_down(|c| *c == channel) {
+                self.publishers.remove(&PublisherId::Channel(channel));
+                if self.channels_down(|c| *c == channel, &mut fx) {
                     fx.push(Effect::LastConsumerGone);
                 }
                 QueueReply::Done
@@ -311,8 +512,11 @@ impl QueueState {
                 let gone = |c: &ChannelRef| {
                     c.conn.run.node == run.node && c.conn.run.incarnation < run.incarnation
                 };
-                self.publishers.retain(|c, _| !gone(c));
-                self.channels_down(gone);
+                self.publishers.retain(|p, _| match p {
+                    PublisherId::Channel(c) => !gone(c),
+                    PublisherId::Queue(_) => true,
+                });
+                self.channels_down(gone, &mut fx);
                 QueueReply::Done
             }
             QueueCmd::NodeDown { node } => {
@@ -324,14 +528,212 @@ impl QueueState {
                     self.node_down(node, &mut fx);
                 }
                 fx.extend(self.resend_unsettled());
+                fx.extend(self.resend_dead_letters());
+                QueueReply::Done
+            }
+            QueueCmd::Configure { config } => {
+                self.config = config;
+                QueueReply::Done
+            }
+            QueueCmd::Tick => QueueReply::Done,
+            QueueCmd::DeadLettered { msgs } => {
+                let done: Vec<MsgId> = msgs
+                    .into_iter()
+                    .filter(|id| self.dead_lettering.remove(id).is_some())
+                    .collect();
+                self.forget(done, &mut fx);
                 QueueReply::Done
             }
         };
+        self.expire(now_ms, &mut fx);
         // Deliveries go before releases so that a Release never frees a body a Deliver of the
         // same command still needs.
-        let mut deliveries = self.dispatch();
-        deliveries.append(&mut fx);
-        (reply, deliveries)
+        let mut out = self.dispatch(now_ms);
+        // Like RabbitMQ, limits apply after consumers took what they can: a requeue or a
+        // new limit can push the ready count over, and the oldest ready messages go.
+        self.enforce_limits(&mut fx);
+        let releases: Vec<Effect> = fx
+            .iter()
+            .filter(|e| matches!(e, Effect::Release { .. }))
+            .cloned()
+            .collect();
+        out.extend(
+            fx.into_iter()
+                .filter(|e| !matches!(e, Effect::Release { .. })),
+        );
+        out.extend(self.dispatch_releases());
+        out.extend(releases);
+        if let Some(at) = self.next_expiry() {
+            out.push(Effect::Timer { at });
+        }
+        (reply, out)
+    }
+
+    fn enqueue(&mut self, meta: MessageMeta, now_ms: u64, fx: &mut Vec<Effect>) -> QueueReply {
+        let full = self
+            .config
+            .max_length
+            .is_some_and(|max| self.ready.len() as u64 >= max)
+            || self
+                .config
+                .max_length_bytes
+                .is_some_and(|max| self.ready_bytes + meta.size > max);
+        let reject = full
+            && matches!(
+                self.config.overflow,
+                Overflow::RejectPublish | Overflow::RejectPublishDlx
+            );
+        let id = self.next_msg;
+        let ttl = match (meta.ttl, self.config.message_ttl) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if reject
+            && !(self.config.overflow == Overflow::RejectPublishDlx && self.config.dead_letter)
+        {
+            return QueueReply::Rejected { msg: None };
+        }
+        self.next_msg += 1;
+        self.messages.insert(
+            id,
+            Message {
+                meta: MessageMeta {
+                    priority: self.capped_priority(meta.priority),
+                    ..meta
+                },
+                delivery_count: 0,
+                expires_at: ttl.map(|t| now_ms.saturating_add(t)),
+            },
+        );
+        if reject {
+            // reject-publish-dlx: the publisher gets a nack, the message goes to the
+            // dead-letter exchange. The body is stored under `id` like any message's.
+            self.dead_letter(id, DeadLetterReason::MaxLen, fx);
+            return QueueReply::Rejected { msg: Some(id) };
+        }
+        self.make_ready(id);
+        // A message with TTL 0 is delivered only if a consumer takes it at once (RabbitMQ);
+        // `expire` after dispatch drops it otherwise.
+        QueueReply::Enqueued { msg: id }
+    }
+
+    fn capped_priority(&self, priority: u8) -> u8 {
+        match self.config.max_priority {
+            Some(max) => priority.min(max),
+            None => 0,
+        }
+    }
+
+    /// drop-head: the oldest ready messages make room, dead-lettered with reason `maxlen`.
+    fn enforce_limits(&mut self, fx: &mut Vec<Effect>) {
+        if self.config.overflow != Overflow::DropHead {
+            return;
+        }
+        loop {
+            let over = self
+                .config
+                .max_length
+                .is_some_and(|max| self.ready.len() as u64 > max)
+                || self
+                    .config
+                    .max_length_bytes
+                    .is_some_and(|max| self.ready_bytes > max);
+            if !over {
+                return;
+            }
+            let Some(id) = self.take_oldest_ready() else {
+                return;
+            };
+            self.dead_letter(id, DeadLetterReason::MaxLen, fx);
+        }
+    }
+
+    /// The oldest ready message regardless of priority (what drop-head drops).
+    fn take_oldest_ready(&mut self) -> Option<MsgId> {
+        let key = *self.ready.iter().min_by_key(|(_, id)| *id)?;
+        self.remove_ready(key);
+        Some(key.1)
+    }
+
+    fn remove_ready(&mut self, key: ReadyKey) {
+        if self.ready.remove(&key)
+            && let Some(m) = self.messages.get(&key.1)
+        {
+            self.ready_bytes = self.ready_bytes.saturating_sub(m.meta.size);
+        }
+    }
+
+    fn make_ready(&mut self, id: MsgId) {
+        if let Some(m) = self.messages.get(&id) {
+            self.ready_bytes += m.meta.size;
+            self.ready.insert((Reverse(m.meta.priority), id));
+        }
+    }
+
+    fn take_ready(&mut self) -> Option<MsgId> {
+        let key = *self.ready.first()?;
+        self.remove_ready(key);
+        Some(key.1)
+    }
+
+    /// Messages at the head whose TTL ran out expire (as in RabbitMQ, only at the head: a
+    /// message with a shorter TTL behind a longer one waits for it).
+    fn expire(&mut self, now_ms: u64, fx: &mut Vec<Effect>) {
+        while let Some(&key) = self.ready.first() {
+            let expired = self
+                .messages
+                .get(&key.1)
+                .and_then(|m| m.expires_at)
+                .is_some_and(|at| at <= now_ms);
+            if !expired {
+                return;
+            }
+            self.remove_ready(key);
+            self.dead_letter(key.1, DeadLetterReason::Expired, fx);
+        }
+    }
+
+    fn next_expiry(&self) -> Option<u64> {
+        let (_, id) = self.ready.first()?;
+        self.messages.get(id)?.expires_at
+    }
+
+    /// A message that dies goes to the dead-letter exchange if the queue has one (it stays
+    /// here, out of reach, until its targets committed it), else it is dropped.
+    fn dead_letter(&mut self, id: MsgId, reason: DeadLetterReason, fx: &mut Vec<Effect>) {
+        if !self.config.dead_letter {
+            self.forget(vec![id], fx);
+            return;
+        }
+        let seq = self.next_dead_letter + 1;
+        self.next_dead_letter = seq;
+        self.dead_lettering.insert(id, (seq, reason));
+        fx.push(Effect::DeadLetter {
+            msg: id,
+            reason,
+            seq,
+            delivery_count: self.messages.get(&id).map_or(0, |m| m.delivery_count),
+        });
+    }
+
+    /// In `seq` order: a target takes each source's dead-letters in rising sequence only (a
+    /// lower number after a higher one counts as a resend), so they must reach it that way.
+    fn resend_dead_letters(&self) -> Vec<Effect> {
+        let mut pending: Vec<(u64, MsgId, DeadLetterReason)> = self
+            .dead_lettering
+            .iter()
+            .map(|(id, (seq, reason))| (*seq, *id, *reason))
+            .collect();
+        pending.sort_unstable_by_key(|(seq, _, _)| *seq);
+        pending
+            .into_iter()
+            .map(|(seq, id, reason)| Effect::DeadLetter {
+                msg: id,
+                reason,
+                seq,
+                delivery_count: self.messages.get(&id).map_or(0, |m| m.delivery_count),
+            })
+            .collect()
     }
 
     /// A down node's consumers leave without counting as unsubscribing (the node may come
@@ -352,7 +754,7 @@ impl QueueState {
                 consumer: key.clone(),
             });
         }
-        self.channels_down(|c| c.conn.run.node == node);
+        self.channels_down(|c| c.conn.run.node == node, fx);
     }
 
     /// Deliveries for everything out with a consumer that still exists, in id order.
@@ -377,33 +779,20 @@ impl QueueState {
             .collect()
     }
 
-    fn make_ready(&mut self, id: MsgId) {
-        if let Some(m) = self.messages.get(&id) {
-            self.ready_bytes += m.meta.size;
-            self.ready.insert(id);
-        }
-    }
-
-    fn take_ready(&mut self) -> Option<MsgId> {
-        let id = self.ready.pop_first()?;
-        if let Some(m) = self.messages.get(&id) {
-            self.ready_bytes = self.ready_bytes.saturating_sub(m.meta.size);
-        }
-        Some(id)
-    }
-
     fn consume(
         &mut self,
         consumer: ConsumerKey,
         prefetch: u32,
         no_ack: bool,
         exclusive: bool,
+        priority: i32,
     ) -> QueueReply {
         if let Some(existing) = self.consumers.get(&consumer) {
             // The same request again (a resend after a leader change) is not a reuse.
             if existing.prefetch == prefetch
                 && existing.no_ack == no_ack
                 && existing.exclusive == exclusive
+                && existing.priority == priority
             {
                 return QueueReply::Done;
             }
@@ -418,6 +807,8 @@ impl QueueState {
                 "queue is in exclusive use by another consumer",
             ));
         }
+        let order = self.next_consumer_order;
+        self.next_consumer_order += 1;
         self.consumers.insert(
             consumer.clone(),
             ConsumerState {
@@ -425,6 +816,8 @@ impl QueueState {
                 in_flight: 0,
                 no_ack,
                 exclusive,
+                priority,
+                order,
             },
         );
         self.rotation.push_back(consumer);
@@ -468,7 +861,7 @@ impl QueueState {
         taken
     }
 
-    /// Drops settled messages for good and asks the adapter to free their bodies.
+    /// Drops messages for good and asks the adapter to free their bodies.
     fn forget(&mut self, msgs: Vec<MsgId>, fx: &mut Vec<Effect>) {
         if msgs.is_empty() {
             return;
@@ -491,21 +884,35 @@ impl QueueState {
         }
     }
 
-    fn return_message(&mut self, id: MsgId) {
-        if let Some(m) = self.messages.get_mut(&id) {
-            m.delivery_count = m.delivery_count.saturating_add(1);
+    /// A delivered message comes back: ready again (original position), or dead-lettered
+    /// when it has now been returned more often than the delivery limit allows.
+    fn return_message(&mut self, id: MsgId, fx: &mut Vec<Effect>) {
+        let limit = self.config.delivery_limit;
+        let Some(m) = self.messages.get_mut(&id) else {
+            return;
+        };
+        m.delivery_count = m.delivery_count.saturating_add(1);
+        if limit.is_some_and(|l| m.delivery_count > l) {
+            self.dead_letter(id, DeadLetterReason::DeliveryLimit, fx);
+        } else {
             self.make_ready(id);
         }
     }
 
-    fn get(&mut self, channel: ChannelRef, no_ack: bool, fx: &mut Vec<Effect>) -> QueueReply {
+    fn get(
+        &mut self,
+        channel: ChannelRef,
+        no_ack: bool,
+        now_ms: u64,
+        fx: &mut Vec<Effect>,
+    ) -> QueueReply {
+        self.expire(now_ms, fx);
         let Some(id) = self.take_ready() else {
             return QueueReply::GetEmpty;
         };
         let delivery_count = self.messages.get(&id).map_or(0, |m| m.delivery_count);
         if no_ack {
-            self.messages.remove(&id);
-            fx.push(Effect::Release { msgs: vec![id] });
+            self.forget(vec![id], fx);
         } else {
             self.checked_out.insert(
                 id,
@@ -524,7 +931,7 @@ impl QueueState {
 
     /// Returns the messages and drops the consumers of the channels `gone` matches; true when
     /// that removed the queue's last consumer.
-    fn channels_down(&mut self, gone: impl Fn(&ChannelRef) -> bool) -> bool {
+    fn channels_down(&mut self, gone: impl Fn(&ChannelRef) -> bool, fx: &mut Vec<Effect>) -> bool {
         let returned: Vec<MsgId> = self
             .checked_out
             .iter()
@@ -533,7 +940,7 @@ impl QueueState {
             .collect();
         for id in returned {
             self.checked_out.remove(&id);
-            self.return_message(id);
+            self.return_message(id, fx);
         }
         let had_consumers = !self.consumers.is_empty();
         self.consumers.retain(|k, _| !gone(&k.channel));
@@ -541,28 +948,40 @@ impl QueueState {
         had_consumers && self.consumers.is_empty()
     }
 
-    /// Hands ready messages to consumers with credit, round-robin, until either runs out.
-    fn dispatch(&mut self) -> Vec<Effect> {
+    /// The consumer the next message goes to: with single active consumer, the earliest
+    /// registered one (if it has credit); otherwise, among the consumers with credit and the
+    /// highest priority, the next in round-robin order.
+    fn next_consumer(&mut self) -> Option<ConsumerKey> {
+        if self.config.single_active_consumer {
+            let (key, c) = self.consumers.iter().min_by_key(|(_, c)| c.order)?;
+            return c.has_credit().then(|| key.clone());
+        }
+        let top = self
+            .consumers
+            .values()
+            .filter(|c| c.has_credit())
+            .map(|c| c.priority)
+            .max()?;
+        let pos = self.rotation.iter().position(|k| {
+            self.consumers
+                .get(k)
+                .is_some_and(|c| c.has_credit() && c.priority == top)
+        })?;
+        let key = self.rotation.remove(pos)?;
+        self.rotation.push_back(key.clone());
+        Some(key)
+    }
+
+    /// Hands ready messages to consumers with credit until either runs out.
+    fn dispatch(&mut self, now_ms: u64) -> Vec<Effect> {
         let mut fx = Vec::new();
-        let mut released = Vec::new();
-        'outer: while !self.ready.is_empty() {
-            let mut tries = self.rotation.len();
-            let key = loop {
-                if tries == 0 {
-                    break 'outer;
-                }
-                tries -= 1;
-                let Some(key) = self.rotation.pop_front() else {
-                    break 'outer;
-                };
-                self.rotation.push_back(key.clone());
-                if self
-                    .consumers
-                    .get(&key)
-                    .is_some_and(ConsumerState::has_credit)
-                {
-                    break key;
-                }
+        loop {
+            self.expire(now_ms, &mut fx);
+            if self.ready.is_empty() {
+                break;
+            }
+            let Some(key) = self.next_consumer() else {
+                break;
             };
             let Some(id) = self.take_ready() else {
                 break;
@@ -573,8 +992,7 @@ impl QueueState {
             let no_ack = consumer.no_ack;
             let delivery_count = self.messages.get(&id).map_or(0, |m| m.delivery_count);
             if no_ack {
-                self.messages.remove(&id);
-                released.push(id);
+                self.pending_release.push(id);
             } else {
                 consumer.in_flight += 1;
                 self.checked_out.insert(
@@ -593,10 +1011,19 @@ impl QueueState {
                 resend: false,
             });
         }
-        if !released.is_empty() {
-            fx.push(Effect::Release { msgs: released });
-        }
         fx
+    }
+
+    /// Bodies of no-ack deliveries of the last dispatch: gone from the queue once sent.
+    fn dispatch_releases(&mut self) -> Vec<Effect> {
+        let released = std::mem::take(&mut self.pending_release);
+        if released.is_empty() {
+            return Vec::new();
+        }
+        for id in &released {
+            self.messages.remove(id);
+        }
+        vec![Effect::Release { msgs: released }]
     }
 }
 

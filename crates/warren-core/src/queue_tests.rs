@@ -30,10 +30,16 @@ fn consumer(ch: u16, tag: &str) -> ConsumerKey {
 }
 
 fn enqueue(q: &mut QueueState) -> (MsgId, Vec<Effect>) {
-    match q.apply(QueueCmd::Enqueue {
-        meta: MessageMeta { size: 10 },
-        publisher: None,
-    }) {
+    match q.apply(
+        QueueCmd::Enqueue {
+            meta: MessageMeta {
+                size: 10,
+                ..Default::default()
+            },
+            publisher: None,
+        },
+        0,
+    ) {
         (QueueReply::Enqueued { msg }, fx) => (msg, fx),
         other => panic!("unexpected {other:?}"),
     }
@@ -55,12 +61,16 @@ fn delivered(fx: &[Effect]) -> Vec<(String, MsgId, u32)> {
 }
 
 fn consume(q: &mut QueueState, c: &ConsumerKey, prefetch: u32) -> Vec<Effect> {
-    let (reply, fx) = q.apply(QueueCmd::Consume {
-        consumer: c.clone(),
-        prefetch,
-        no_ack: false,
-        exclusive: false,
-    });
+    let (reply, fx) = q.apply(
+        QueueCmd::Consume {
+            consumer: c.clone(),
+            prefetch,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        },
+        0,
+    );
     assert_eq!(reply, QueueReply::Done);
     fx
 }
@@ -77,10 +87,13 @@ fn prefetch_one_waits_for_ack() {
         delivered(&fx).is_empty(),
         "prefetch 1 must hold the second message"
     );
-    let (_, fx) = q.apply(QueueCmd::Settle {
-        channel: channel(1),
-        msgs: vec![a],
-    });
+    let (_, fx) = q.apply(
+        QueueCmd::Settle {
+            channel: channel(1),
+            msgs: vec![a],
+        },
+        0,
+    );
     assert_eq!(delivered(&fx), vec![("c".into(), b, 0)]);
     assert!(fx.contains(&Effect::Release { msgs: vec![a] }));
 }
@@ -104,16 +117,22 @@ fn requeue_redelivers_in_original_order_with_count() {
     let c = consumer(1, "c");
     let fx = consume(&mut q, &c, 0);
     assert_eq!(delivered(&fx).len(), 3);
-    let (_, fx) = q.apply(QueueCmd::Cancel {
-        consumer: c.clone(),
-    });
+    let (_, fx) = q.apply(
+        QueueCmd::Cancel {
+            consumer: c.clone(),
+        },
+        0,
+    );
     assert_eq!(fx, vec![Effect::LastConsumerGone]);
     // Unsettled messages stay with the channel after cancel, and can be requeued later.
     assert_eq!(q.checked_out_to(&channel(1)), ids);
-    q.apply(QueueCmd::Requeue {
-        channel: channel(1),
-        msgs: vec![ids[2], ids[0]],
-    });
+    q.apply(
+        QueueCmd::Requeue {
+            channel: channel(1),
+            msgs: vec![ids[2], ids[0]],
+        },
+        0,
+    );
     let fx = consume(&mut q, &consumer(2, "d"), 0);
     assert_eq!(
         delivered(&fx),
@@ -128,16 +147,22 @@ fn channel_down_returns_everything_and_removes_consumers() {
     consume(&mut q, &c, 2);
     let a = enqueue(&mut q).0;
     let b = enqueue(&mut q).0;
-    let (_, fx) = q.apply(QueueCmd::ChannelDown {
-        channel: channel(1),
-    });
+    let (_, fx) = q.apply(
+        QueueCmd::ChannelDown {
+            channel: channel(1),
+        },
+        0,
+    );
     assert_eq!(fx, vec![Effect::LastConsumerGone]);
     assert!(q.is_ready(a) && q.is_ready(b));
     assert_eq!(q.stats().consumers, 0);
-    match q.apply(QueueCmd::Get {
-        channel: channel(2),
-        no_ack: true,
-    }) {
+    match q.apply(
+        QueueCmd::Get {
+            channel: channel(2),
+            no_ack: true,
+        },
+        0,
+    ) {
         (
             QueueReply::GetOk {
                 msg,
@@ -174,12 +199,15 @@ fn node_restart_returns_messages_of_earlier_runs_only() {
         tag: "new".into(),
     };
     consume(&mut q, &newer, 0);
-    let (_, fx) = q.apply(QueueCmd::NodeRestarted {
-        run: NodeRun {
-            node: 1,
-            incarnation: 2,
+    let (_, fx) = q.apply(
+        QueueCmd::NodeRestarted {
+            run: NodeRun {
+                node: 1,
+                incarnation: 2,
+            },
         },
-    });
+        0,
+    );
     // The message of the dead run goes straight to the live consumer, marked redelivered.
     assert_eq!(delivered(&fx), vec![("new".into(), a, 1)]);
     assert!(q.consumer(&old).is_none());
@@ -188,34 +216,50 @@ fn node_restart_returns_messages_of_earlier_runs_only() {
 #[test]
 fn exclusive_consumer_and_tag_reuse_are_refused() {
     let mut q = QueueState::new();
-    let (r, _) = q.apply(QueueCmd::Consume {
-        consumer: consumer(1, "x"),
-        prefetch: 0,
-        no_ack: false,
-        exclusive: true,
-    });
+    let (r, _) = q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(1, "x"),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: true,
+            priority: 0,
+        },
+        0,
+    );
     assert_eq!(r, QueueReply::Done);
-    let (r, _) = q.apply(QueueCmd::Consume {
-        consumer: consumer(2, "y"),
-        prefetch: 0,
-        no_ack: false,
-        exclusive: false,
-    });
+    let (r, _) = q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(2, "y"),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        },
+        0,
+    );
     assert!(matches!(r, QueueReply::Error(e) if e.code == 403));
     // The same consume again is a resend and succeeds; the tag with other settings is a reuse.
-    let (r, _) = q.apply(QueueCmd::Consume {
-        consumer: consumer(1, "x"),
-        prefetch: 0,
-        no_ack: false,
-        exclusive: true,
-    });
+    let (r, _) = q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(1, "x"),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: true,
+            priority: 0,
+        },
+        0,
+    );
     assert_eq!(r, QueueReply::Done);
-    let (r, _) = q.apply(QueueCmd::Consume {
-        consumer: consumer(1, "x"),
-        prefetch: 5,
-        no_ack: false,
-        exclusive: true,
-    });
+    let (r, _) = q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(1, "x"),
+            prefetch: 5,
+            no_ack: false,
+            exclusive: true,
+            priority: 0,
+        },
+        0,
+    );
     assert!(matches!(r, QueueReply::Error(e) if e.code == 530));
 }
 
@@ -223,13 +267,16 @@ fn exclusive_consumer_and_tag_reuse_are_refused() {
 fn purge_drops_ready_but_not_unacked() {
     let mut q = QueueState::new();
     let a = enqueue(&mut q).0;
-    let _ = q.apply(QueueCmd::Get {
-        channel: channel(1),
-        no_ack: false,
-    });
+    let _ = q.apply(
+        QueueCmd::Get {
+            channel: channel(1),
+            no_ack: false,
+        },
+        0,
+    );
     let b = enqueue(&mut q).0;
     let c = enqueue(&mut q).0;
-    let (r, fx) = q.apply(QueueCmd::Purge);
+    let (r, fx) = q.apply(QueueCmd::Purge, 0);
     assert_eq!(r, QueueReply::Purged { count: 2 });
     assert_eq!(fx, vec![Effect::Release { msgs: vec![b, c] }]);
     assert_eq!(q.checked_out_to(&channel(1)), vec![a]);
@@ -240,15 +287,21 @@ fn purge_drops_ready_but_not_unacked() {
 fn stale_settle_is_ignored() {
     let mut q = QueueState::new();
     let a = enqueue(&mut q).0;
-    let _ = q.apply(QueueCmd::Get {
-        channel: channel(1),
-        no_ack: false,
-    });
+    let _ = q.apply(
+        QueueCmd::Get {
+            channel: channel(1),
+            no_ack: false,
+        },
+        0,
+    );
     // Another channel cannot settle what channel 1 holds.
-    let (_, fx) = q.apply(QueueCmd::Settle {
-        channel: channel(2),
-        msgs: vec![a, 999],
-    });
+    let (_, fx) = q.apply(
+        QueueCmd::Settle {
+            channel: channel(2),
+            msgs: vec![a, 999],
+        },
+        0,
+    );
     assert!(fx.is_empty());
     assert_eq!(q.checked_out_to(&channel(1)), vec![a]);
 }
@@ -257,11 +310,15 @@ fn stale_settle_is_ignored() {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Enqueue,
+    Enqueue {
+        priority: u8,
+        ttl: Option<u64>,
+    },
     Consume {
         who: usize,
         prefetch: u32,
         no_ack: bool,
+        priority: i32,
     },
     Cancel {
         who: usize,
@@ -287,25 +344,66 @@ enum Op {
         ch: u16,
     },
     LeaderRecovery,
+    Configure(QueueConfig),
+    /// Time passes by this many milliseconds.
+    Tick(u64),
+    DeadLettered {
+        pick: Vec<usize>,
+    },
     Snapshot,
 }
 
 const CONSUMERS: [(u16, &str); 4] = [(1, "a"), (1, "b"), (2, "c"), (3, "d")];
 
+fn config() -> impl Strategy<Value = QueueConfig> {
+    (
+        proptest::option::of(1u64..50),
+        proptest::option::of(1u64..6),
+        proptest::option::of(1u64..40),
+        prop_oneof![
+            Just(Overflow::DropHead),
+            Just(Overflow::RejectPublish),
+            Just(Overflow::RejectPublishDlx)
+        ],
+        any::<bool>(),
+        proptest::option::of(0u32..3),
+        proptest::option::of(1u8..5),
+        proptest::bool::weighted(0.2),
+    )
+        .prop_map(
+            |(ttl, max_length, max_bytes, overflow, dead_letter, limit, max_priority, sac)| {
+                QueueConfig {
+                    message_ttl: ttl,
+                    max_length,
+                    max_length_bytes: max_bytes,
+                    overflow,
+                    dead_letter,
+                    delivery_limit: limit,
+                    max_priority,
+                    single_active_consumer: sac,
+                }
+            },
+        )
+}
+
 fn op() -> impl Strategy<Value = Op> {
     let pick = proptest::collection::vec(0usize..8, 0..4);
     prop_oneof![
-        6 => Just(Op::Enqueue),
-        2 => (0usize..4, 0u32..4, proptest::bool::weighted(0.2))
-            .prop_map(|(who, prefetch, no_ack)| Op::Consume { who, prefetch, no_ack }),
+        6 => (0u8..6, proptest::option::of(0u64..60))
+            .prop_map(|(priority, ttl)| Op::Enqueue { priority, ttl }),
+        2 => (0usize..4, 0u32..4, proptest::bool::weighted(0.2), -1i32..2)
+            .prop_map(|(who, prefetch, no_ack, priority)| Op::Consume { who, prefetch, no_ack, priority }),
         1 => (0usize..4).prop_map(|who| Op::Cancel { who }),
         4 => (1u16..4, pick.clone()).prop_map(|(ch, pick)| Op::Settle { ch, pick }),
         2 => (1u16..4, pick.clone()).prop_map(|(ch, pick)| Op::Requeue { ch, pick }),
-        1 => (1u16..4, pick).prop_map(|(ch, pick)| Op::Discard { ch, pick }),
+        1 => (1u16..4, pick.clone()).prop_map(|(ch, pick)| Op::Discard { ch, pick }),
         2 => (1u16..4, any::<bool>()).prop_map(|(ch, no_ack)| Op::Get { ch, no_ack }),
         1 => Just(Op::Purge),
         1 => (1u16..4).prop_map(|ch| Op::ChannelDown { ch }),
         1 => Just(Op::LeaderRecovery),
+        1 => config().prop_map(Op::Configure),
+        2 => (0u64..40).prop_map(Op::Tick),
+        2 => pick.prop_map(|pick| Op::DeadLettered { pick }),
         1 => Just(Op::Snapshot),
     ]
 }
@@ -318,14 +416,19 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
         msgs
     };
     Some(match op {
-        Op::Enqueue => QueueCmd::Enqueue {
-            meta: MessageMeta { size: 3 },
+        Op::Enqueue { priority, ttl } => QueueCmd::Enqueue {
+            meta: MessageMeta {
+                size: 3,
+                priority: *priority,
+                ttl: *ttl,
+            },
             publisher: None,
         },
         Op::Consume {
             who,
             prefetch,
             no_ack,
+            priority,
         } => {
             let (ch, tag) = CONSUMERS[*who];
             QueueCmd::Consume {
@@ -333,6 +436,7 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
                 prefetch: *prefetch,
                 no_ack: *no_ack,
                 exclusive: false,
+                priority: *priority,
             }
         }
         Op::Cancel { who } => {
@@ -362,27 +466,58 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
             channel: channel(*ch),
         },
         Op::LeaderRecovery => QueueCmd::LeaderRecovery { down: vec![] },
+        Op::Configure(config) => QueueCmd::Configure {
+            config: config.clone(),
+        },
+        Op::Tick(_) => QueueCmd::Tick,
+        Op::DeadLettered { pick } => {
+            let dying: Vec<MsgId> = q.dead_lettering.keys().copied().collect();
+            QueueCmd::DeadLettered {
+                msgs: pick.iter().filter_map(|i| dying.get(*i).copied()).collect(),
+            }
+        }
         Op::Snapshot => return None,
     })
 }
 
-/// What an observer outside the state machine knows: which messages exist and which are out.
+/// What an observer outside the state machine knows: which messages exist, which are out
+/// with a channel, which are on their way to the dead-letter exchange.
 #[derive(Default)]
 struct Model {
     live: BTreeSet<MsgId>,
     out: BTreeSet<MsgId>,
+    dying: BTreeSet<MsgId>,
     returned: BTreeMap<MsgId, u32>,
+    now: u64,
 }
 
 fn check_invariants(q: &QueueState) -> Result<(), TestCaseError> {
     for id in q.messages.keys() {
-        let ready = q.ready.contains(id);
+        let ready = q.ready.iter().any(|(_, r)| r == id);
         let out = q.checked_out.contains_key(id);
-        prop_assert!(ready ^ out, "message {id} must be exactly one of ready/out");
+        let dying = q.dead_lettering.contains_key(id);
+        prop_assert!(
+            u8::from(ready) + u8::from(out) + u8::from(dying) == 1,
+            "message {id} must be exactly one of ready/out/dead-lettering"
+        );
     }
-    prop_assert_eq!(q.ready.len() + q.checked_out.len(), q.messages.len());
-    let bytes: u64 = q.ready.iter().map(|id| q.messages[id].meta.size).sum();
+    prop_assert_eq!(
+        q.ready.len() + q.checked_out.len() + q.dead_lettering.len(),
+        q.messages.len()
+    );
+    for (prio, id) in &q.ready {
+        prop_assert_eq!(prio.0, q.messages[id].meta.priority, "ready key of {}", id);
+    }
+    let bytes: u64 = q.ready.iter().map(|(_, id)| q.messages[id].meta.size).sum();
     prop_assert_eq!(bytes, q.ready_bytes);
+    if q.config.overflow == Overflow::DropHead {
+        if let Some(max) = q.config.max_length {
+            prop_assert!(q.ready.len() as u64 <= max, "over x-max-length");
+        }
+        if let Some(max) = q.config.max_length_bytes {
+            prop_assert!(q.ready_bytes <= max.max(3), "over x-max-length-bytes");
+        }
+    }
     for (key, c) in &q.consumers {
         let held = q
             .checked_out
@@ -393,11 +528,22 @@ fn check_invariants(q: &QueueState) -> Result<(), TestCaseError> {
         if c.prefetch > 0 && !c.no_ack {
             prop_assert!(c.in_flight <= c.prefetch, "prefetch exceeded for {:?}", key);
         }
-        if !q.ready.is_empty() {
+    }
+    // Work-conserving: nothing ready while a consumer that may take it has credit.
+    if !q.ready.is_empty() {
+        let eligible: Vec<&ConsumerState> = if q.config.single_active_consumer {
+            q.consumers
+                .values()
+                .min_by_key(|c| c.order)
+                .into_iter()
+                .collect()
+        } else {
+            q.consumers.values().collect()
+        };
+        for c in eligible {
             prop_assert!(
                 !c.has_credit(),
-                "idle consumer {:?} while messages are ready",
-                key
+                "an eligible consumer idles while messages are ready"
             );
         }
     }
@@ -410,7 +556,12 @@ fn step(
     model: &mut Model,
     cmd: QueueCmd,
 ) -> Result<Vec<Effect>, TestCaseError> {
-    let ready_before: BTreeSet<MsgId> = q.ready.clone();
+    let ready_before: BTreeSet<MsgId> = q.ready.iter().map(|(_, id)| *id).collect();
+    let priority_before: BTreeMap<MsgId, u8> = q
+        .messages
+        .iter()
+        .map(|(id, m)| (*id, m.meta.priority))
+        .collect();
     // Only what the channel really holds comes back, each message once.
     let requeued: BTreeSet<MsgId> = match &cmd {
         QueueCmd::Requeue { channel, msgs } => {
@@ -420,14 +571,35 @@ fn step(
         QueueCmd::ChannelDown { channel } => q.checked_out_to(channel).into_iter().collect(),
         _ => BTreeSet::new(),
     };
-    let (reply, fx) = q.apply(cmd);
+    let rejected_or_settled: BTreeSet<MsgId> = match &cmd {
+        QueueCmd::Settle { channel, msgs } | QueueCmd::Discard { channel, msgs } => {
+            let held: BTreeSet<MsgId> = q.checked_out_to(channel).into_iter().collect();
+            msgs.iter().copied().filter(|m| held.contains(m)).collect()
+        }
+        _ => BTreeSet::new(),
+    };
+    let next_id = q.next_msg;
+    let (reply, fx) = q.apply(cmd, model.now);
     let mut enqueued = None;
-    if let QueueReply::Enqueued { msg } = reply {
-        prop_assert!(model.live.insert(msg), "id reused");
-        enqueued = Some(msg);
+    match reply {
+        QueueReply::Enqueued { msg } => {
+            prop_assert!(model.live.insert(msg), "id reused");
+            enqueued = Some(msg);
+        }
+        QueueReply::Rejected { msg } => {
+            // reject-publish-dlx keeps the refused message until its dead-letter commits.
+            prop_assert_eq!(msg.is_some(), q.messages.contains_key(&next_id));
+            if let Some(msg) = msg {
+                prop_assert_eq!(msg, next_id);
+                prop_assert!(model.live.insert(msg));
+            }
+        }
+        _ => {}
+    }
+    for id in requeued.iter().chain(&rejected_or_settled) {
+        model.out.remove(id);
     }
     for id in &requeued {
-        model.out.remove(id);
         *model.returned.entry(*id).or_default() += 1;
     }
     let mut took = vec![];
@@ -460,11 +632,20 @@ fn step(
                     model.returned.get(msg).copied().unwrap_or(0)
                 );
             }
+            Effect::DeadLetter { msg, .. } => {
+                prop_assert!(model.live.contains(msg), "dead-lettered unknown {msg}");
+                prop_assert!(!model.out.contains(msg), "dead-lettered {msg} while out");
+                model.dying.insert(*msg);
+            }
             _ => {}
         }
     }
     for (msg, count) in &took {
         prop_assert!(model.live.contains(msg), "delivered unknown {msg}");
+        prop_assert!(
+            !model.dying.contains(msg),
+            "delivered {msg} while dead-lettering"
+        );
         prop_assert!(model.out.insert(*msg), "delivered {msg} twice");
         let became_ready = Some(*msg) == enqueued || requeued.contains(msg);
         prop_assert!(
@@ -473,12 +654,16 @@ fn step(
         );
         prop_assert_eq!(*count, model.returned.get(msg).copied().unwrap_or(0));
     }
-    // Deliveries of one command take the lowest ready ids first.
+    // Deliveries of one command take the highest-priority, then lowest, ready ids first.
     for (msg, _) in &took {
-        if let Some(lowest_left) = q.ready.first() {
+        let key = priority_before
+            .get(msg)
+            .or_else(|| q.messages.get(msg).map(|m| &m.meta.priority))
+            .map(|p| (Reverse(*p), *msg));
+        if let (Some(key), Some(lowest_left)) = (key, q.ready.first()) {
             prop_assert!(
-                msg < lowest_left,
-                "{msg} delivered before lower ready {lowest_left}"
+                key < *lowest_left,
+                "{msg} delivered before ready {lowest_left:?}"
             );
         }
     }
@@ -487,6 +672,7 @@ fn step(
             for m in msgs {
                 prop_assert!(model.live.remove(m), "released {m} twice or unknown");
                 model.out.remove(m);
+                model.dying.remove(m);
                 prop_assert!(!q.messages.contains_key(m), "released {m} still held");
             }
         }
@@ -496,6 +682,8 @@ fn step(
     prop_assert_eq!(&held, &model.live);
     let out: BTreeSet<MsgId> = q.checked_out.keys().copied().collect();
     prop_assert_eq!(&out, &model.out);
+    let dying: BTreeSet<MsgId> = q.dead_lettering.keys().copied().collect();
+    prop_assert_eq!(&dying, &model.dying);
     check_invariants(q)?;
     Ok(fx)
 }
@@ -514,6 +702,9 @@ proptest! {
         // A replica that restores from a snapshot at every Snapshot op must stay identical.
         let mut replica = QueueState::new();
         for op in &ops {
+            if let Op::Tick(advance) = op {
+                model.now += advance;
+            }
             match to_cmd(&q, op) {
                 None => {
                     replica = roundtrip(&q);
@@ -521,7 +712,7 @@ proptest! {
                 }
                 Some(cmd) => {
                     let fx = step(&mut q, &mut model, cmd.clone())?;
-                    let (_, replica_fx) = replica.apply(cmd);
+                    let (_, replica_fx) = replica.apply(cmd, model.now);
                     prop_assert_eq!(fx, replica_fx);
                 }
             }
@@ -530,108 +721,344 @@ proptest! {
     }
 }
 
-#[test]
-fn resent_publishes_are_taken_once() {
-    let mut q = QueueState::new();
-    let publish = |q: &mut QueueState, seq| {
-        q.apply(QueueCmd::Enqueue {
-            meta: MessageMeta { size: 1 },
-            publisher: Some(Publisher {
-                channel: channel(1),
-                seq,
-            }),
-        })
-        .0
-    };
-    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
-    assert!(matches!(publish(&mut q, 2), QueueReply::Enqueued { .. }));
-    assert_eq!(publish(&mut q, 1), QueueReply::Duplicate);
-    assert_eq!(publish(&mut q, 2), QueueReply::Duplicate);
-    assert!(matches!(publish(&mut q, 3), QueueReply::Enqueued { .. }));
-    assert_eq!(q.stats().ready, 3);
-    // Once the channel is gone its numbering is forgotten (a new channel starts at 1).
-    q.apply(QueueCmd::ChannelDown {
-        channel: channel(1),
-    });
-    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+// ---- queue arguments ----
+
+fn configured(config: QueueConfig) -> QueueState {
+    QueueState::with_config(config)
 }
 
-#[test]
-fn leader_recovery_returns_down_nodes_and_resends_the_rest() {
-    let mut q = QueueState::new();
-    let local = consumer(1, "local");
-    consume(&mut q, &local, 0);
-    let remote = ConsumerKey {
-        channel: ChannelRef {
-            conn: ConnectionRef {
-                run: NodeRun {
-                    node: 2,
-                    incarnation: 1,
-                },
-                conn: 1,
-            },
-            channel: 1,
-            opened: 1,
+fn put(q: &mut QueueState, meta: MessageMeta, now: u64) -> (QueueReply, Vec<Effect>) {
+    q.apply(
+        QueueCmd::Enqueue {
+            meta,
+            publisher: None,
         },
-        tag: "remote".into(),
-    };
-    consume(&mut q, &remote, 0);
-    let a = enqueue(&mut q).0;
-    let b = enqueue(&mut q).0;
-    // a went to node 1's consumer, b to node 2's. Node 2 goes down.
-    let (_, fx) = q.apply(QueueCmd::LeaderRecovery { down: vec![2] });
-    let resent: Vec<(String, MsgId, bool)> = fx
-        .iter()
+        now,
+    )
+}
+
+fn sized(size: u64) -> MessageMeta {
+    MessageMeta {
+        size,
+        ..Default::default()
+    }
+}
+
+fn dead_letters(fx: &[Effect]) -> Vec<(MsgId, DeadLetterReason)> {
+    fx.iter()
         .filter_map(|e| match e {
-            Effect::Deliver {
-                consumer,
-                msg,
-                resend,
-                ..
-            } => Some((consumer.tag.clone(), *msg, *resend)),
+            Effect::DeadLetter { msg, reason, .. } => Some((*msg, *reason)),
             _ => None,
         })
-        .collect();
-    // b comes back and goes to the live consumer (a fresh delivery, redelivered); a is resent.
-    assert!(resent.contains(&("local".into(), a, true)), "{resent:?}");
-    assert!(resent.contains(&("local".into(), b, false)), "{resent:?}");
-    assert!(q.consumer(&remote).is_none());
+        .collect()
 }
 
-#[test]
-fn a_node_wrongly_declared_down_still_has_its_resends_recognised() {
-    let mut q = QueueState::new();
-    let publish = |q: &mut QueueState, seq| {
-        q.apply(QueueCmd::Enqueue {
-            meta: MessageMeta { size: 1 },
-            publisher: Some(Publisher {
-                channel: channel(1),
-                seq,
-            }),
+fn released(fx: &[Effect]) -> Vec<MsgId> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::Release { msgs } => Some(msgs.clone()),
+            _ => None,
         })
-        .0
-    };
-    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
-    q.apply(QueueCmd::NodeDown { node: 1 });
-    q.apply(QueueCmd::LeaderRecovery { down: vec![1] });
-    assert_eq!(publish(&mut q, 1), QueueReply::Duplicate);
-    q.apply(QueueCmd::NodeRestarted {
-        run: NodeRun {
-            node: 1,
-            incarnation: 2,
-        },
-    });
-    assert!(matches!(publish(&mut q, 1), QueueReply::Enqueued { .. }));
+        .flatten()
+        .collect()
 }
 
 #[test]
-fn consumers_of_a_down_node_go() {
-    let mut q = QueueState::new();
-    let c = consumer(1, "c");
-    consume(&mut q, &c, 0);
+fn message_ttl_expires_at_the_head_and_arms_a_timer() {
+    let mut q = configured(QueueConfig {
+        message_ttl: Some(100),
+        ..Default::default()
+    });
+    let (_, fx) = put(&mut q, sized(1), 1_000);
+    assert!(fx.contains(&Effect::Timer { at: 1_100 }));
+    // A per-message expiration shorter than the queue's wins.
+    let short = MessageMeta {
+        size: 1,
+        ttl: Some(10),
+        ..Default::default()
+    };
+    put(&mut q, short, 1_000);
+    let (_, fx) = q.apply(QueueCmd::Tick, 1_050);
+    assert!(released(&fx).is_empty(), "the head has not expired yet");
+    let (_, fx) = q.apply(QueueCmd::Tick, 1_100);
+    // Both go: the first at its time, the second (already past its own) right behind it.
+    assert_eq!(released(&fx), vec![0, 1]);
+    assert_eq!(q.stats().ready, 0);
+    assert!(!fx.iter().any(|e| matches!(e, Effect::Timer { .. })));
+}
+
+#[test]
+fn expired_messages_go_to_the_dead_letter_exchange_once_committed() {
+    let mut q = configured(QueueConfig {
+        message_ttl: Some(5),
+        dead_letter: true,
+        ..Default::default()
+    });
+    put(&mut q, sized(1), 0);
+    let (_, fx) = q.apply(QueueCmd::Tick, 10);
+    assert_eq!(dead_letters(&fx), vec![(0, DeadLetterReason::Expired)]);
+    assert!(
+        released(&fx).is_empty(),
+        "kept until the target committed it"
+    );
+    // A new leader publishes it again; the target recognises the repeat by its seq.
+    let (_, fx) = q.apply(QueueCmd::LeaderRecovery { down: vec![] }, 11);
+    assert_eq!(dead_letters(&fx), vec![(0, DeadLetterReason::Expired)]);
+    let (_, fx) = q.apply(QueueCmd::DeadLettered { msgs: vec![0] }, 12);
+    assert_eq!(released(&fx), vec![0]);
+    let (_, fx) = q.apply(QueueCmd::DeadLettered { msgs: vec![0] }, 13);
+    assert!(
+        released(&fx).is_empty(),
+        "a repeated confirmation changes nothing"
+    );
+}
+
+#[test]
+fn max_length_drop_head_and_reject_publish() {
+    let mut q = configured(QueueConfig {
+        max_length: Some(2),
+        dead_letter: true,
+        ..Default::default()
+    });
+    put(&mut q, sized(1), 0);
+    put(&mut q, sized(1), 0);
+    let (reply, fx) = put(&mut q, sized(1), 0);
+    assert!(matches!(reply, QueueReply::Enqueued { msg: 2 }));
+    assert_eq!(dead_letters(&fx), vec![(0, DeadLetterReason::MaxLen)]);
+    assert_eq!(q.stats().ready, 2);
+
+    let mut q = configured(QueueConfig {
+        max_length_bytes: Some(10),
+        overflow: Overflow::RejectPublish,
+        ..Default::default()
+    });
+    assert!(matches!(
+        put(&mut q, sized(6), 0).0,
+        QueueReply::Enqueued { .. }
+    ));
+    assert_eq!(
+        put(&mut q, sized(6), 0).0,
+        QueueReply::Rejected { msg: None }
+    );
+    assert_eq!(q.stats().ready, 1);
+
+    let mut q = configured(QueueConfig {
+        max_length: Some(1),
+        overflow: Overflow::RejectPublishDlx,
+        dead_letter: true,
+        ..Default::default()
+    });
+    put(&mut q, sized(1), 0);
+    let (reply, fx) = put(&mut q, sized(1), 0);
+    assert_eq!(reply, QueueReply::Rejected { msg: Some(1) });
+    assert_eq!(dead_letters(&fx), vec![(1, DeadLetterReason::MaxLen)]);
+    assert_eq!(q.stats().ready, 1);
+}
+
+#[test]
+fn delivery_limit_dead_letters_poison_messages() {
+    let mut q = configured(QueueConfig {
+        delivery_limit: Some(1),
+        dead_letter: true,
+        ..Default::default()
+    });
     let a = enqueue(&mut q).0;
-    let (_, fx) = q.apply(QueueCmd::NodeDown { node: 1 });
-    assert_eq!(fx, vec![Effect::ConsumerGone { consumer: c }]);
-    assert!(q.is_ready(a));
-    assert_eq!(q.stats().consumers, 0);
+    for round in 0..2 {
+        let (reply, _) = q.apply(
+            QueueCmd::Get {
+                channel: channel(1),
+                no_ack: false,
+            },
+            0,
+        );
+        assert!(
+            matches!(reply, QueueReply::GetOk { delivery_count, .. } if delivery_count == round)
+        );
+        let (_, fx) = q.apply(
+            QueueCmd::Requeue {
+                channel: channel(1),
+                msgs: vec![a],
+            },
+            0,
+        );
+        if round == 1 {
+            assert_eq!(
+                dead_letters(&fx),
+                vec![(a, DeadLetterReason::DeliveryLimit)]
+            );
+        } else {
+            assert!(dead_letters(&fx).is_empty());
+        }
+    }
+    assert_eq!(q.stats().ready, 0);
+}
+
+#[test]
+fn rejected_messages_are_dead_lettered_or_dropped() {
+    for dead_letter in [true, false] {
+        let mut q = configured(QueueConfig {
+            dead_letter,
+            ..Default::default()
+        });
+        let a = enqueue(&mut q).0;
+        q.apply(
+            QueueCmd::Get {
+                channel: channel(1),
+                no_ack: false,
+            },
+            0,
+        );
+        let (_, fx) = q.apply(
+            QueueCmd::Discard {
+                channel: channel(1),
+                msgs: vec![a],
+            },
+            0,
+        );
+        if dead_letter {
+            assert_eq!(dead_letters(&fx), vec![(a, DeadLetterReason::Rejected)]);
+        } else {
+            assert_eq!(released(&fx), vec![a]);
+        }
+    }
+}
+
+#[test]
+fn priorities_deliver_highest_first_and_cap_at_the_maximum() {
+    let mut q = configured(QueueConfig {
+        max_priority: Some(5),
+        ..Default::default()
+    });
+    for p in [1u8, 9, 3, 0] {
+        put(
+            &mut q,
+            MessageMeta {
+                size: 1,
+                priority: p,
+                ..Default::default()
+            },
+            0,
+        );
+    }
+    let fx = consume(&mut q, &consumer(1, "c"), 0);
+    let order: Vec<MsgId> = delivered(&fx).into_iter().map(|(_, m, _)| m).collect();
+    // 9 is capped at 5 and still comes first; equal priorities keep their order.
+    assert_eq!(order, vec![1, 2, 0, 3]);
+}
+
+#[test]
+fn without_max_priority_messages_keep_arrival_order() {
+    let mut q = QueueState::new();
+    for p in [1u8, 9] {
+        put(
+            &mut q,
+            MessageMeta {
+                size: 1,
+                priority: p,
+                ..Default::default()
+            },
+            0,
+        );
+    }
+    let fx = consume(&mut q, &consumer(1, "c"), 0);
+    let order: Vec<MsgId> = delivered(&fx).into_iter().map(|(_, m, _)| m).collect();
+    assert_eq!(order, vec![0, 1]);
+}
+
+#[test]
+fn single_active_consumer_hands_over_on_cancel() {
+    let mut q = configured(QueueConfig {
+        single_active_consumer: true,
+        ..Default::default()
+    });
+    consume(&mut q, &consumer(1, "first"), 0);
+    consume(&mut q, &consumer(2, "second"), 0);
+    let tags: Vec<String> = (0..3)
+        .flat_map(|_| delivered(&enqueue(&mut q).1))
+        .map(|(t, _, _)| t)
+        .collect();
+    assert_eq!(tags, vec!["first"; 3]);
+    q.apply(
+        QueueCmd::Cancel {
+            consumer: consumer(1, "first"),
+        },
+        0,
+    );
+    let (_, fx) = enqueue(&mut q);
+    assert_eq!(delivered(&fx)[0].0, "second");
+}
+
+#[test]
+fn higher_priority_consumers_are_served_first() {
+    let mut q = QueueState::new();
+    let (reply, _) = q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(1, "low"),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        },
+        0,
+    );
+    assert_eq!(reply, QueueReply::Done);
+    q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(2, "high"),
+            prefetch: 2,
+            no_ack: false,
+            exclusive: false,
+            priority: 10,
+        },
+        0,
+    );
+    let tags: Vec<String> = (0..4)
+        .flat_map(|_| delivered(&enqueue(&mut q).1))
+        .map(|(t, _, _)| t)
+        .collect();
+    // The high-priority consumer takes what its prefetch allows; the rest go to the other.
+    assert_eq!(tags, vec!["high", "high", "low", "low"]);
+}
+
+#[test]
+fn arguments_are_validated_like_rabbitmq() {
+    use warren_codec::{FieldTable, FieldValue, LongStr, ShortStr};
+    let args = |pairs: &[(&str, FieldValue)]| {
+        let mut t = FieldTable::new();
+        for (k, v) in pairs {
+            t.insert(ShortStr::try_from(*k).unwrap(), v.clone());
+        }
+        t
+    };
+    let c = QueueConfig::from_arguments(&args(&[
+        ("x-message-ttl", FieldValue::I32(60_000)),
+        ("x-max-length", FieldValue::I64(10)),
+        (
+            "x-overflow",
+            FieldValue::LongStr(LongStr::from("reject-publish-dlx")),
+        ),
+        (
+            "x-dead-letter-exchange",
+            FieldValue::LongStr(LongStr::from("dlx")),
+        ),
+        ("x-delivery-limit", FieldValue::U8(3)),
+        ("x-max-priority", FieldValue::U8(10)),
+        ("x-single-active-consumer", FieldValue::Bool(true)),
+    ]))
+    .unwrap();
+    assert_eq!(c.message_ttl, Some(60_000));
+    assert_eq!(c.overflow, Overflow::RejectPublishDlx);
+    assert!(c.dead_letter && c.single_active_consumer);
+    assert_eq!((c.delivery_limit, c.max_priority), (Some(3), Some(10)));
+    for bad in [
+        args(&[("x-message-ttl", FieldValue::I32(-1))]),
+        args(&[("x-message-ttl", FieldValue::LongStr(LongStr::from("x")))]),
+        args(&[("x-overflow", FieldValue::LongStr(LongStr::from("explode")))]),
+        args(&[("x-max-priority", FieldValue::I32(300))]),
+        args(&[("x-single-active-consumer", FieldValue::I32(1))]),
+        args(&[("x-dead-letter-exchange", FieldValue::I32(1))]),
+    ] {
+        let e = QueueConfig::from_arguments(&bad).unwrap_err();
+        assert_eq!(e.code, 406, "{bad:?}");
+    }
 }

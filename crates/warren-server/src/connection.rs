@@ -33,7 +33,9 @@ use warren_codec::{
     encode_heartbeat, encode_method, reply_code,
 };
 use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{MessageMeta, Publisher, QueueCmd, QueueReply, QueueStats};
+use warren_core::queue::{
+    MessageMeta, Publisher, PublisherId, QueueCmd, QueueConfig, QueueReply, QueueStats,
+};
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
 use crate::broker::Broker;
@@ -215,6 +217,45 @@ fn reply_text(code: u16, text: &str) -> ShortStr {
         full.truncate(cut);
     }
     ShortStr::try_from(full).unwrap_or_default()
+}
+
+/// A message that came back to its queue carries `x-delivery-count` (how often it did), as
+/// RabbitMQ quorum queues send it. First deliveries keep their properties as published.
+fn with_delivery_count(properties: &bytes::Bytes, count: u32) -> bytes::Bytes {
+    if count == 0 {
+        return properties.clone();
+    }
+    let Ok(mut props) = BasicProperties::decode(properties) else {
+        return properties.clone();
+    };
+    props.headers.get_or_insert_with(FieldTable::new).insert(
+        ShortStr::from_static("x-delivery-count"),
+        FieldValue::I64(i64::from(count)),
+    );
+    props.encoded()
+}
+
+/// A consumer's `x-priority` argument (0 without one), as RabbitMQ reads it: any integer type.
+fn consumer_priority(args: &FieldTable) -> Result<i32, AmqpError> {
+    match args.get("x-priority") {
+        None => Ok(0),
+        Some(v) => v
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| {
+                AmqpError::precondition_failed(format!(
+                    "invalid arg 'x-priority': expected an integer, got {v:?}"
+                ))
+            }),
+    }
+}
+
+/// A message's `expiration` property: a non-negative integer of milliseconds, as text.
+fn parse_expiration(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// Replica count of a new replicated queue: `x-quorum-initial-group-size` (as RabbitMQ quorum
@@ -1372,6 +1413,11 @@ impl Connection {
             });
             return Ok(());
         }
+        // Invalid queue arguments (a negative TTL, an unknown overflow mode...) are refused
+        // before anything is created, with the 406 RabbitMQ answers.
+        if let Err(e) = QueueConfig::from_arguments(&m.arguments) {
+            return Err(Failure::Channel(MethodError::new(e, &method)));
+        }
         let exclusive = m.exclusive;
         let cmd = MetaCmd::DeclareQueue(QueueDecl {
             vhost: self.vhost.clone(),
@@ -1519,6 +1565,15 @@ impl Connection {
         // Attach before the command commits: deliveries may follow it immediately.
         handle.attach(key.clone(), self.sink.clone());
         let (no_ack, exclusive, nowait) = (m.no_ack, m.exclusive, m.nowait);
+        let priority = consumer_priority(&m.arguments).map_err(|e| {
+            // Undo the registration above: the consume never happened.
+            let ch = self.channels.get_mut(&channel);
+            if let Some(ch) = ch {
+                ch.consumers.remove(tag.as_str());
+            }
+            handle.detach(&key);
+            Failure::Channel(MethodError::new(e, &method))
+        })?;
         self.spawn_op(channel, async move {
             let result = handle
                 .call(
@@ -1527,6 +1582,7 @@ impl Connection {
                         prefetch,
                         no_ack,
                         exclusive,
+                        priority,
                     },
                     None,
                 )
@@ -1636,30 +1692,47 @@ impl Connection {
             .get(..2)
             .map_or(0, |f| u16::from_be_bytes([f[0], f[1]]));
         const HEADERS_FLAG: u16 = 1 << 13;
+        const PRIORITY_FLAG: u16 = 1 << 11;
+        const EXPIRATION_FLAG: u16 = 1 << 8;
         const USER_ID_FLAG: u16 = 1 << 4;
-        let headers = if flags & (HEADERS_FLAG | USER_ID_FLAG) != 0 {
-            let props = BasicProperties::decode(&header.properties).map_err(|e| {
-                Failure::Connection(MethodError::bare(
-                    reply_code::FRAME_ERROR,
-                    format!("malformed content properties: {e}"),
-                ))
-            })?;
-            if let Some(user_id) = &props.user_id
-                && user_id.as_str() != self.user
-            {
-                return Err(Failure::Channel(MethodError {
-                    error: AmqpError::precondition_failed(format!(
-                        "user_id property set to '{user_id}' but authenticated user was '{}'",
-                        self.user
-                    )),
-                    class_id: class_id::BASIC,
-                    method_id: 40,
-                }));
-            }
-            props.headers
-        } else {
-            None
-        };
+        let mut priority = 0;
+        let mut ttl = None;
+        let headers =
+            if flags & (HEADERS_FLAG | PRIORITY_FLAG | EXPIRATION_FLAG | USER_ID_FLAG) != 0 {
+                let props = BasicProperties::decode(&header.properties).map_err(|e| {
+                    Failure::Connection(MethodError::bare(
+                        reply_code::FRAME_ERROR,
+                        format!("malformed content properties: {e}"),
+                    ))
+                })?;
+                if let Some(user_id) = &props.user_id
+                    && user_id.as_str() != self.user
+                {
+                    return Err(Failure::Channel(MethodError {
+                        error: AmqpError::precondition_failed(format!(
+                            "user_id property set to '{user_id}' but authenticated user was '{}'",
+                            self.user
+                        )),
+                        class_id: class_id::BASIC,
+                        method_id: 40,
+                    }));
+                }
+                priority = props.priority.unwrap_or(0);
+                if let Some(expiration) = &props.expiration {
+                    ttl = Some(parse_expiration(expiration.as_str()).ok_or_else(|| {
+                        Failure::Channel(MethodError {
+                            error: AmqpError::precondition_failed(format!(
+                                "invalid expiration '{expiration}'"
+                            )),
+                            class_id: class_id::BASIC,
+                            method_id: 40,
+                        })
+                    })?);
+                }
+                props.headers
+            } else {
+                None
+            };
         let routed = {
             let meta = self.node.meta();
             meta.route(
@@ -1726,6 +1799,8 @@ impl Connection {
         }
         let meta = MessageMeta {
             size: content.body.len() as u64,
+            priority,
+            ttl,
         };
         let chref = self.channel(channel).chref;
         if let Some(seq) = seq {
@@ -1747,15 +1822,12 @@ impl Connection {
                 let ch = self.channel(channel);
                 ch.touch(&h);
                 Publisher {
-                    channel: chref,
+                    id: PublisherId::Channel(chref),
                     seq: ch.next_publish_seq(h.id()),
                 }
             });
             h.submit(
-                QueueRequest {
-                    cmd: QueueCmd::Enqueue { meta, publisher },
-                    content: Some(content.clone()),
-                },
+                QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content.clone()),
                 reply,
             );
         }
@@ -1829,7 +1901,7 @@ impl Connection {
                     msgs,
                 },
             };
-            handle.submit(QueueRequest { cmd, content: None }, ReplyTo::None);
+            handle.submit(QueueRequest::new(cmd), ReplyTo::None);
         }
     }
 
@@ -1872,10 +1944,12 @@ impl Connection {
             }
             ConnEvent::Completed { token, result } => {
                 let (channel, seq) = split_token(token);
+                // A duplicate is a resend of a publish the queue took already; a rejected
+                // one was refused by `x-overflow: reject-publish(-dlx)`.
                 let ok = matches!(
                     &result,
                     Ok(QueueOutcome {
-                        reply: QueueReply::Enqueued { .. },
+                        reply: QueueReply::Enqueued { .. } | QueueReply::Duplicate,
                         ..
                     })
                 );
@@ -1962,13 +2036,10 @@ impl Connection {
                         .collect();
                     if !msgs.is_empty() {
                         entry.handle.submit(
-                            QueueRequest {
-                                cmd: QueueCmd::Requeue {
-                                    channel: chref,
-                                    msgs,
-                                },
-                                content: None,
-                            },
+                            QueueRequest::new(QueueCmd::Requeue {
+                                channel: chref,
+                                msgs,
+                            }),
                             ReplyTo::None,
                         );
                     }
@@ -2005,7 +2076,8 @@ impl Connection {
                         message_count: remaining as u32,
                     }),
                 );
-                self.send_content(channel, &content.properties, &content.body);
+                let properties = with_delivery_count(&content.properties, delivery_count);
+                self.send_content(channel, &properties, &content.body);
             }
             OpOutcome::Retry(method) => {
                 self.retrying = true;
@@ -2056,13 +2128,10 @@ impl Connection {
             if !d.no_ack {
                 let chref = ch.chref;
                 d.handle.submit(
-                    QueueRequest {
-                        cmd: QueueCmd::Requeue {
-                            channel: chref,
-                            msgs: vec![d.msg],
-                        },
-                        content: None,
-                    },
+                    QueueRequest::new(QueueCmd::Requeue {
+                        channel: chref,
+                        msgs: vec![d.msg],
+                    }),
                     ReplyTo::None,
                 );
             }
@@ -2102,7 +2171,8 @@ impl Connection {
                 routing_key: d.content.routing_key.clone(),
             }),
         );
-        self.send_content(channel, &d.content.properties, &d.content.body);
+        let properties = with_delivery_count(&d.content.properties, d.delivery_count);
+        self.send_content(channel, &properties, &d.content.body);
     }
 
     fn flush_confirms(&mut self, channel: u16) {
@@ -2174,10 +2244,7 @@ impl Connection {
         ch.held.clear();
         for handle in ch.touched.values() {
             handle.submit(
-                QueueRequest {
-                    cmd: QueueCmd::ChannelDown { channel: chref },
-                    content: None,
-                },
+                QueueRequest::new(QueueCmd::ChannelDown { channel: chref }),
                 ReplyTo::None,
             );
         }
