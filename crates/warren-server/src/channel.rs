@@ -23,6 +23,8 @@ pub enum ChannelState {
 pub struct Unacked {
     pub handle: Arc<QueueHandle>,
     pub msg: MsgId,
+    /// Body size, for basic.qos prefetch-size.
+    pub size: u64,
 }
 
 pub struct ConsumerEntry {
@@ -46,6 +48,10 @@ pub struct Channel {
     pub consumers: HashMap<String, ConsumerEntry>,
     /// basic.qos prefetch-count for consumers created from now on.
     pub prefetch: u16,
+    /// basic.qos global=true: unacked deliveries of the whole channel (0: no limit).
+    pub global_prefetch: u16,
+    /// basic.qos prefetch-size: unacked body bytes of the whole channel (0: no limit).
+    pub prefetch_bytes: u32,
     /// Queues this channel consumed from or fetched from: they hear when it closes.
     pub touched: HashMap<u64, Arc<QueueHandle>>,
     pub last_queue: Option<String>,
@@ -69,11 +75,42 @@ impl Channel {
             unacked: BTreeMap::new(),
             consumers: HashMap::new(),
             prefetch: 0,
+            global_prefetch: 0,
+            prefetch_bytes: 0,
             touched: HashMap::new(),
             last_queue: None,
             publish_seqs: HashMap::new(),
             flow_active: true,
             held: VecDeque::new(),
+        }
+    }
+
+    /// Whether the channel-wide limits (global prefetch-count, prefetch-size) let one more
+    /// acknowledged delivery of `size` bytes out now. A channel with nothing unacked always
+    /// takes one message, however large, as RabbitMQ's prefetch-size rule says.
+    pub fn has_room_for(&self, size: u64) -> bool {
+        if self.unacked.is_empty() {
+            return true;
+        }
+        if self.global_prefetch != 0 && self.unacked.len() >= usize::from(self.global_prefetch) {
+            return false;
+        }
+        if self.prefetch_bytes != 0 {
+            let out: u64 = self.unacked.values().map(|u| u.size).sum();
+            if out + size > u64::from(self.prefetch_bytes) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The prefetch a new consumer gets from its queue: its own, capped by the channel's
+    /// global limit, so no queue hands one channel more than the channel may show.
+    pub fn consumer_prefetch(&self) -> u32 {
+        match (self.prefetch, self.global_prefetch) {
+            (0, g) => u32::from(g),
+            (p, 0) => u32::from(p),
+            (p, g) => u32::from(p.min(g)),
         }
     }
 

@@ -1019,10 +1019,7 @@ impl Connection {
                     &Method::ChannelFlowOk(warren_codec::ChannelFlowOk { active }),
                 );
                 if active {
-                    let held: Vec<Delivery> = self.channel(channel).held.drain(..).collect();
-                    for d in held {
-                        self.deliver(d);
-                    }
+                    self.release_held(channel);
                 }
                 Ok(())
             }
@@ -1169,17 +1166,16 @@ impl Connection {
             }
             Method::QueueDelete(_) => self.queue_delete(channel, method),
             Method::BasicQos(ref m) => {
-                if m.prefetch_size != 0 {
-                    return Err(Failure::Connection(MethodError::new(
-                        AmqpError::not_implemented(format!(
-                            "prefetch_size!=0 ({})",
-                            m.prefetch_size
-                        )),
-                        &method,
-                    )));
+                let ch = self.channel(channel);
+                if m.global {
+                    ch.global_prefetch = m.prefetch_count;
+                } else {
+                    ch.prefetch = m.prefetch_count;
                 }
-                self.channel(channel).prefetch = m.prefetch_count;
+                ch.prefetch_bytes = m.prefetch_size;
                 self.send_method(channel, &Method::BasicQosOk(warren_codec::BasicQosOk {}));
+                // A raised limit lets waiting deliveries out.
+                self.release_held(channel);
                 Ok(())
             }
             Method::BasicConsume(_) => self.basic_consume(channel, method),
@@ -1552,7 +1548,7 @@ impl Connection {
             channel: ch.chref,
             tag: tag.as_str().to_owned(),
         };
-        let prefetch = u32::from(ch.prefetch);
+        let prefetch = ch.consumer_prefetch();
         ch.consumers.insert(
             tag.as_str().to_owned(),
             ConsumerEntry {
@@ -1903,6 +1899,8 @@ impl Connection {
             };
             handle.submit(QueueRequest::new(cmd), ReplyTo::None);
         }
+        // Settled deliveries free room under the channel-wide qos limits.
+        self.release_held(channel);
     }
 
     /// Runs a metadata command on a task and replies with `reply` once it committed.
@@ -2060,7 +2058,14 @@ impl Connection {
                 let ch = self.channel(channel);
                 let tag = ch.next_delivery_tag();
                 if !no_ack {
-                    ch.unacked.insert(tag, Unacked { handle, msg });
+                    ch.unacked.insert(
+                        tag,
+                        Unacked {
+                            handle,
+                            msg,
+                            size: content.body.len() as u64,
+                        },
+                    );
                 }
                 self.broker
                     .metrics
@@ -2102,6 +2107,32 @@ impl Connection {
         None
     }
 
+    /// Sends the deliveries the channel held back, as far as flow and the qos limits allow.
+    fn release_held(&mut self, channel: u16) {
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        // Taken out so that `deliver` does not queue them behind themselves; each one is
+        // checked against flow and the limits first, so `deliver` sends it.
+        let mut held = std::mem::take(&mut ch.held);
+        while let Some(front) = held.front() {
+            let Some(ch) = self.channels.get_mut(&channel) else {
+                return;
+            };
+            let fits = front.no_ack || ch.has_room_for(front.content.body.len() as u64);
+            if !ch.flow_active || !fits {
+                break;
+            }
+            if let Some(d) = held.pop_front() {
+                self.deliver(d);
+            }
+        }
+        if let Some(ch) = self.channels.get_mut(&channel) {
+            held.append(&mut ch.held);
+            ch.held = held;
+        }
+    }
+
     /// Writes a delivery to its consumer, or gives it back when the consumer is gone.
     fn deliver(&mut self, d: Delivery) {
         let channel = d.consumer.channel.channel;
@@ -2141,7 +2172,12 @@ impl Connection {
             entry.pending.push(d);
             return;
         }
-        if !ch.flow_active {
+        // Held back by channel.flow or the channel-wide qos limits; behind earlier ones, so
+        // the channel's deliveries keep their order.
+        if !ch.flow_active
+            || !ch.held.is_empty()
+            || (!d.no_ack && !ch.has_room_for(d.content.body.len() as u64))
+        {
             ch.held.push_back(d);
             return;
         }
@@ -2152,6 +2188,7 @@ impl Connection {
                 Unacked {
                     handle: d.handle.clone(),
                     msg: d.msg,
+                    size: d.content.body.len() as u64,
                 },
             );
         }
