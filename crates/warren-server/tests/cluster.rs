@@ -1780,3 +1780,181 @@ fn publish_right_after_a_declare_through_another_node_is_routed() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------------
+// Queue features across a failover
+
+fn table(pairs: &[(&str, lapin::types::AMQPValue)]) -> FieldTable {
+    let mut t = FieldTable::default();
+    for (k, v) in pairs {
+        t.insert((*k).into(), v.clone());
+    }
+    t
+}
+
+fn long_str(v: &str) -> lapin::types::AMQPValue {
+    lapin::types::AMQPValue::LongString(v.into())
+}
+
+fn header_of<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a lapin::types::AMQPValue> {
+    props
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(&lapin::types::ShortString::from(name)))
+}
+
+/// The reason of the most recent `x-death` entry.
+fn death_reason(props: &BasicProperties) -> String {
+    use lapin::types::AMQPValue;
+    let Some(AMQPValue::FieldArray(a)) = header_of(props, "x-death") else {
+        panic!("no x-death header: {props:?}");
+    };
+    let Some(AMQPValue::FieldTable(t)) = a.as_slice().first() else {
+        panic!("empty x-death: {a:?}");
+    };
+    match t.inner().get(&lapin::types::ShortString::from("reason")) {
+        Some(AMQPValue::LongString(s)) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        other => panic!("x-death reason: {other:?}"),
+    }
+}
+
+/// Messages waiting out their TTL when their queue's leader dies still expire, through the
+/// new leader's timer, and reach the dead-letter queue exactly once each.
+#[test]
+fn ttl_and_dead_lettering_survive_a_leader_failover() {
+    let Some(mut cluster) = three_nodes("ttl_and_dead_lettering_survive_a_leader_failover") else {
+        return;
+    };
+    run(async {
+        const N: usize = 20;
+        let source = unique("ttl-failover");
+        let dlx = unique("ttl-failover-dlx");
+        let dead = unique("ttl-failover-dead");
+        {
+            // The dead-letter queue is led by node 2 (declared there), the source by node 1.
+            let (c2, ch2) = support::open(&cluster.url(2)).await;
+            declare_exchange(&ch2, &dlx, ExchangeKind::Fanout).await;
+            declare_durable(&ch2, &dead, FieldTable::default()).await;
+            bind(&ch2, &dead, &dlx, "").await;
+            let _ = c2.close(200, "bye".into()).await;
+            let (c1, ch1) = support::open(&cluster.url(1)).await;
+            let args = table(&[
+                ("x-message-ttl", lapin::types::AMQPValue::LongLongInt(1500)),
+                ("x-dead-letter-exchange", long_str(&dlx)),
+            ]);
+            declare_durable(&ch1, &source, args).await;
+            let _ = c1.close(200, "bye".into()).await;
+        }
+        let (c2, _) = support::open(&cluster.url(2)).await;
+        let pub_ch = confirm_channel(&c2).await;
+        for i in 0..N {
+            let confirm = pub_ch
+                .basic_publish(
+                    "".into(),
+                    source.as_str().into(),
+                    BasicPublishOptions::default(),
+                    format!("m{i}").as_bytes(),
+                    persistent(),
+                )
+                .await
+                .expect("publish");
+            assert!(within("confirm", confirm).await.expect("confirm").is_ack());
+        }
+        cluster.kill9(1);
+
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let mut consumer = within(
+            "basic.consume",
+            ch3.basic_consume(
+                dead.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await
+        .expect("basic.consume");
+        let mut got = BTreeSet::new();
+        while got.len() < N {
+            let d = within_for(FAILOVER_LIMIT, "a dead-letter", consumer.next())
+                .await
+                .expect("consumer ended")
+                .expect("delivery");
+            assert_eq!(death_reason(&d.properties), "expired");
+            assert!(got.insert(text(&d)), "{} dead-lettered twice", text(&d));
+            d.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+        support::assert_no_delivery(&mut consumer, Duration::from_millis(300)).await;
+        assert_eq!(passive_queue(&ch3, &source).await.expect("source"), 0);
+    });
+}
+
+/// A message's delivery count is replicated state: after a leader failover the next
+/// delivery carries the count reached before it.
+#[test]
+fn delivery_counts_survive_a_leader_failover() {
+    let Some(mut cluster) = three_nodes("delivery_counts_survive_a_leader_failover") else {
+        return;
+    };
+    run(async {
+        let q = unique("count-failover");
+        {
+            let (c1, ch1) = support::open(&cluster.url(1)).await;
+            let args = table(&[("x-delivery-limit", lapin::types::AMQPValue::LongLongInt(10))]);
+            declare_durable(&ch1, &q, args).await;
+            let pub_ch = confirm_channel(&c1).await;
+            let confirm = pub_ch
+                .basic_publish(
+                    "".into(),
+                    q.as_str().into(),
+                    BasicPublishOptions::default(),
+                    b"counted",
+                    persistent(),
+                )
+                .await
+                .expect("publish");
+            assert!(within("confirm", confirm).await.expect("confirm").is_ack());
+            let _ = c1.close(200, "bye".into()).await;
+        }
+        let (_c2, ch2) = support::open(&cluster.url(2)).await;
+        for attempt in 0..2 {
+            let got = within(
+                "basic.get",
+                ch2.basic_get(q.as_str().into(), BasicGetOptions::default()),
+            )
+            .await
+            .expect("basic.get")
+            .expect("a message");
+            let count = header_of(&got.delivery.properties, "x-delivery-count").cloned();
+            assert_eq!(
+                count,
+                (attempt > 0).then_some(lapin::types::AMQPValue::LongLongInt(attempt))
+            );
+            got.delivery
+                .nack(lapin::options::BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+                .expect("nack");
+        }
+        // The nacks committed once a get sees the message ready again: a passive declare
+        // goes through the queue's log.
+        assert_eq!(passive_queue(&ch2, &q).await.expect("declare"), 1);
+        cluster.kill9(1);
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let got = within_for(
+            FAILOVER_LIMIT,
+            "basic.get after the failover",
+            ch3.basic_get(q.as_str().into(), BasicGetOptions::default()),
+        )
+        .await
+        .expect("basic.get")
+        .expect("the message survives");
+        assert!(got.delivery.redelivered);
+        assert_eq!(
+            header_of(&got.delivery.properties, "x-delivery-count"),
+            Some(&lapin::types::AMQPValue::LongLongInt(2))
+        );
+    });
+}
