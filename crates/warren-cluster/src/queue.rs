@@ -558,6 +558,11 @@ impl QueueHandle {
                         }
                     }
                 }
+                Effect::QueueExpired => {
+                    if leader && let Some(hook) = &self.on_unused {
+                        hook(self);
+                    }
+                }
                 Effect::LastConsumerGone => {
                     if leader
                         && self.def().auto_delete

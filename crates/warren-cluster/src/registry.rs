@@ -146,7 +146,9 @@ impl Registry {
             self.reconcile_group(&existing);
             return;
         }
-        let hook = def.auto_delete.then(|| self.unused_hook());
+        // Every queue gets the hook: auto-delete queues use it when their last consumer
+        // goes, queues with `x-expires` when they expire.
+        let hook = Some(self.unused_hook());
         let handle = match &def.placement {
             Placement::Local { run } if *run == self.run => QueueHandle::new_local(
                 self.node_id,

@@ -120,6 +120,7 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::LeaderRecovery { .. } => "leader-recovery",
         QueueCmd::Configure { .. } => "configure",
         QueueCmd::Tick => "tick",
+        QueueCmd::Touch => "touch",
         QueueCmd::DeadLettered { .. } => "dead-lettered",
     }
 }

@@ -133,6 +133,9 @@ pub struct QueueConfig {
     pub delivery_limit: Option<u32>,
     pub max_priority: Option<u8>,
     pub single_active_consumer: bool,
+    /// `x-expires`: the queue is deleted after this long unused (no consumers, no
+    /// basic.get, no redeclare).
+    pub expires: Option<u64>,
 }
 
 fn arg_u64(args: &FieldTable, key: &str) -> Result<Option<u64>, AmqpError> {
@@ -199,7 +202,16 @@ impl QueueConfig {
                 )));
             }
         };
+        let expires = match arg_u64(args, "x-expires")? {
+            Some(0) => {
+                return Err(AmqpError::precondition_failed(
+                    "invalid arg 'x-expires': 0 is not positive",
+                ));
+            }
+            e => e,
+        };
         Ok(QueueConfig {
+            expires,
             message_ttl: arg_u64(args, "x-message-ttl")?,
             max_length: arg_u64(args, "x-max-length")?,
             max_length_bytes: arg_u64(args, "x-max-length-bytes")?,
@@ -277,8 +289,11 @@ pub enum QueueCmd {
     Configure {
         config: QueueConfig,
     },
-    /// Time passed: messages at the head whose TTL ran out expire.
+    /// Time passed: messages at the head whose TTL ran out expire, an unused queue with
+    /// `x-expires` may expire.
     Tick,
+    /// The queue was declared again (or first): it counts as used for `x-expires`.
+    Touch,
     /// Every target of these dead-lettered messages has committed them (or there was none):
     /// the queue lets them go.
     DeadLettered {
@@ -346,6 +361,8 @@ pub enum Effect {
     Timer { at: u64 },
     /// The queue lost its last consumer (auto-delete queues go now).
     LastConsumerGone,
+    /// The queue went unused for its `x-expires`: delete it (leader only). Emitted once.
+    QueueExpired,
     /// The queue dropped this consumer on its own (its node was declared down); the consumer's
     /// connection, if it still exists, must tell the client.
     ConsumerGone { consumer: ConsumerKey },
@@ -371,6 +388,10 @@ pub struct QueueState {
     ready_bytes: u64,
     /// Highest sequence number taken from each publisher.
     publishers: BTreeMap<PublisherId, u64>,
+    /// Last use for `x-expires` (ms since the epoch); 0 until the first use or touch.
+    last_used_ms: u64,
+    /// `QueueExpired` was emitted: the deletion is under way.
+    expired: bool,
     /// No-ack deliveries of the dispatch in progress; empty between commands.
     #[serde(skip)]
     pending_release: Vec<MsgId>,
@@ -441,6 +462,15 @@ impl QueueState {
     /// Applies one command at `now_ms` (the leader's clock, from the command's log entry).
     pub fn apply(&mut self, cmd: QueueCmd, now_ms: u64) -> (QueueReply, Vec<Effect>) {
         let mut fx = Vec::new();
+        if matches!(
+            cmd,
+            QueueCmd::Consume { .. }
+                | QueueCmd::Cancel { .. }
+                | QueueCmd::Get { .. }
+                | QueueCmd::Touch
+        ) {
+            self.last_used_ms = self.last_used_ms.max(now_ms);
+        }
         let reply = match cmd {
             QueueCmd::Enqueue { meta, publisher } => {
                 if let Some(p) = publisher {
@@ -535,7 +565,7 @@ impl QueueState {
                 self.config = config;
                 QueueReply::Done
             }
-            QueueCmd::Tick => QueueReply::Done,
+            QueueCmd::Tick | QueueCmd::Touch => QueueReply::Done,
             QueueCmd::DeadLettered { msgs } => {
                 let done: Vec<MsgId> = msgs
                     .into_iter()
@@ -563,7 +593,16 @@ impl QueueState {
         );
         out.extend(self.dispatch_releases());
         out.extend(releases);
-        if let Some(at) = self.next_expiry() {
+        let unused_until = self.unused_deadline();
+        if unused_until.is_some_and(|at| at <= now_ms) {
+            self.expired = true;
+            out.push(Effect::QueueExpired);
+        }
+        let next = [self.next_expiry(), self.unused_deadline()]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(at) = next {
             out.push(Effect::Timer { at });
         }
         (reply, out)
@@ -691,6 +730,16 @@ impl QueueState {
             self.remove_ready(key);
             self.dead_letter(key.1, DeadLetterReason::Expired, fx);
         }
+    }
+
+    /// When the queue expires for want of use, if it has `x-expires`, no consumers and was
+    /// used or declared at all (and is not expiring already).
+    fn unused_deadline(&self) -> Option<u64> {
+        let expires = self.config.expires?;
+        if self.expired || self.last_used_ms == 0 || !self.consumers.is_empty() {
+            return None;
+        }
+        Some(self.last_used_ms.saturating_add(expires))
     }
 
     fn next_expiry(&self) -> Option<u64> {

@@ -369,9 +369,20 @@ fn config() -> impl Strategy<Value = QueueConfig> {
         proptest::option::of(0u32..3),
         proptest::option::of(1u8..5),
         proptest::bool::weighted(0.2),
+        proptest::option::of(1u64..100),
     )
         .prop_map(
-            |(ttl, max_length, max_bytes, overflow, dead_letter, limit, max_priority, sac)| {
+            |(
+                ttl,
+                max_length,
+                max_bytes,
+                overflow,
+                dead_letter,
+                limit,
+                max_priority,
+                sac,
+                expires,
+            )| {
                 QueueConfig {
                     message_ttl: ttl,
                     max_length,
@@ -381,6 +392,7 @@ fn config() -> impl Strategy<Value = QueueConfig> {
                     delivery_limit: limit,
                     max_priority,
                     single_active_consumer: sac,
+                    expires,
                 }
             },
         )
@@ -1061,4 +1073,70 @@ fn arguments_are_validated_like_rabbitmq() {
         let e = QueueConfig::from_arguments(&bad).unwrap_err();
         assert_eq!(e.code, 406, "{bad:?}");
     }
+}
+
+#[test]
+fn an_unused_queue_expires_after_x_expires() {
+    let mut q = configured(QueueConfig {
+        expires: Some(1000),
+        ..Default::default()
+    });
+    let (_, fx) = q.apply(QueueCmd::Touch, 5_000);
+    assert!(fx.contains(&Effect::Timer { at: 6_000 }), "{fx:?}");
+    let (_, fx) = q.apply(QueueCmd::Tick, 5_999);
+    assert!(!fx.contains(&Effect::QueueExpired));
+    // A basic.get counts as use and moves the deadline.
+    let ch = channel(1);
+    q.apply(
+        QueueCmd::Get {
+            channel: ch,
+            no_ack: true,
+        },
+        5_500,
+    );
+    let (_, fx) = q.apply(QueueCmd::Tick, 6_000);
+    assert!(!fx.contains(&Effect::QueueExpired), "{fx:?}");
+    let (_, fx) = q.apply(QueueCmd::Tick, 6_500);
+    assert!(fx.contains(&Effect::QueueExpired), "{fx:?}");
+    let (_, fx) = q.apply(QueueCmd::Tick, 7_000);
+    assert!(!fx.contains(&Effect::QueueExpired), "emitted once");
+}
+
+#[test]
+fn a_queue_with_consumers_never_expires() {
+    let mut q = configured(QueueConfig {
+        expires: Some(1000),
+        ..Default::default()
+    });
+    q.apply(
+        QueueCmd::Consume {
+            consumer: consumer(1, "c"),
+            prefetch: 0,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        },
+        1_000,
+    );
+    let (_, fx) = q.apply(QueueCmd::Tick, 100_000);
+    assert!(!fx.contains(&Effect::QueueExpired));
+    let (_, fx) = q.apply(
+        QueueCmd::Cancel {
+            consumer: consumer(1, "c"),
+        },
+        100_000,
+    );
+    assert!(fx.contains(&Effect::Timer { at: 101_000 }), "{fx:?}");
+    let (_, fx) = q.apply(QueueCmd::Tick, 101_000);
+    assert!(fx.contains(&Effect::QueueExpired));
+}
+
+#[test]
+fn x_expires_must_be_positive() {
+    let mut args = warren_codec::FieldTable::new();
+    args.insert(
+        warren_codec::ShortStr::from_static("x-expires"),
+        warren_codec::FieldValue::I64(0),
+    );
+    assert!(QueueConfig::from_arguments(&args).is_err());
 }

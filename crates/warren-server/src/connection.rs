@@ -1438,9 +1438,14 @@ impl Connection {
         let nowait = m.nowait;
         let node = self.node.clone();
         let vhost = self.vhost.clone();
+        let expires = m.arguments.get("x-expires").is_some();
         self.spawn_op(channel, async move {
             match node.meta_write(cmd).await {
                 Ok(MetaReply::QueueDeclared { .. }) => {
+                    // A declaration is a use: it starts (or restarts) the `x-expires` clock.
+                    if expires && let Some(handle) = node.queue(&vhost, &name) {
+                        let _ = handle.call(QueueCmd::Touch, None).await;
+                    }
                     if nowait {
                         return OpOutcome::NoReply;
                     }

@@ -646,3 +646,66 @@ fn a_consumer_with_a_bad_priority_is_406() {
         assert_code(res, 406);
     });
 }
+
+/// Polls a passive declare until the queue is gone (404), within `support::WAIT`.
+async fn wait_gone(conn: &Connection, queue: &str) {
+    let deadline = std::time::Instant::now() + support::WAIT;
+    loop {
+        let ch = support::channel(conn).await;
+        let res = ch
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match res {
+            Err(e) if support::reply_code(&e) == Some(404) => return,
+            Err(e) => panic!("passive declare of {queue}: {e}"),
+            Ok(_) => {
+                let _ = ch.close(200, "bye".into()).await;
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{queue} still exists after {:?}",
+                    support::WAIT
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[test]
+fn an_unused_queue_expires_and_a_consumed_one_does_not() {
+    let b = support::broker();
+    run(async {
+        let (conn, ch) = support::open(b.url()).await;
+        let idle = unique("expires-idle");
+        declare(&ch, &idle, &[("x-expires", int(300))]).await;
+        let busy = unique("expires-busy");
+        declare(&ch, &busy, &[("x-expires", int(300))]).await;
+        let cch = support::channel(&conn).await;
+        let consumer = consume(&cch, &busy, FieldTable::default()).await;
+        wait_gone(&conn, &idle).await;
+        // The consumed queue outlives the other's expiry by far.
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        let still = ch
+            .queue_declare(
+                busy.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        assert!(still.is_ok(), "a queue with a consumer expired: {still:?}");
+        cch.basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+            .expect("cancel");
+        wait_gone(&conn, &busy).await;
+    });
+}
