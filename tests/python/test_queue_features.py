@@ -211,3 +211,23 @@ def test_prefetch_size_limits_unacked_bytes(connection):
     consumer.basic_ack(got[0][0].delivery_tag)
     pump(connection, lambda: len(got) == 3, "the rest, 8 bytes in all")
     assert [b for _, b in got] == [b"a" * 6, b"b" * 6, b"c" * 2]
+
+
+def test_transactions_commit_and_rollback(connection):
+    channel = connection.channel()
+    q = unique("py-tx")
+    declare(channel, q)
+    channel.tx_select()
+    for i in range(2):
+        channel.basic_publish(exchange="", routing_key=q, body=f"t{i}")
+
+    def count():
+        return channel.queue_declare(queue=q, passive=True).method.message_count
+
+    assert count() == 0
+    channel.tx_commit()
+    assert count() == 2
+    channel.basic_publish(exchange="", routing_key=q, body=b"dropped")
+    channel.tx_rollback()
+    channel.tx_commit()
+    assert count() == 2

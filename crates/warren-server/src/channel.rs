@@ -1,5 +1,6 @@
 //! Per-channel protocol state of an AMQP connection: publish assembly, delivery tags and
-//! unacknowledged deliveries, consumers, and publisher-confirm bookkeeping.
+//! unacknowledged deliveries, consumers, publisher-confirm bookkeeping, and what a
+//! transactional channel holds until tx.commit.
 //!
 //! `connection` owns one `Channel` per open channel and drives it; nothing here does I/O, so
 //! the confirm arithmetic and publish assembly are tested directly below.
@@ -10,7 +11,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use warren_cluster::{Delivery, QueueHandle};
 use warren_codec::{BasicPublish, ContentHeader, Frame};
-use warren_core::{ChannelRef, MsgId};
+use warren_core::queue::MessageMeta;
+use warren_core::{ChannelRef, MessageContent, MsgId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChannelState {
@@ -33,6 +35,29 @@ pub struct ConsumerEntry {
     /// a basic.deliver before the consume-ok of its consumer.
     pub ready: bool,
     pub pending: Vec<Delivery>,
+}
+
+/// How a client settled deliveries.
+#[derive(Clone, Copy, Debug)]
+pub enum Settlement {
+    Ack,
+    Requeue,
+    Discard,
+}
+
+/// A publish of a transactional channel, routed and waiting for tx.commit.
+pub struct TxPublish {
+    pub handles: Vec<Arc<QueueHandle>>,
+    pub meta: MessageMeta,
+    pub content: MessageContent,
+}
+
+/// What a transactional channel did since its last commit or rollback.
+#[derive(Default)]
+pub struct TxBuffer {
+    pub publishes: Vec<TxPublish>,
+    /// Acks, nacks and rejects with the delivery tags they took off `unacked`.
+    pub settlements: Vec<(Vec<(u64, Unacked)>, Settlement)>,
 }
 
 pub struct Channel {
@@ -60,6 +85,8 @@ pub struct Channel {
     /// channel.flow: while false, deliveries wait in `held`.
     pub flow_active: bool,
     pub held: VecDeque<Delivery>,
+    /// tx.select was sent: publishes and settlements wait here for tx.commit.
+    pub tx: Option<TxBuffer>,
 }
 
 impl Channel {
@@ -82,6 +109,7 @@ impl Channel {
             publish_seqs: HashMap::new(),
             flow_active: true,
             held: VecDeque::new(),
+            tx: None,
         }
     }
 

@@ -39,7 +39,9 @@ use warren_core::queue::{
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
 use crate::broker::Broker;
-use crate::channel::{Channel, ChannelState, ConsumerEntry, PendingPublish, Unacked};
+use crate::channel::{
+    Channel, ChannelState, ConsumerEntry, PendingPublish, Settlement, TxBuffer, TxPublish, Unacked,
+};
 
 /// Outgoing bytes queued for the writer above which reading from the client pauses.
 const WRITE_BACKLOG_PAUSE: usize = 8 * 1024 * 1024;
@@ -1270,7 +1272,7 @@ impl Connection {
             }
             Method::BasicAck(ref m) => {
                 let entries = self.take_unacked(channel, m.delivery_tag, m.multiple, &method)?;
-                self.settle(channel, entries, Settlement::Ack);
+                self.settle_or_buffer(channel, entries, Settlement::Ack);
                 Ok(())
             }
             Method::BasicNack(ref m) => {
@@ -1280,7 +1282,7 @@ impl Connection {
                 } else {
                     Settlement::Discard
                 };
-                self.settle(channel, entries, how);
+                self.settle_or_buffer(channel, entries, how);
                 Ok(())
             }
             Method::BasicReject(ref m) => {
@@ -1290,7 +1292,7 @@ impl Connection {
                 } else {
                     Settlement::Discard
                 };
-                self.settle(channel, entries, how);
+                self.settle_or_buffer(channel, entries, how);
                 Ok(())
             }
             Method::BasicRecoverAsync(_) => {
@@ -1320,6 +1322,12 @@ impl Connection {
             }
             Method::ConfirmSelect(ref m) => {
                 let ch = self.channel(channel);
+                if ch.tx.is_some() {
+                    return Err(Failure::Channel(MethodError::new(
+                        AmqpError::precondition_failed("cannot switch from tx to confirm mode"),
+                        &method,
+                    )));
+                }
                 if ch.confirm.is_none() {
                     ch.confirm = Some(Default::default());
                 }
@@ -1331,11 +1339,38 @@ impl Connection {
                 }
                 Ok(())
             }
-            Method::TxSelect(_) | Method::TxCommit(_) | Method::TxRollback(_) => {
-                Err(Failure::Connection(MethodError::new(
-                    AmqpError::not_implemented("transactions are not supported yet"),
-                    &method,
-                )))
+            Method::TxSelect(_) => {
+                let ch = self.channel(channel);
+                if ch.confirm.is_some() {
+                    return Err(Failure::Channel(MethodError::new(
+                        AmqpError::precondition_failed("cannot switch from confirm to tx mode"),
+                        &method,
+                    )));
+                }
+                ch.tx.get_or_insert_with(TxBuffer::default);
+                self.send_method(channel, &Method::TxSelectOk(warren_codec::TxSelectOk {}));
+                Ok(())
+            }
+            Method::TxCommit(_) => self.tx_commit(channel, method),
+            Method::TxRollback(_) => {
+                let ch = self.channel(channel);
+                let Some(tx) = ch.tx.as_mut() else {
+                    return Err(Failure::Channel(MethodError::new(
+                        AmqpError::precondition_failed("channel is not transactional"),
+                        &method,
+                    )));
+                };
+                // Publishes are dropped; acked deliveries become unacked again, under their
+                // delivery tags, as in RabbitMQ.
+                let TxBuffer { settlements, .. } = std::mem::take(tx);
+                for (entries, _) in settlements {
+                    ch.unacked.extend(entries);
+                }
+                self.send_method(
+                    channel,
+                    &Method::TxRollbackOk(warren_codec::TxRollbackOk {}),
+                );
+                Ok(())
             }
             // Methods only a server sends.
             other => Err(Failure::Connection(MethodError::new(
@@ -1803,7 +1838,15 @@ impl Connection {
             priority,
             ttl,
         };
-        let chref = self.channel(channel).chref;
+        if let Some(tx) = self.channel(channel).tx.as_mut() {
+            // Routed now, enqueued at tx.commit.
+            tx.publishes.push(TxPublish {
+                handles,
+                meta,
+                content,
+            });
+            return Ok(());
+        }
         if let Some(seq) = seq {
             self.channel(channel)
                 .confirm
@@ -1816,22 +1859,90 @@ impl Connection {
                 Some(seq) => ReplyTo::Sink(self.sink.clone(), confirm_token(channel, seq)),
                 None => ReplyTo::None,
             };
-            // Replicated queues number each channel's publishes so that a publish resent
-            // after a leader change is taken once; the channel-down command at close lets the
-            // queue forget the numbering.
-            let publisher = h.is_replicated().then(|| {
-                let ch = self.channel(channel);
-                ch.touch(&h);
-                Publisher {
-                    id: PublisherId::Channel(chref),
-                    seq: ch.next_publish_seq(h.id()),
-                }
-            });
-            h.submit(
-                QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content.clone()),
-                reply,
-            );
+            self.submit_enqueue(channel, &h, meta, content.clone(), reply);
         }
+        Ok(())
+    }
+
+    fn submit_enqueue(
+        &mut self,
+        channel: u16,
+        h: &Arc<QueueHandle>,
+        meta: MessageMeta,
+        content: MessageContent,
+        reply: ReplyTo,
+    ) {
+        // Replicated queues number each channel's publishes so that a publish resent after a
+        // leader change is taken once; the channel-down command at close lets the queue
+        // forget the numbering.
+        let publisher = h.is_replicated().then(|| {
+            let ch = self.channel(channel);
+            ch.touch(h);
+            Publisher {
+                id: PublisherId::Channel(ch.chref),
+                seq: ch.next_publish_seq(h.id()),
+            }
+        });
+        h.submit(
+            QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content),
+            reply,
+        );
+    }
+
+    /// Acks, nacks and rejects: applied now, or at tx.commit on a transactional channel.
+    fn settle_or_buffer(&mut self, channel: u16, entries: Vec<(u64, Unacked)>, how: Settlement) {
+        if let Some(tx) = self.channel(channel).tx.as_mut() {
+            tx.settlements.push((entries, how));
+            return;
+        }
+        self.settle(channel, entries.into_iter().map(|(_, u)| u).collect(), how);
+    }
+
+    /// tx.commit: the buffered publishes go to their queues and the buffered settlements are
+    /// applied; commit-ok follows once every queue committed its publishes.
+    fn tx_commit(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
+        let Some(tx) = self.channel(channel).tx.as_mut() else {
+            return Err(Failure::Channel(MethodError::new(
+                AmqpError::precondition_failed("channel is not transactional"),
+                &method,
+            )));
+        };
+        let TxBuffer {
+            publishes,
+            settlements,
+        } = std::mem::take(tx);
+        for (entries, how) in settlements {
+            self.settle(channel, entries.into_iter().map(|(_, u)| u).collect(), how);
+        }
+        let mut answers = Vec::new();
+        for p in publishes {
+            for h in &p.handles {
+                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+                self.submit_enqueue(
+                    channel,
+                    h,
+                    p.meta,
+                    p.content.clone(),
+                    ReplyTo::Oneshot(reply_tx),
+                );
+                answers.push(reply_rx);
+            }
+        }
+        self.spawn_op(channel, async move {
+            for answer in answers {
+                match answer.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => return meta_failure(cluster_error(e), &method),
+                    Err(_) => {
+                        return meta_failure(
+                            AmqpError::internal("a queue did not answer the commit"),
+                            &method,
+                        );
+                    }
+                }
+            }
+            OpOutcome::Reply(Method::TxCommitOk(warren_codec::TxCommitOk {}))
+        });
         Ok(())
     }
 
@@ -1842,21 +1953,21 @@ impl Connection {
         tag: u64,
         multiple: bool,
         method: &Method,
-    ) -> Result<Vec<Unacked>, Failure> {
+    ) -> Result<Vec<(u64, Unacked)>, Failure> {
         let ch = self.channel(channel);
         if multiple {
             if tag == 0 {
-                return Ok(std::mem::take(&mut ch.unacked).into_values().collect());
+                return Ok(std::mem::take(&mut ch.unacked).into_iter().collect());
             }
             if !ch.unacked.contains_key(&tag) && ch.unacked.range(..=tag).next().is_none() {
                 return Err(unknown_tag(tag, method));
             }
             let rest = ch.unacked.split_off(&(tag + 1));
             let taken = std::mem::replace(&mut ch.unacked, rest);
-            return Ok(taken.into_values().collect());
+            return Ok(taken.into_iter().collect());
         }
         match ch.unacked.remove(&tag) {
-            Some(u) => Ok(vec![u]),
+            Some(u) => Ok(vec![(tag, u)]),
             None => Err(unknown_tag(tag, method)),
         }
     }
@@ -2342,13 +2453,6 @@ async fn write_loop(
 enum Failure {
     Channel(MethodError),
     Connection(MethodError),
-}
-
-#[derive(Clone, Copy)]
-enum Settlement {
-    Ack,
-    Requeue,
-    Discard,
 }
 
 fn unknown_tag(tag: u64, method: &Method) -> Failure {
