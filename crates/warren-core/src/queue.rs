@@ -210,6 +210,8 @@ impl QueueConfig {
             }
             e => e,
         };
+        // Read by the connections that deliver, not by the queue; validated here with the rest.
+        arg_u64(args, "x-consumer-timeout")?;
         Ok(QueueConfig {
             expires,
             message_ttl: arg_u64(args, "x-message-ttl")?,

@@ -27,6 +27,8 @@ pub struct Unacked {
     pub msg: MsgId,
     /// Body size, for basic.qos prefetch-size.
     pub size: u64,
+    /// When an unacknowledged delivery times out (consumer timeout); None: never.
+    pub deadline: Option<std::time::Instant>,
 }
 
 pub struct ConsumerEntry {
@@ -35,6 +37,8 @@ pub struct ConsumerEntry {
     /// a basic.deliver before the consume-ok of its consumer.
     pub ready: bool,
     pub pending: Vec<Delivery>,
+    /// How long its deliveries may stay unacknowledged (None: no limit).
+    pub timeout: Option<std::time::Duration>,
 }
 
 /// How a client settled deliveries.
@@ -140,6 +144,14 @@ impl Channel {
             (p, 0) => u32::from(p),
             (p, g) => u32::from(p.min(g)),
         }
+    }
+
+    /// The first unacknowledged delivery past its deadline: its tag and how long it had.
+    pub fn timed_out(&self, now: std::time::Instant) -> Option<u64> {
+        self.unacked
+            .iter()
+            .find(|(_, u)| u.deadline.is_some_and(|d| d <= now))
+            .map(|(tag, _)| *tag)
     }
 
     pub fn next_delivery_tag(&mut self) -> u64 {

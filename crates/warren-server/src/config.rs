@@ -43,6 +43,10 @@ pub struct Cli {
     /// Log filter in `tracing` syntax, e.g. `info` or `warren=debug`.
     #[arg(long, env = "WARREN_LOG")]
     pub log: Option<String>,
+    /// How long a delivery may stay unacknowledged before its channel is closed with 406
+    /// (ms; 0 disables; default 1800000, RabbitMQ's 30 minutes).
+    #[arg(long, env = "WARREN_CONSUMER_TIMEOUT_MS")]
+    pub consumer_timeout_ms: Option<u64>,
     /// Node-to-node (gRPC) listen address; `off` disables it (single node, no warrenctl).
     #[arg(long, env = "WARREN_CLUSTER_LISTEN")]
     pub cluster_listen: Option<String>,
@@ -95,6 +99,7 @@ struct FileAmqp {
     heartbeat: Option<u16>,
     max_message_size: Option<u64>,
     handshake_timeout_ms: Option<u64>,
+    consumer_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,6 +155,8 @@ pub struct AmqpConfig {
     pub heartbeat: u16,
     pub max_message_size: u64,
     pub handshake_timeout_ms: u64,
+    /// Unacknowledged deliveries older than this close their channel (0: never).
+    pub consumer_timeout_ms: u64,
 }
 
 impl AmqpConfig {
@@ -199,6 +206,8 @@ pub struct Config {
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
 pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
 pub const DEFAULT_HEARTBEAT: u16 = 60;
+/// RabbitMQ's default `consumer_timeout`: 30 minutes.
+pub const DEFAULT_CONSUMER_TIMEOUT_MS: u64 = 30 * 60 * 1000;
 /// RabbitMQ's default `max_message_size` (128 MiB); its hard upper bound is 512 MiB.
 pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 128 * 1024 * 1024;
 const MAX_MESSAGE_SIZE_LIMIT: u64 = 512 * 1024 * 1024;
@@ -484,6 +493,10 @@ impl Config {
                 heartbeat: file.amqp.heartbeat.unwrap_or(DEFAULT_HEARTBEAT),
                 max_message_size,
                 handshake_timeout_ms,
+                consumer_timeout_ms: cli
+                    .consumer_timeout_ms
+                    .or(file.amqp.consumer_timeout_ms)
+                    .unwrap_or(DEFAULT_CONSUMER_TIMEOUT_MS),
             },
             http_listen,
             raft,

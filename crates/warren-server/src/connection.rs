@@ -237,6 +237,26 @@ fn with_delivery_count(properties: &bytes::Bytes, count: u32) -> bytes::Bytes {
     props.encoded()
 }
 
+const ACK_TIMEOUT_CHECK: Duration = Duration::from_millis(250);
+
+/// How long a consumer's deliveries may stay unacknowledged: the consumer's
+/// `x-consumer-timeout` argument, else its queue's, else the broker's setting (0: no limit).
+fn consumer_timeout(
+    consumer_args: &FieldTable,
+    queue: &QueueHandle,
+    default_ms: u64,
+) -> Option<Duration> {
+    let from = |t: &FieldTable| {
+        t.get("x-consumer-timeout")
+            .and_then(FieldValue::as_i64)
+            .and_then(|v| u64::try_from(v).ok())
+    };
+    let ms = from(consumer_args)
+        .or_else(|| from(&queue.def().arguments))
+        .unwrap_or(default_ms);
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
 /// A consumer's `x-priority` argument (0 without one), as RabbitMQ reads it: any integer type.
 fn consumer_priority(args: &FieldTable) -> Result<i32, AmqpError> {
     match args.get("x-priority") {
@@ -655,6 +675,10 @@ impl Connection {
         hb_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_read = Instant::now();
         let mut sent_since_tick = false;
+        // Consumer timeouts are checked a few times a second; a delivery times out at most
+        // this much late.
+        let mut ack_timer = tokio::time::interval(ACK_TIMEOUT_CHECK);
+        ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
         // Frames already buffered after the handshake.
         let mut stop = self.process_buffer(&mut rbuf);
@@ -697,6 +721,9 @@ impl Connection {
                             stop = self.process_buffer(&mut rbuf);
                         }
                     }
+                }
+                _ = ack_timer.tick() => {
+                    self.close_timed_out_channels();
                 }
                 _ = hb_timer.tick(), if !heartbeat.is_zero() => {
                     if last_read.elapsed() > heartbeat * 2 {
@@ -1574,6 +1601,11 @@ impl Connection {
         } else {
             m.consumer_tag.clone()
         };
+        let timeout = consumer_timeout(
+            &m.arguments,
+            &handle,
+            self.broker.config.amqp.consumer_timeout_ms,
+        );
         let ch = self.channel(channel);
         if ch.consumers.contains_key(tag.as_str()) {
             return Err(Failure::Connection(MethodError::new(
@@ -1595,6 +1627,7 @@ impl Connection {
                 handle: handle.clone(),
                 ready: false,
                 pending: Vec::new(),
+                timeout,
             },
         );
         ch.touch(&handle);
@@ -2171,12 +2204,19 @@ impl Connection {
                 content,
                 no_ack,
             } => {
+                let deadline = consumer_timeout(
+                    &FieldTable::new(),
+                    &handle,
+                    self.broker.config.amqp.consumer_timeout_ms,
+                )
+                .map(|t| Instant::now() + t);
                 let ch = self.channel(channel);
                 let tag = ch.next_delivery_tag();
                 if !no_ack {
                     ch.unacked.insert(
                         tag,
                         Unacked {
+                            deadline,
                             handle,
                             msg,
                             size: content.body.len() as u64,
@@ -2221,6 +2261,32 @@ impl Connection {
             }
         }
         None
+    }
+
+    /// Closes, with 406 as RabbitMQ does, every channel holding a delivery unacknowledged past
+    /// its consumer timeout; its unacknowledged messages go back to their queues.
+    fn close_timed_out_channels(&mut self) {
+        let now = Instant::now();
+        let late: Vec<u16> = self
+            .channels
+            .iter()
+            .filter(|(_, ch)| ch.state == ChannelState::Open && ch.timed_out(now).is_some())
+            .map(|(n, _)| *n)
+            .collect();
+        for channel in late {
+            warn!(peer = %self.peer, channel, "delivery acknowledgement timed out");
+            self.close_channel_with(
+                channel,
+                MethodError::bare(
+                    reply_code::PRECONDITION_FAILED,
+                    format!(
+                        "delivery acknowledgement on channel {channel} timed out. Timeout value \
+                         used: {} ms",
+                        self.broker.config.amqp.consumer_timeout_ms
+                    ),
+                ),
+            );
+        }
     }
 
     /// Sends the deliveries the channel held back, as far as flow and the qos limits allow.
@@ -2288,6 +2354,7 @@ impl Connection {
             entry.pending.push(d);
             return;
         }
+        let timeout = entry.timeout;
         // Held back by channel.flow or the channel-wide qos limits; behind earlier ones, so
         // the channel's deliveries keep their order.
         if !ch.flow_active
@@ -2305,6 +2372,7 @@ impl Connection {
                     handle: d.handle.clone(),
                     msg: d.msg,
                     size: d.content.body.len() as u64,
+                    deadline: timeout.map(|t| Instant::now() + t),
                 },
             );
         }

@@ -709,3 +709,42 @@ fn an_unused_queue_expires_and_a_consumed_one_does_not() {
         wait_gone(&conn, &busy).await;
     });
 }
+
+/// A delivery left unacknowledged past the queue's `x-consumer-timeout` closes its channel
+/// with 406, and the message goes back to the queue for the next consumer.
+#[test]
+fn consumer_timeout_closes_the_channel_and_returns_the_message() {
+    let b = support::broker();
+    run(async {
+        let (conn, ch) = support::open(b.url()).await;
+        let q = unique("ctimeout");
+        declare(&ch, &q, &[("x-consumer-timeout", int(300))]).await;
+        let pub_ch = confirm_channel(&conn).await;
+        publish_all(&pub_ch, &q, &["slow"]).await;
+        let cch = support::channel(&conn).await;
+        let probe = support::CloseProbe::arm(&cch).await;
+        let mut c = consume(&cch, &q, FieldTable::default()).await;
+        let d = next_delivery(&mut c).await;
+        assert_eq!(text(&d), "slow");
+        probe.assert_closed_with(406).await;
+        let again = within(
+            "basic.get",
+            ch.basic_get(q.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("basic.get");
+        let again = match again {
+            Some(m) => m,
+            None => {
+                // The close's return may still be on its way.
+                let mut other = consume(&ch, &q, FieldTable::default()).await;
+                let d = next_delivery(&mut other).await;
+                assert!(d.redelivered);
+                assert_eq!(text(&d), "slow");
+                return;
+            }
+        };
+        assert!(again.delivery.redelivered);
+        assert_eq!(text(&again.delivery), "slow");
+    });
+}
