@@ -33,6 +33,30 @@ impl AdminService {
     }
 }
 
+/// A salt for a new password hash; not secret, only different per user.
+fn rand_salt() -> [u8; 4] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let v = h.finish().to_le_bytes();
+    [v[0], v[1], v[2], v[3]]
+}
+
+/// Permissions are regular expressions; a broken one is refused here rather than locking
+/// the user out at every connection.
+fn check_expression(what: &str, expr: &str) -> Result<(), Status> {
+    if expr.is_empty() {
+        return Ok(());
+    }
+    regex::Regex::new(expr)
+        .map(|_| ())
+        .map_err(|e| Status::invalid_argument(format!("invalid {what} permission '{expr}': {e}")))
+}
+
 fn reply(message: impl Into<String>) -> Result<Response<pb::AdminReply>, Status> {
     Ok(Response::new(pb::AdminReply {
         message: message.into(),
@@ -201,6 +225,103 @@ impl pb::admin_server::Admin for AdminService {
             .await,
         )?;
         reply(format!("replicas now {replicas:?}"))
+    }
+
+    async fn access(
+        &self,
+        request: Request<pb::AccessRequest>,
+    ) -> Result<Response<pb::AdminReply>, Status> {
+        use pb::access_request::Op;
+        let node = self.node()?;
+        let op = request
+            .into_inner()
+            .op
+            .ok_or_else(|| Status::invalid_argument("no operation"))?;
+        let (cmd, done) = match op {
+            Op::AddVhost(name) => (
+                MetaCmd::AddVhost { name: name.clone() },
+                format!("vhost '{name}' added"),
+            ),
+            Op::DeleteVhost(name) => (
+                MetaCmd::DeleteVhost { name: name.clone() },
+                format!("vhost '{name}' deleted with its queues and exchanges"),
+            ),
+            Op::PutUser(u) => {
+                // Only the salted hash is kept, in RabbitMQ's format.
+                let salt: [u8; 4] = rand_salt();
+                (
+                    MetaCmd::PutUser {
+                        name: u.name.clone(),
+                        password_hash: warren_core::meta::password_hash(salt, &u.password),
+                        tags: u.tags,
+                    },
+                    format!("user '{}' set", u.name),
+                )
+            }
+            Op::DeleteUser(name) => (
+                MetaCmd::DeleteUser { name: name.clone() },
+                format!("user '{name}' deleted"),
+            ),
+            Op::SetPermissions(p) => {
+                for (what, expr) in [
+                    ("configure", &p.configure),
+                    ("write", &p.write),
+                    ("read", &p.read),
+                ] {
+                    check_expression(what, expr)?;
+                }
+                (
+                    MetaCmd::SetPermissions {
+                        user: p.user.clone(),
+                        vhost: p.vhost.clone(),
+                        permissions: warren_core::meta::Permissions {
+                            configure: p.configure,
+                            write: p.write,
+                            read: p.read,
+                        },
+                    },
+                    format!("permissions of '{}' in vhost '{}' set", p.user, p.vhost),
+                )
+            }
+            Op::ClearPermissions(p) => (
+                MetaCmd::ClearPermissions {
+                    user: p.user.clone(),
+                    vhost: p.vhost.clone(),
+                },
+                format!("permissions of '{}' in vhost '{}' cleared", p.user, p.vhost),
+            ),
+        };
+        meta_result(node.meta_write(cmd).await)?;
+        reply(done)
+    }
+
+    async fn list_access(
+        &self,
+        _request: Request<pb::Empty>,
+    ) -> Result<Response<pb::AccessListing>, Status> {
+        let node = self.node()?;
+        let meta = node.meta();
+        Ok(Response::new(pb::AccessListing {
+            vhosts: meta.vhost_names().map(str::to_owned).collect(),
+            users: meta
+                .users()
+                .map(|u| pb::UserSpec {
+                    name: u.name.clone(),
+                    password: String::new(),
+                    tags: u.tags.clone(),
+                })
+                .collect(),
+            permissions: meta
+                .all_permissions()
+                .map(|(user, vhost, p)| pb::PermissionSpec {
+                    user: user.to_owned(),
+                    vhost: vhost.to_owned(),
+                    configure: p.configure.clone(),
+                    write: p.write.clone(),
+                    read: p.read.clone(),
+                })
+                .collect(),
+        }))
     }
 
     async fn rebalance_leaders(

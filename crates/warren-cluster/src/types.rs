@@ -99,6 +99,12 @@ fn meta_name(cmd: &MetaCmd) -> &'static str {
         MetaCmd::ConnectionClosed { .. } => "connection-closed",
         MetaCmd::NodeRestarted { .. } => "node-restarted",
         MetaCmd::SetReplicas { .. } => "set-replicas",
+        MetaCmd::AddVhost { .. } => "add-vhost",
+        MetaCmd::DeleteVhost { .. } => "delete-vhost",
+        MetaCmd::PutUser { .. } => "put-user",
+        MetaCmd::DeleteUser { .. } => "delete-user",
+        MetaCmd::SetPermissions { .. } => "set-permissions",
+        MetaCmd::ClearPermissions { .. } => "clear-permissions",
         MetaCmd::NodeDown { .. } => "node-down",
     }
 }

@@ -229,6 +229,75 @@ pub enum MetaCmd {
         name: String,
         replicas: Vec<NodeId>,
     },
+    /// Creates a virtual host with the standard exchanges (no-op if it exists).
+    AddVhost {
+        name: String,
+    },
+    /// Deletes a virtual host with everything in it.
+    DeleteVhost {
+        name: String,
+    },
+    /// Creates or replaces a user. `password_hash` is RabbitMQ's format (base64 of a 4-byte
+    /// salt and SHA-256(salt ‖ password)); empty means no password login.
+    PutUser {
+        name: String,
+        password_hash: String,
+        tags: Vec<String>,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// A user's permissions in a virtual host: regular expressions over resource names, as
+    /// in RabbitMQ.
+    SetPermissions {
+        user: String,
+        vhost: String,
+        permissions: Permissions,
+    },
+    ClearPermissions {
+        user: String,
+        vhost: String,
+    },
+}
+
+/// A user kept in the metadata (users from the configuration file are the node's own).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserDef {
+    pub name: String,
+    pub password_hash: String,
+    pub tags: Vec<String>,
+}
+
+/// RabbitMQ's password hash: base64 of a 4-byte salt followed by SHA-256(salt ‖ password).
+/// The caller draws the salt (this crate draws no random numbers).
+pub fn password_hash(salt: [u8; 4], password: &str) -> String {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(password.as_bytes());
+    let mut raw = salt.to_vec();
+    raw.extend_from_slice(&h.finalize());
+    base64::engine::general_purpose::STANDARD.encode(raw)
+}
+
+/// Configure, write and read permissions: regular expressions a resource name must match
+/// in full. An empty expression allows nothing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Permissions {
+    pub configure: String,
+    pub write: String,
+    pub read: String,
+}
+
+impl Permissions {
+    pub fn all() -> Self {
+        Permissions {
+            configure: ".*".into(),
+            write: ".*".into(),
+            read: ".*".into(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -251,6 +320,9 @@ pub enum MetaEffect {
 pub struct MetaState {
     vhosts: BTreeMap<String, VHost>,
     next_group: GroupId,
+    users: BTreeMap<String, UserDef>,
+    /// Keyed by (user, vhost).
+    permissions: BTreeMap<(String, String), Permissions>,
 }
 
 impl Default for MetaState {
@@ -366,6 +438,8 @@ impl MetaState {
         let mut state = MetaState {
             vhosts: BTreeMap::new(),
             next_group: 1,
+            users: BTreeMap::new(),
+            permissions: BTreeMap::new(),
         };
         state.add_vhost(DEFAULT_VHOST);
         state
@@ -400,6 +474,29 @@ impl MetaState {
 
     pub fn vhost_exists(&self, vhost: &str) -> bool {
         self.vhosts.contains_key(vhost)
+    }
+
+    pub fn vhost_names(&self) -> impl Iterator<Item = &str> {
+        self.vhosts.keys().map(String::as_str)
+    }
+
+    pub fn user(&self, name: &str) -> Option<&UserDef> {
+        self.users.get(name)
+    }
+
+    pub fn users(&self) -> impl Iterator<Item = &UserDef> {
+        self.users.values()
+    }
+
+    pub fn permissions(&self, user: &str, vhost: &str) -> Option<&Permissions> {
+        self.permissions.get(&(user.to_owned(), vhost.to_owned()))
+    }
+
+    /// Every (user, vhost, permissions) entry.
+    pub fn all_permissions(&self) -> impl Iterator<Item = (&str, &str, &Permissions)> {
+        self.permissions
+            .iter()
+            .map(|((u, v), p)| (u.as_str(), v.as_str(), p))
     }
 
     pub fn exchange(&self, vhost: &str, name: &str) -> Option<&ExchangeDef> {
@@ -602,6 +699,69 @@ impl MetaState {
                 for (vhost, name) in stale {
                     self.remove_exchange(&vhost, &name, &mut effects);
                 }
+                Ok(MetaReply::Done)
+            }
+            MetaCmd::AddVhost { name } => {
+                if name.is_empty() || name.len() > 255 {
+                    Err(AmqpError::precondition_failed(
+                        "a vhost name must have 1 to 255 bytes",
+                    ))
+                } else {
+                    self.add_vhost(&name);
+                    Ok(MetaReply::Done)
+                }
+            }
+            MetaCmd::DeleteVhost { name } => {
+                if self.vhosts.contains_key(&name) {
+                    self.remove_queues_where_in(&name, &mut effects);
+                    self.vhosts.remove(&name);
+                    self.permissions.retain(|(_, v), _| *v != name);
+                    Ok(MetaReply::Done)
+                } else {
+                    Err(AmqpError::not_found(format!("no vhost '{name}'")))
+                }
+            }
+            MetaCmd::PutUser {
+                name,
+                password_hash,
+                tags,
+            } => {
+                if name.is_empty() {
+                    Err(AmqpError::precondition_failed("a user needs a name"))
+                } else {
+                    self.users.insert(
+                        name.clone(),
+                        UserDef {
+                            name,
+                            password_hash,
+                            tags,
+                        },
+                    );
+                    Ok(MetaReply::Done)
+                }
+            }
+            MetaCmd::DeleteUser { name } => {
+                if self.users.remove(&name).is_some() {
+                    self.permissions.retain(|(u, _), _| *u != name);
+                    Ok(MetaReply::Done)
+                } else {
+                    Err(AmqpError::not_found(format!("no user '{name}'")))
+                }
+            }
+            MetaCmd::SetPermissions {
+                user,
+                vhost,
+                permissions,
+            } => {
+                if !self.vhosts.contains_key(&vhost) {
+                    Err(AmqpError::not_found(format!("no vhost '{vhost}'")))
+                } else {
+                    self.permissions.insert((user, vhost), permissions);
+                    Ok(MetaReply::Done)
+                }
+            }
+            MetaCmd::ClearPermissions { user, vhost } => {
+                self.permissions.remove(&(user, vhost));
                 Ok(MetaReply::Done)
             }
         };
@@ -872,6 +1032,17 @@ impl MetaState {
             created: true,
             queue,
         })
+    }
+
+    fn remove_queues_where_in(&mut self, vhost: &str, effects: &mut Vec<MetaEffect>) {
+        let names: Vec<String> = self
+            .vhosts
+            .get(vhost)
+            .map(|v| v.queues.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            self.remove_queue(vhost, &name, effects);
+        }
     }
 
     fn remove_queues_where(

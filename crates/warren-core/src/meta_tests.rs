@@ -565,3 +565,66 @@ fn a_down_node_takes_its_exclusive_queues_with_it() {
     );
     assert!(ok(&mut s, MetaCmd::NodeDown { node: 2 }).is_empty());
 }
+
+#[test]
+fn vhosts_users_and_permissions() {
+    let mut m = MetaState::new();
+    assert_eq!(
+        m.apply(MetaCmd::AddVhost {
+            name: "prod".into()
+        })
+        .0,
+        MetaReply::Done
+    );
+    assert!(m.vhost_exists("prod"));
+    assert!(
+        m.exchange("prod", "amq.topic").is_some(),
+        "standard exchanges"
+    );
+    m.apply(MetaCmd::PutUser {
+        name: "app".into(),
+        password_hash: "h".into(),
+        tags: vec!["monitoring".into()],
+    });
+    assert_eq!(
+        m.user("app").map(|u| u.tags.clone()),
+        Some(vec!["monitoring".into()])
+    );
+    let perms = Permissions {
+        configure: "^app-.*".into(),
+        write: ".*".into(),
+        read: "".into(),
+    };
+    assert!(matches!(
+        m.apply(MetaCmd::SetPermissions {
+            user: "app".into(),
+            vhost: "nowhere".into(),
+            permissions: perms.clone(),
+        })
+        .0,
+        MetaReply::Error(_)
+    ));
+    m.apply(MetaCmd::SetPermissions {
+        user: "app".into(),
+        vhost: "prod".into(),
+        permissions: perms.clone(),
+    });
+    assert_eq!(m.permissions("app", "prod"), Some(&perms));
+    // Deleting the vhost deletes its queues and the permissions in it.
+    let (reply, _) = m.apply(MetaCmd::DeclareQueue(QueueDecl {
+        vhost: "prod".into(),
+        ..queue("q")
+    }));
+    assert!(matches!(reply, MetaReply::QueueDeclared { .. }));
+    let (_, effects) = m.apply(MetaCmd::DeleteVhost {
+        name: "prod".into(),
+    });
+    assert!(
+        matches!(&effects[..], [MetaEffect::QueueDeleted { .. }]),
+        "{effects:?}"
+    );
+    assert!(!m.vhost_exists("prod"));
+    assert_eq!(m.permissions("app", "prod"), None);
+    m.apply(MetaCmd::DeleteUser { name: "app".into() });
+    assert!(m.user("app").is_none());
+}

@@ -14,6 +14,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 use warren_codec::FieldTable;
 
+use warren_core::meta::UserDef;
+
 use crate::config::UserConfig;
 
 pub const MECHANISMS: &str = "PLAIN AMQPLAIN";
@@ -29,6 +31,14 @@ pub struct User {
     pub name: String,
     secret: Secret,
     loopback_only: bool,
+}
+
+/// Who logged in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    pub name: String,
+    /// From the configuration file: the operator's own user, allowed everything.
+    pub configured: bool,
 }
 
 #[derive(Debug, Default)]
@@ -68,12 +78,10 @@ pub fn decode_password_hash(hash: &str) -> Result<([u8; 4], [u8; 32]), String> {
     Ok((salt, digest))
 }
 
-/// Produces a RabbitMQ-format hash, as tests write them into user lists.
+/// Produces a RabbitMQ-format hash.
 #[cfg(test)]
 pub fn hash_password(salt: [u8; 4], password: &str) -> String {
-    let mut raw = salt.to_vec();
-    raw.extend_from_slice(&salted_digest(salt, password));
-    base64::engine::general_purpose::STANDARD.encode(raw)
+    warren_core::meta::password_hash(salt, password)
 }
 
 fn salted_digest(salt: [u8; 4], password: &str) -> [u8; 32] {
@@ -115,20 +123,34 @@ impl Authenticator {
     }
 
     /// Checks a start-ok response. `peer` is the client's address: loopback-only users are
-    /// refused from anywhere else, as RabbitMQ does with guest.
+    /// refused from anywhere else, as RabbitMQ does with guest. Users from the configuration
+    /// come first; `stored` looks up the users kept in the cluster's metadata.
     pub fn authenticate(
         &self,
         mechanism: &str,
         response: &[u8],
         peer: IpAddr,
-    ) -> Result<&User, AuthError> {
+        stored: impl Fn(&str) -> Option<UserDef>,
+    ) -> Result<Principal, AuthError> {
         let (name, password) = match mechanism {
             "PLAIN" => parse_plain(response)?,
             "AMQPLAIN" => parse_amqplain(response)?,
             other => return Err(AuthError::Mechanism(other.to_owned())),
         };
         let refused = || AuthError::Refused(mechanism.to_owned());
-        let user = self.users.get(&name).ok_or_else(refused)?;
+        let Some(user) = self.users.get(&name) else {
+            let user = stored(&name).ok_or_else(refused)?;
+            // A stored user without a password hash cannot log in with a password.
+            let (salt, digest) =
+                decode_password_hash(&user.password_hash).map_err(|_| refused())?;
+            if !constant_time_eq(&salted_digest(salt, &password), &digest) {
+                return Err(refused());
+            }
+            return Ok(Principal {
+                name,
+                configured: false,
+            });
+        };
         let ok = match &user.secret {
             Secret::Plain(p) => constant_time_eq(p.as_bytes(), password.as_bytes()),
             Secret::Salted { salt, digest } => {
@@ -141,7 +163,10 @@ impl Authenticator {
         if user.loopback_only && !is_loopback(peer) {
             return Err(AuthError::LoopbackOnly(name));
         }
-        Ok(user)
+        Ok(Principal {
+            name: user.name.clone(),
+            configured: true,
+        })
     }
 }
 
@@ -189,6 +214,34 @@ mod tests {
     use super::*;
     use warren_codec::{FieldValue, LongStr, ShortStr};
 
+    fn none(_: &str) -> Option<UserDef> {
+        None
+    }
+
+    #[test]
+    fn stored_users_log_in_with_their_hash_after_configured_ones() {
+        let a = users();
+        let stored = |name: &str| {
+            (name == "app").then(|| UserDef {
+                name: "app".into(),
+                password_hash: hash_password([1, 2, 3, 4], "pw"),
+                tags: vec![],
+            })
+        };
+        let p = a
+            .authenticate("PLAIN", b"\0app\0pw", REMOTE, stored)
+            .expect("stored user");
+        assert!(!p.configured);
+        assert!(matches!(
+            a.authenticate("PLAIN", b"\0app\0nope", LOCAL, stored),
+            Err(AuthError::Refused(_))
+        ));
+        let p = a
+            .authenticate("PLAIN", b"\0guest\0guest", LOCAL, stored)
+            .expect("configured user");
+        assert!(p.configured);
+    }
+
     fn users() -> Authenticator {
         Authenticator::new(
             &[
@@ -215,22 +268,28 @@ mod tests {
     #[test]
     fn plain_and_hashed_passwords() {
         let a = users();
-        assert!(a.authenticate("PLAIN", b"\0guest\0guest", LOCAL).is_ok());
-        assert!(a.authenticate("PLAIN", b"\0alice\0s3cret", REMOTE).is_ok());
+        assert!(
+            a.authenticate("PLAIN", b"\0guest\0guest", LOCAL, none)
+                .is_ok()
+        );
+        assert!(
+            a.authenticate("PLAIN", b"\0alice\0s3cret", REMOTE, none)
+                .is_ok()
+        );
         assert!(matches!(
-            a.authenticate("PLAIN", b"\0alice\0wrong", LOCAL),
+            a.authenticate("PLAIN", b"\0alice\0wrong", LOCAL, none),
             Err(AuthError::Refused(_))
         ));
         assert!(matches!(
-            a.authenticate("PLAIN", b"\0nobody\0x", LOCAL),
+            a.authenticate("PLAIN", b"\0nobody\0x", LOCAL, none),
             Err(AuthError::Refused(_))
         ));
         assert_eq!(
-            a.authenticate("PLAIN", b"guest", LOCAL).unwrap_err(),
+            a.authenticate("PLAIN", b"guest", LOCAL, none).unwrap_err(),
             AuthError::Malformed("PLAIN")
         );
         assert!(matches!(
-            a.authenticate("EXTERNAL", b"", LOCAL),
+            a.authenticate("EXTERNAL", b"", LOCAL, none),
             Err(AuthError::Mechanism(_))
         ));
     }
@@ -239,12 +298,15 @@ mod tests {
     fn guest_only_from_loopback() {
         let a = users();
         assert_eq!(
-            a.authenticate("PLAIN", b"\0guest\0guest", REMOTE)
+            a.authenticate("PLAIN", b"\0guest\0guest", REMOTE, none)
                 .unwrap_err(),
             AuthError::LoopbackOnly("guest".into())
         );
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
-        assert!(a.authenticate("PLAIN", b"\0guest\0guest", mapped).is_ok());
+        assert!(
+            a.authenticate("PLAIN", b"\0guest\0guest", mapped, none)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -261,8 +323,12 @@ mod tests {
         let mut buf = BytesMut::new();
         t.encode(&mut buf);
         let body = &buf[4..];
-        assert!(users().authenticate("AMQPLAIN", body, LOCAL).is_ok());
-        assert!(users().authenticate("AMQPLAIN", &body[..5], LOCAL).is_err());
+        assert!(users().authenticate("AMQPLAIN", body, LOCAL, none).is_ok());
+        assert!(
+            users()
+                .authenticate("AMQPLAIN", &body[..5], LOCAL, none)
+                .is_err()
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ use warren_core::queue::{
 };
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
+use crate::access::{Access, VhostAccess};
 use crate::broker::Broker;
 use crate::channel::{
     Channel, ChannelState, ConsumerEntry, PendingPublish, Settlement, TxBuffer, TxPublish, Unacked,
@@ -313,6 +314,12 @@ pub struct Connection {
     peer: SocketAddr,
     vhost: String,
     user: String,
+    /// The user is from the configuration file (allowed everything).
+    user_configured: bool,
+    /// What the user may do in the connection's vhost.
+    access: VhostAccess,
+    /// Write permission per exchange already checked, so a publish does not run a regex.
+    write_checked: HashMap<ShortStr, bool>,
     frame_max: u32,
     channel_max: u16,
     heartbeat: Duration,
@@ -377,6 +384,9 @@ async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> st
         peer,
         vhost: String::new(),
         user: String::new(),
+        user_configured: false,
+        access: VhostAccess::unrestricted(),
+        write_checked: HashMap::new(),
         frame_max: warren_codec::FRAME_MIN_SIZE,
         channel_max: broker.config.amqp.channel_max,
         heartbeat: Duration::ZERO,
@@ -550,13 +560,18 @@ impl Connection {
         self.caps.consumer_cancel_notify = capability("consumer_cancel_notify");
         let failure_close = capability("authentication_failure_close");
         self.client_properties = start_ok.client_properties.clone();
+        let node = self.node.clone();
         let auth = self.broker.auth.authenticate(
             start_ok.mechanism.as_str(),
             start_ok.response.as_bytes(),
             self.peer.ip(),
+            |name| node.meta().user(name).cloned(),
         );
         match auth {
-            Ok(user) => self.user = user.name.clone(),
+            Ok(principal) => {
+                self.user = principal.name;
+                self.user_configured = principal.configured;
+            }
             Err(e) => {
                 self.broker
                     .metrics
@@ -644,6 +659,26 @@ impl Connection {
                 method_id: 40,
             };
             return self.handshake_close(stream, rbuf, err).await;
+        }
+        if !self.user_configured {
+            // Users kept in the metadata need permissions in the vhost, as in RabbitMQ.
+            let perms = self.node.meta().permissions(&self.user, &vhost).cloned();
+            let access = perms
+                .ok_or_else(|| {
+                    format!("access to vhost '{vhost}' refused for user '{}'", self.user)
+                })
+                .and_then(|p| VhostAccess::from_permissions(&p));
+            match access {
+                Ok(a) => self.access = a,
+                Err(text) => {
+                    let err = MethodError {
+                        error: AmqpError::new(reply_code::NOT_ALLOWED, text),
+                        class_id: class_id::CONNECTION,
+                        method_id: 40,
+                    };
+                    return self.handshake_close(stream, rbuf, err).await;
+                }
+            }
         }
         self.vhost = vhost;
         self.send_method(
@@ -1083,6 +1118,7 @@ impl Connection {
                     }
                     return Ok(());
                 }
+                self.check(Access::Configure, "exchange", m.exchange.as_str(), &method)?;
                 let cmd = MetaCmd::DeclareExchange(ExchangeDecl {
                     vhost: self.vhost.clone(),
                     name: m.exchange.as_str().to_owned(),
@@ -1099,6 +1135,7 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeDelete(ref m) => {
+                self.check(Access::Configure, "exchange", m.exchange.as_str(), &method)?;
                 let cmd = MetaCmd::DeleteExchange {
                     vhost: self.vhost.clone(),
                     name: m.exchange.as_str().to_owned(),
@@ -1110,6 +1147,8 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeBind(ref m) => {
+                self.check(Access::Write, "exchange", m.destination.as_str(), &method)?;
+                self.check(Access::Read, "exchange", m.source.as_str(), &method)?;
                 let cmd = MetaCmd::Bind(BindingDecl {
                     vhost: self.vhost.clone(),
                     source: m.source.as_str().to_owned(),
@@ -1124,6 +1163,8 @@ impl Connection {
                 Ok(())
             }
             Method::ExchangeUnbind(ref m) => {
+                self.check(Access::Write, "exchange", m.destination.as_str(), &method)?;
+                self.check(Access::Read, "exchange", m.source.as_str(), &method)?;
                 let cmd = MetaCmd::Unbind(BindingDecl {
                     vhost: self.vhost.clone(),
                     source: m.source.as_str().to_owned(),
@@ -1140,6 +1181,8 @@ impl Connection {
             Method::QueueDeclare(_) => self.queue_declare(channel, method),
             Method::QueueBind(ref m) => {
                 let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                self.check(Access::Write, "queue", &queue, &method)?;
+                self.check(Access::Read, "exchange", m.exchange.as_str(), &method)?;
                 let cmd = MetaCmd::Bind(BindingDecl {
                     vhost: self.vhost.clone(),
                     source: m.exchange.as_str().to_owned(),
@@ -1154,6 +1197,8 @@ impl Connection {
             }
             Method::QueueUnbind(ref m) => {
                 let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                self.check(Access::Write, "queue", &queue, &method)?;
+                self.check(Access::Read, "exchange", m.exchange.as_str(), &method)?;
                 let cmd = MetaCmd::Unbind(BindingDecl {
                     vhost: self.vhost.clone(),
                     source: m.exchange.as_str().to_owned(),
@@ -1172,6 +1217,7 @@ impl Connection {
             }
             Method::QueuePurge(ref m) => {
                 let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                self.check(Access::Read, "queue", &queue, &method)?;
                 let handle = self.accessible_queue(&queue, &method)?;
                 let nowait = m.nowait;
                 self.spawn_op(channel, async move {
@@ -1255,6 +1301,7 @@ impl Connection {
             }
             Method::BasicGet(ref m) => {
                 let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+                self.check(Access::Read, "queue", &queue, &method)?;
                 let handle = self.accessible_queue(&queue, &method)?;
                 let chref = self.channel(channel).chref;
                 let no_ack = m.no_ack;
@@ -1471,6 +1518,7 @@ impl Connection {
             });
             return Ok(());
         }
+        self.check(Access::Configure, "queue", &name, &method)?;
         // Invalid queue arguments (a negative TTL, an unknown overflow mode...) are refused
         // before anything is created, with the 406 RabbitMQ answers.
         if let Err(e) = QueueConfig::from_arguments(&m.arguments) {
@@ -1533,6 +1581,7 @@ impl Connection {
             unreachable!("called for queue.delete only")
         };
         let name = self.resolve_queue_name(channel, &m.queue, &method)?;
+        self.check(Access::Configure, "queue", &name, &method)?;
         let (if_unused, if_empty, nowait) = (m.if_unused, m.if_empty, m.nowait);
         let exists = {
             let meta = self.node.meta();
@@ -1595,6 +1644,7 @@ impl Connection {
             unreachable!("called for basic.consume only")
         };
         let queue = self.resolve_queue_name(channel, &m.queue, &method)?;
+        self.check(Access::Read, "queue", &queue, &method)?;
         let handle = self.accessible_queue(&queue, &method)?;
         let tag = if m.consumer_tag.is_empty() {
             short(&generated_name("amq.ctag-"))
@@ -1751,6 +1801,7 @@ impl Connection {
         };
         let (method, header, body) = publish.into_parts();
         let seq = ch.confirm.as_mut().map(|c| c.next_seq());
+        self.check_publish(&method.exchange)?;
         let metrics = &self.broker.metrics;
         metrics.published.fetch_add(1, Ordering::Relaxed);
 
@@ -2287,6 +2338,52 @@ impl Connection {
                 ),
             );
         }
+    }
+
+    /// 403 unless the user may `access` the resource.
+    fn check(
+        &self,
+        access: Access,
+        kind: &str,
+        name: &str,
+        method: &Method,
+    ) -> Result<(), Failure> {
+        if self.access.allows(access, name) {
+            return Ok(());
+        }
+        Err(Failure::Channel(MethodError::new(
+            crate::access::refused(access, kind, name, &self.vhost, &self.user),
+            method,
+        )))
+    }
+
+    /// Write permission on a publish's exchange, remembered per exchange.
+    fn check_publish(&mut self, exchange: &ShortStr) -> Result<(), Failure> {
+        if self.access.is_unrestricted() {
+            return Ok(());
+        }
+        let allowed = match self.write_checked.get(exchange) {
+            Some(a) => *a,
+            None => {
+                let a = self.access.allows(Access::Write, exchange.as_str());
+                self.write_checked.insert(exchange.clone(), a);
+                a
+            }
+        };
+        if allowed {
+            return Ok(());
+        }
+        Err(Failure::Channel(MethodError {
+            error: crate::access::refused(
+                Access::Write,
+                "exchange",
+                exchange.as_str(),
+                &self.vhost,
+                &self.user,
+            ),
+            class_id: class_id::BASIC,
+            method_id: 40,
+        }))
     }
 
     /// Sends the deliveries the channel held back, as far as flow and the qos limits allow.

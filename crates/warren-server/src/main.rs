@@ -4,6 +4,7 @@
 //! Start-up prints one line per bound listener and then `warren: ready` on stdout, so scripts
 //! and tests learn the ports (port 0 picks a free one) and know when clients are served.
 
+mod access;
 mod auth;
 mod broker;
 mod channel;

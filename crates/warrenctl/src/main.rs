@@ -1,6 +1,7 @@
 //! `warrenctl`: administers a Warren cluster through any node's admin service (the node's
 //! cluster listener, 25672 by default): cluster status, adding and removing nodes, growing and
-//! shrinking a queue's replica set, rebalancing queue leaders.
+//! shrinking a queue's replica set, rebalancing queue leaders, and virtual hosts, users and
+//! permissions.
 //!
 //! Membership changes must run on the metadata group's leader; a node that is not the leader
 //! answers with the leader's address and warrenctl repeats the call there.
@@ -10,8 +11,11 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tonic::transport::{Channel, Endpoint};
+use warren_proto::access_request::Op;
 use warren_proto::admin_client::AdminClient;
-use warren_proto::{Empty, NodeRequest, QueueReplicaRequest, StatusReply};
+use warren_proto::{
+    AccessRequest, Empty, NodeRequest, PermissionSpec, QueueReplicaRequest, StatusReply, UserSpec,
+};
 
 #[derive(Parser)]
 #[command(name = "warrenctl", version, about = "Administer a Warren cluster")]
@@ -36,9 +40,14 @@ enum Command {
     /// Members (with liveness), and every group's leader, replicas, lag and message counts.
     Status,
     /// Adds a node (started with the cluster's member list but not in it) to the cluster.
-    AddNode { id: u64, address: String },
+    AddNode {
+        id: u64,
+        address: String,
+    },
     /// Removes a node; each of its queue replicas is re-created on another member.
-    RemoveNode { id: u64 },
+    RemoveNode {
+        id: u64,
+    },
     /// Adds a replica of a queue on a node.
     AddReplica {
         queue: String,
@@ -55,6 +64,42 @@ enum Command {
     },
     /// Spreads queue leaders evenly over the members.
     Rebalance,
+    /// Creates a virtual host (with the standard exchanges).
+    AddVhost {
+        name: String,
+    },
+    /// Deletes a virtual host and everything in it.
+    DeleteVhost {
+        name: String,
+    },
+    /// Creates a user or replaces its password and tags. The password is stored hashed.
+    AddUser {
+        name: String,
+        password: String,
+        /// Comma-separated tags (e.g. administrator,monitoring).
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+    },
+    DeleteUser {
+        name: String,
+    },
+    /// Sets a user's configure, write and read permissions (regular expressions) in a vhost.
+    SetPermissions {
+        user: String,
+        configure: String,
+        write: String,
+        read: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    ClearPermissions {
+        user: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Lists vhosts, users (from the metadata; configured users are the nodes' own) and
+    /// permissions.
+    ListAccess,
 }
 
 async fn client(addr: &str, timeout: Duration) -> anyhow::Result<AdminClient<Channel>> {
@@ -187,6 +232,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
             println!("{}", r.into_inner().message);
         }
+        Command::AddVhost { .. }
+        | Command::DeleteVhost { .. }
+        | Command::AddUser { .. }
+        | Command::DeleteUser { .. }
+        | Command::SetPermissions { .. }
+        | Command::ClearPermissions { .. } => {
+            let op = access_op(&cli.command).expect("an access command");
+            let mut c = client(&cli.node, timeout).await?;
+            let r = c
+                .access(AccessRequest { op: Some(op) })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            println!("{}", r.into_inner().message);
+        }
+        Command::ListAccess => {
+            let mut c = client(&cli.node, timeout).await?;
+            let l = c
+                .list_access(Empty {})
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            println!("vhosts: {}", l.vhosts.join(", "));
+            for u in &l.users {
+                println!("user {} tags=[{}]", u.name, u.tags.join(","));
+            }
+            for p in &l.permissions {
+                println!(
+                    "permissions {} vhost={} configure={:?} write={:?} read={:?}",
+                    p.user, p.vhost, p.configure, p.write, p.read
+                );
+            }
+        }
         Command::Rebalance => {
             let mut c = client(&cli.node, timeout).await?;
             let r = c
@@ -197,6 +274,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The admin request of a vhost, user or permission command.
+fn access_op(command: &Command) -> Option<Op> {
+    Some(match command {
+        Command::AddVhost { name } => Op::AddVhost(name.clone()),
+        Command::DeleteVhost { name } => Op::DeleteVhost(name.clone()),
+        Command::AddUser {
+            name,
+            password,
+            tags,
+        } => Op::PutUser(UserSpec {
+            name: name.clone(),
+            password: password.clone(),
+            tags: tags.clone(),
+        }),
+        Command::DeleteUser { name } => Op::DeleteUser(name.clone()),
+        Command::SetPermissions {
+            user,
+            configure,
+            write,
+            read,
+            vhost,
+        } => Op::SetPermissions(PermissionSpec {
+            user: user.clone(),
+            vhost: vhost.clone(),
+            configure: configure.clone(),
+            write: write.clone(),
+            read: read.clone(),
+        }),
+        Command::ClearPermissions { user, vhost } => Op::ClearPermissions(PermissionSpec {
+            user: user.clone(),
+            vhost: vhost.clone(),
+            ..Default::default()
+        }),
+        _ => return None,
+    })
 }
 
 fn main() -> ExitCode {
