@@ -38,7 +38,7 @@ fn publish(node: &Node, dl: DeadLetter) {
     let source = dl.source.clone();
     let def = source.def();
     let vhost = source.vhost().to_owned();
-    let Some(target) = DeadLetterTarget::from_arguments(&def.arguments) else {
+    let Some(target) = DeadLetterTarget::from_arguments(&source.arguments()) else {
         settle(dl);
         return;
     };

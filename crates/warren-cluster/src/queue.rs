@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::warn;
+use warren_codec::FieldTable;
 use warren_core::meta::{Placement, QueueDef};
 use warren_core::queue::{
     DeadLetterReason, Effect, QueueCmd, QueueConfig, QueueReply, QueueState, QueueStats,
@@ -162,6 +163,9 @@ pub struct QueueHandle {
     may_initialize: AtomicBool,
     self_ref: OnceLock<Weak<QueueHandle>>,
     on_dead_letter: OnceLock<DeadLetterHook>,
+    /// The arguments in force when a policy applies (the queue's own over the policy's);
+    /// None: only the queue's own.
+    policy_arguments: Mutex<Option<FieldTable>>,
     /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
     timer_at: AtomicU64,
 }
@@ -196,6 +200,7 @@ impl QueueHandle {
             may_initialize: AtomicBool::new(false),
             self_ref: OnceLock::new(),
             on_dead_letter: OnceLock::new(),
+            policy_arguments: Mutex::new(None),
             timer_at: AtomicU64::new(0),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
@@ -258,6 +263,48 @@ impl QueueHandle {
                 h.submit(QueueRequest::new(QueueCmd::Tick), ReplyTo::None);
             }
         });
+    }
+
+    /// The arguments in force: the queue's own, over its policy's if one applies.
+    pub fn arguments(&self) -> FieldTable {
+        let policy = self
+            .policy_arguments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        policy.unwrap_or_else(|| self.def().arguments)
+    }
+
+    /// A policy changed what is in force: remembered for the dead-letter service and for
+    /// the next leader, and applied now by the leader through the queue's log (replicas
+    /// take behaviours from the log only, so they all agree).
+    pub(crate) fn set_policy_arguments(&self, arguments: FieldTable) {
+        *self
+            .policy_arguments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(arguments);
+        if self.is_leader() {
+            self.submit(
+                QueueRequest::new(QueueCmd::Configure {
+                    config: self.effective_config(),
+                }),
+                ReplyTo::None,
+            );
+        }
+    }
+
+    /// The behaviours in force, policy included.
+    pub(crate) fn effective_config(&self) -> QueueConfig {
+        QueueConfig::from_arguments(&self.arguments()).unwrap_or_default()
+    }
+
+    /// Whether a policy ever applied to this queue (its leader then re-applies it on taking
+    /// over, in case the previous leader died before committing it).
+    pub(crate) fn has_policy(&self) -> bool {
+        self.policy_arguments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
     }
 
     /// The queue's behaviours, from its declaration arguments.

@@ -346,6 +346,15 @@ impl MetaEffects for EffectsSink {
             MetaEffect::QueueCreated { vhost, queue } => registry.create(&vhost, &queue, true),
             MetaEffect::ReplicasChanged { vhost, queue } => registry.create(&vhost, &queue, false),
             MetaEffect::QueueDeleted { vhost, queue } => registry.remove(&vhost, &queue),
+            MetaEffect::QueueArguments {
+                vhost,
+                name,
+                arguments,
+            } => {
+                if let Some(h) = registry.queue(&vhost, &name) {
+                    h.set_policy_arguments(arguments);
+                }
+            }
         }
     }
 
@@ -495,9 +504,18 @@ async fn watch_leadership(
             // leadership restored at start-up from an old term), the command is dropped
             // rather than forwarded, and the real leader has run its own recovery.
             let raft = raft.clone();
+            let policy_of = std::sync::Arc::downgrade(&h);
             tokio::spawn(async move {
-                let request = crate::types::QueueRequest::new(QueueCmd::LeaderRecovery { down });
-                let _ = crate::proposer::write_local(&raft, &[request]).await;
+                let mut requests =
+                    vec![crate::types::QueueRequest::new(QueueCmd::LeaderRecovery {
+                        down,
+                    })];
+                if let Some(h) = policy_of.upgrade().filter(|h| h.has_policy()) {
+                    requests.push(crate::types::QueueRequest::new(QueueCmd::Configure {
+                        config: h.effective_config(),
+                    }));
+                }
+                let _ = crate::proposer::write_local(&raft, &requests).await;
             });
         }
         was_leader = leading;

@@ -105,6 +105,8 @@ fn meta_name(cmd: &MetaCmd) -> &'static str {
         MetaCmd::DeleteUser { .. } => "delete-user",
         MetaCmd::SetPermissions { .. } => "set-permissions",
         MetaCmd::ClearPermissions { .. } => "clear-permissions",
+        MetaCmd::SetPolicy { .. } => "set-policy",
+        MetaCmd::ClearPolicy { .. } => "clear-policy",
         MetaCmd::NodeDown { .. } => "node-down",
     }
 }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::{Deserialize, Serialize};
-use warren_codec::{FieldTable, FieldValue, reply_code};
+use warren_codec::{FieldTable, FieldValue, ShortStr, reply_code};
 
 use crate::error::{AmqpError, AmqpResult};
 use crate::ids::{ConnectionRef, GroupId, NodeId, NodeRun};
@@ -258,6 +258,74 @@ pub enum MetaCmd {
         user: String,
         vhost: String,
     },
+    /// Creates or replaces a policy of a vhost.
+    SetPolicy {
+        vhost: String,
+        policy: Policy,
+    },
+    ClearPolicy {
+        vhost: String,
+        name: String,
+    },
+}
+
+/// A RabbitMQ policy: queue arguments applied to the queues whose name matches `pattern`
+/// (a regular expression, matched anywhere in the name). Of the matching policies the one
+/// with the highest priority applies; a queue's own arguments win over it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Policy {
+    pub name: String,
+    pub pattern: String,
+    /// `queues` or `all` (policies for exchanges only do not apply to queues).
+    pub apply_to: String,
+    pub priority: i64,
+    /// Keys as in RabbitMQ: `message-ttl`, `max-length`, `dead-letter-exchange`, ...
+    pub definition: FieldTable,
+}
+
+/// Policy keys and the queue arguments they stand for.
+const POLICY_KEYS: &[(&str, &str)] = &[
+    ("message-ttl", "x-message-ttl"),
+    ("expires", "x-expires"),
+    ("max-length", "x-max-length"),
+    ("max-length-bytes", "x-max-length-bytes"),
+    ("overflow", "x-overflow"),
+    ("dead-letter-exchange", "x-dead-letter-exchange"),
+    ("dead-letter-routing-key", "x-dead-letter-routing-key"),
+    ("delivery-limit", "x-delivery-limit"),
+    ("consumer-timeout", "x-consumer-timeout"),
+];
+
+impl Policy {
+    /// Refuses what RabbitMQ refuses: a pattern that is not a regular expression, unknown
+    /// keys, and `apply-to` other than queues, exchanges or all.
+    pub fn validate(&self) -> AmqpResult<()> {
+        regex::Regex::new(&self.pattern).map_err(|e| {
+            AmqpError::precondition_failed(format!("invalid pattern '{}': {e}", self.pattern))
+        })?;
+        if !matches!(self.apply_to.as_str(), "queues" | "exchanges" | "all") {
+            return Err(AmqpError::precondition_failed(format!(
+                "invalid apply-to '{}': expected queues, exchanges or all",
+                self.apply_to
+            )));
+        }
+        let mut args = FieldTable::new();
+        for (key, value) in self.definition.iter() {
+            let Some((_, arg)) = POLICY_KEYS.iter().find(|(k, _)| *k == key.as_str()) else {
+                return Err(AmqpError::precondition_failed(format!(
+                    "unsupported policy key '{key}'"
+                )));
+            };
+            args.insert(ShortStr::from_static(arg), value.clone());
+        }
+        // The values must be what the queue arguments accept.
+        crate::queue::QueueConfig::from_arguments(&args).map(|_| ())
+    }
+
+    fn applies_to_queue(&self, name: &str) -> bool {
+        self.apply_to != "exchanges"
+            && regex::Regex::new(&self.pattern).is_ok_and(|r| r.is_match(name))
+    }
 }
 
 /// A user kept in the metadata (users from the configuration file are the node's own).
@@ -311,9 +379,25 @@ pub enum MetaReply {
 /// consumers their queue is gone.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MetaEffect {
-    QueueCreated { vhost: String, queue: QueueDef },
-    QueueDeleted { vhost: String, queue: QueueDef },
-    ReplicasChanged { vhost: String, queue: QueueDef },
+    QueueCreated {
+        vhost: String,
+        queue: QueueDef,
+    },
+    QueueDeleted {
+        vhost: String,
+        queue: QueueDef,
+    },
+    ReplicasChanged {
+        vhost: String,
+        queue: QueueDef,
+    },
+    /// The arguments in force for a queue changed (a policy was set or cleared, or a new
+    /// queue matches one): its own arguments over the policy's.
+    QueueArguments {
+        vhost: String,
+        name: String,
+        arguments: FieldTable,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -323,6 +407,9 @@ pub struct MetaState {
     users: BTreeMap<String, UserDef>,
     /// Keyed by (user, vhost).
     permissions: BTreeMap<(String, String), Permissions>,
+    /// Keyed by (vhost, policy name).
+    #[serde(default)]
+    policies: BTreeMap<(String, String), Policy>,
 }
 
 impl Default for MetaState {
@@ -440,6 +527,7 @@ impl MetaState {
             next_group: 1,
             users: BTreeMap::new(),
             permissions: BTreeMap::new(),
+            policies: BTreeMap::new(),
         };
         state.add_vhost(DEFAULT_VHOST);
         state
@@ -716,6 +804,7 @@ impl MetaState {
                     self.remove_queues_where_in(&name, &mut effects);
                     self.vhosts.remove(&name);
                     self.permissions.retain(|(_, v), _| *v != name);
+                    self.policies.retain(|(v, _), _| *v != name);
                     Ok(MetaReply::Done)
                 } else {
                     Err(AmqpError::not_found(format!("no vhost '{name}'")))
@@ -763,6 +852,32 @@ impl MetaState {
             MetaCmd::ClearPermissions { user, vhost } => {
                 self.permissions.remove(&(user, vhost));
                 Ok(MetaReply::Done)
+            }
+            MetaCmd::SetPolicy { vhost, policy } => {
+                if !self.vhosts.contains_key(&vhost) {
+                    Err(AmqpError::not_found(format!("no vhost '{vhost}'")))
+                } else if let Err(e) = policy.validate() {
+                    Err(e)
+                } else {
+                    self.policies
+                        .insert((vhost.clone(), policy.name.clone()), policy);
+                    self.announce_arguments(&vhost, &mut effects);
+                    Ok(MetaReply::Done)
+                }
+            }
+            MetaCmd::ClearPolicy { vhost, name } => {
+                if self
+                    .policies
+                    .remove(&(vhost.clone(), name.clone()))
+                    .is_some()
+                {
+                    self.announce_arguments(&vhost, &mut effects);
+                    Ok(MetaReply::Done)
+                } else {
+                    Err(AmqpError::not_found(format!(
+                        "no policy '{name}' in vhost '{vhost}'"
+                    )))
+                }
             }
         };
         (reply.unwrap_or_else(MetaReply::Error), effects)
@@ -1025,13 +1140,66 @@ impl MetaState {
         vh.queues.insert(decl.name, queue.clone());
         self.next_group += 1;
         effects.push(MetaEffect::QueueCreated {
-            vhost: vhost_name,
+            vhost: vhost_name.clone(),
             queue: queue.clone(),
         });
+        if self.policy_for(&vhost_name, &queue.name).is_some() {
+            effects.push(MetaEffect::QueueArguments {
+                arguments: self.effective_arguments(&vhost_name, &queue),
+                vhost: vhost_name,
+                name: queue.name.clone(),
+            });
+        }
         Ok(MetaReply::QueueDeclared {
             created: true,
             queue,
         })
+    }
+
+    /// The policy that applies to a queue: the matching one with the highest priority (by
+    /// name among equals).
+    pub fn policy_for(&self, vhost: &str, queue: &str) -> Option<&Policy> {
+        self.policies
+            .iter()
+            .filter(|((v, _), p)| v == vhost && p.applies_to_queue(queue))
+            .map(|(_, p)| p)
+            .max_by(|a, b| a.priority.cmp(&b.priority).then(b.name.cmp(&a.name)))
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = (&str, &Policy)> {
+        self.policies.iter().map(|((v, _), p)| (v.as_str(), p))
+    }
+
+    /// The arguments in force for a queue: its policy's, translated to queue arguments, with
+    /// the queue's own arguments over them.
+    pub fn effective_arguments(&self, vhost: &str, queue: &QueueDef) -> FieldTable {
+        let Some(policy) = self.policy_for(vhost, &queue.name) else {
+            return queue.arguments.clone();
+        };
+        let mut args = FieldTable::new();
+        for (key, value) in policy.definition.iter() {
+            if let Some((_, arg)) = POLICY_KEYS.iter().find(|(k, _)| *k == key.as_str()) {
+                args.insert(ShortStr::from_static(arg), value.clone());
+            }
+        }
+        for (key, value) in queue.arguments.iter() {
+            args.insert(key.clone(), value.clone());
+        }
+        args
+    }
+
+    /// Tells the adapter the arguments in force for every queue of a vhost.
+    fn announce_arguments(&self, vhost: &str, effects: &mut Vec<MetaEffect>) {
+        let Some(vh) = self.vhosts.get(vhost) else {
+            return;
+        };
+        for queue in vh.queues.values() {
+            effects.push(MetaEffect::QueueArguments {
+                vhost: vhost.to_owned(),
+                name: queue.name.clone(),
+                arguments: self.effective_arguments(vhost, queue),
+            });
+        }
     }
 
     fn remove_queues_where_in(&mut self, vhost: &str, effects: &mut Vec<MetaEffect>) {

@@ -628,3 +628,111 @@ fn vhosts_users_and_permissions() {
     m.apply(MetaCmd::DeleteUser { name: "app".into() });
     assert!(m.user("app").is_none());
 }
+
+fn policy(
+    name: &str,
+    pattern: &str,
+    priority: i64,
+    pairs: &[(&'static str, FieldValue)],
+) -> Policy {
+    let mut definition = FieldTable::new();
+    for (k, v) in pairs {
+        definition.insert(ShortStr::from_static(k), v.clone());
+    }
+    Policy {
+        name: name.into(),
+        pattern: pattern.into(),
+        apply_to: "queues".into(),
+        priority,
+        definition,
+    }
+}
+
+#[test]
+fn policies_apply_by_pattern_and_priority_under_queue_arguments() {
+    let mut m = MetaState::new();
+    let mut own = queue("orders-eu");
+    own.arguments
+        .insert(ShortStr::from_static("x-max-length"), FieldValue::I64(5));
+    m.apply(MetaCmd::DeclareQueue(own));
+    m.apply(MetaCmd::DeclareQueue(queue("audit")));
+    let (reply, effects) = m.apply(MetaCmd::SetPolicy {
+        vhost: "/".into(),
+        policy: policy(
+            "ttl",
+            "^orders",
+            1,
+            &[
+                ("message-ttl", FieldValue::I64(1000)),
+                ("max-length", FieldValue::I64(100)),
+            ],
+        ),
+    });
+    assert_eq!(reply, MetaReply::Done);
+    let args_of = |effects: &[MetaEffect], q: &str| {
+        effects.iter().find_map(|e| match e {
+            MetaEffect::QueueArguments {
+                name, arguments, ..
+            } if name == q => Some(arguments.clone()),
+            _ => None,
+        })
+    };
+    let orders = args_of(&effects, "orders-eu").expect("announced");
+    assert_eq!(orders.get("x-message-ttl"), Some(&FieldValue::I64(1000)));
+    assert_eq!(
+        orders.get("x-max-length"),
+        Some(&FieldValue::I64(5)),
+        "the queue's own argument wins"
+    );
+    let audit = args_of(&effects, "audit").expect("announced too");
+    assert_eq!(audit.get("x-message-ttl"), None);
+
+    // A higher-priority policy replaces the lower one for the queues it matches.
+    let (_, effects) = m.apply(MetaCmd::SetPolicy {
+        vhost: "/".into(),
+        policy: policy("short", "eu$", 5, &[("message-ttl", FieldValue::I64(10))]),
+    });
+    let orders = args_of(&effects, "orders-eu").expect("announced");
+    assert_eq!(orders.get("x-message-ttl"), Some(&FieldValue::I64(10)));
+    assert_eq!(
+        m.policy_for("/", "orders-eu").map(|p| p.name.as_str()),
+        Some("short")
+    );
+
+    // New queues get the policy's arguments announced when declared.
+    let (_, effects) = m.apply(MetaCmd::DeclareQueue(queue("orders-us")));
+    assert_eq!(
+        args_of(&effects, "orders-us").and_then(|a| a.get("x-message-ttl").cloned()),
+        Some(FieldValue::I64(1000))
+    );
+
+    // Clearing it announces the arguments without it.
+    let (_, effects) = m.apply(MetaCmd::ClearPolicy {
+        vhost: "/".into(),
+        name: "short".into(),
+    });
+    let orders = args_of(&effects, "orders-eu").expect("announced");
+    assert_eq!(orders.get("x-message-ttl"), Some(&FieldValue::I64(1000)));
+}
+
+#[test]
+fn invalid_policies_are_refused() {
+    let mut m = MetaState::new();
+    for bad in [
+        policy("p", "(", 0, &[]),
+        policy("p", ".*", 0, &[("max-priority", FieldValue::I64(5))]),
+        policy("p", ".*", 0, &[("message-ttl", FieldValue::I64(-1))]),
+        policy(
+            "p",
+            ".*",
+            0,
+            &[("overflow", FieldValue::LongStr(LongStr::from("drop-tail")))],
+        ),
+    ] {
+        let (reply, _) = m.apply(MetaCmd::SetPolicy {
+            vhost: "/".into(),
+            policy: bad.clone(),
+        });
+        assert!(matches!(reply, MetaReply::Error(_)), "{bad:?} accepted");
+    }
+}

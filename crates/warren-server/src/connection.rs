@@ -253,7 +253,7 @@ fn consumer_timeout(
             .and_then(|v| u64::try_from(v).ok())
     };
     let ms = from(consumer_args)
-        .or_else(|| from(&queue.def().arguments))
+        .or_else(|| from(&queue.arguments()))
         .unwrap_or(default_ms);
     (ms > 0).then(|| Duration::from_millis(ms))
 }
@@ -1548,12 +1548,14 @@ impl Connection {
         let nowait = m.nowait;
         let node = self.node.clone();
         let vhost = self.vhost.clone();
-        let expires = m.arguments.get("x-expires").is_some();
         self.spawn_op(channel, async move {
             match node.meta_write(cmd).await {
                 Ok(MetaReply::QueueDeclared { .. }) => {
-                    // A declaration is a use: it starts (or restarts) the `x-expires` clock.
-                    if expires && let Some(handle) = node.queue(&vhost, &name) {
+                    // A declaration is a use: it starts (or restarts) the `x-expires` clock,
+                    // whether the queue or its policy sets one.
+                    if let Some(handle) = node.queue(&vhost, &name)
+                        && handle.arguments().get("x-expires").is_some()
+                    {
                         let _ = handle.call(QueueCmd::Touch, None).await;
                     }
                     if nowait {

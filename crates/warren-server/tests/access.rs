@@ -176,3 +176,130 @@ fn users_log_into_vhosts_they_have_permissions_in_and_are_checked() {
         );
     });
 }
+
+/// A policy applies queue arguments by name pattern, to queues declared before and after
+/// it, through every node; clearing it takes them away; the queue's own arguments win.
+#[test]
+fn policies_apply_queue_arguments_by_pattern() {
+    let Some(cluster) = support::cluster::cluster("policies", 2) else {
+        return;
+    };
+    run(async {
+        let (conn, ch) = support::open(&cluster.url(1)).await;
+        let dlx = unique("pol-dlx");
+        let dead = unique("pol-dead");
+        ch.exchange_declare(
+            dlx.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        ch.queue_declare(dead.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("declare dead");
+        ch.queue_bind(
+            dead.as_str().into(),
+            dlx.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        let before = unique("pol-before");
+        ch.queue_declare(before.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("declare");
+
+        let bad = cluster
+            .ctl(1, &["set-policy", "bad", ".*", r#"{"max-priority": 5}"#])
+            .await;
+        assert!(
+            !bad.success() && bad.stderr.contains("unsupported"),
+            "{}",
+            bad.describe()
+        );
+        let definition = format!(r#"{{"message-ttl": 100, "dead-letter-exchange": "{dlx}"}}"#);
+        cluster
+            .ctl(
+                2,
+                &["set-policy", "expire", "pol-(before|after)", &definition],
+            )
+            .await
+            .expect_ok();
+        let after = unique("pol-after");
+        ch.queue_declare(after.as_str().into(), durable, FieldTable::default())
+            .await
+            .expect("declare");
+
+        let pub_ch = conn.create_channel().await.expect("channel");
+        pub_ch
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        let publish = |q: String, body: &'static str| {
+            let pub_ch = pub_ch.clone();
+            async move {
+                let c = pub_ch
+                    .basic_publish(
+                        "".into(),
+                        q.as_str().into(),
+                        BasicPublishOptions::default(),
+                        body.as_bytes(),
+                        BasicProperties::default(),
+                    )
+                    .await
+                    .expect("publish");
+                assert!(c.await.expect("confirm").is_ack());
+            }
+        };
+        publish(before.clone(), "b").await;
+        publish(after.clone(), "a").await;
+        // Both expire into the dead-letter queue, read through node 2.
+        let (_c2, ch2) = support::open(&cluster.url(2)).await;
+        let mut consumer = ch2
+            .basic_consume(
+                dead.as_str().into(),
+                "".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("consume");
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            got.push(
+                String::from_utf8_lossy(&support::next_delivery(&mut consumer).await.data)
+                    .into_owned(),
+            );
+        }
+        got.sort();
+        assert_eq!(got, ["a", "b"]);
+
+        let listing = cluster.ctl(1, &["list-access"]).await.expect_ok();
+        assert!(listing.contains("policy expire"), "{listing}");
+        cluster
+            .ctl(1, &["clear-policy", "expire"])
+            .await
+            .expect_ok();
+        publish(before.clone(), "stays").await;
+        let kept = ch
+            .basic_get(before.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("get")
+            .expect("no TTL any more");
+        assert_eq!(kept.delivery.data, b"stays");
+    });
+}

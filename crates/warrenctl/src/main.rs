@@ -14,7 +14,8 @@ use tonic::transport::{Channel, Endpoint};
 use warren_proto::access_request::Op;
 use warren_proto::admin_client::AdminClient;
 use warren_proto::{
-    AccessRequest, Empty, NodeRequest, PermissionSpec, QueueReplicaRequest, StatusReply, UserSpec,
+    AccessRequest, Empty, NodeRequest, PermissionSpec, PolicySpec, QueueReplicaRequest,
+    StatusReply, UserSpec,
 };
 
 #[derive(Parser)]
@@ -97,8 +98,28 @@ enum Command {
         #[arg(long, default_value = "/")]
         vhost: String,
     },
-    /// Lists vhosts, users (from the metadata; configured users are the nodes' own) and
-    /// permissions.
+    /// Sets a policy: queue arguments for the queues whose name matches PATTERN, e.g.
+    /// `set-policy ttl '^orders' '{"message-ttl": 60000, "dead-letter-exchange": "dlx"}'`.
+    SetPolicy {
+        name: String,
+        pattern: String,
+        /// A JSON object of RabbitMQ policy keys.
+        definition: String,
+        #[arg(long, default_value_t = 0)]
+        priority: i64,
+        /// queues, exchanges or all.
+        #[arg(long, default_value = "all")]
+        apply_to: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    ClearPolicy {
+        name: String,
+        #[arg(long, default_value = "/")]
+        vhost: String,
+    },
+    /// Lists vhosts, users (from the metadata; configured users are the nodes' own),
+    /// permissions and policies.
     ListAccess,
 }
 
@@ -237,7 +258,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::AddUser { .. }
         | Command::DeleteUser { .. }
         | Command::SetPermissions { .. }
-        | Command::ClearPermissions { .. } => {
+        | Command::ClearPermissions { .. }
+        | Command::SetPolicy { .. }
+        | Command::ClearPolicy { .. } => {
             let op = access_op(&cli.command).expect("an access command");
             let mut c = client(&cli.node, timeout).await?;
             let r = c
@@ -261,6 +284,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!(
                     "permissions {} vhost={} configure={:?} write={:?} read={:?}",
                     p.user, p.vhost, p.configure, p.write, p.read
+                );
+            }
+            for p in &l.policies {
+                println!(
+                    "policy {} vhost={} pattern={:?} apply-to={} priority={} definition={}",
+                    p.name, p.vhost, p.pattern, p.apply_to, p.priority, p.definition
                 );
             }
         }
@@ -307,6 +336,26 @@ fn access_op(command: &Command) -> Option<Op> {
         Command::ClearPermissions { user, vhost } => Op::ClearPermissions(PermissionSpec {
             user: user.clone(),
             vhost: vhost.clone(),
+            ..Default::default()
+        }),
+        Command::SetPolicy {
+            name,
+            pattern,
+            definition,
+            priority,
+            apply_to,
+            vhost,
+        } => Op::SetPolicy(PolicySpec {
+            vhost: vhost.clone(),
+            name: name.clone(),
+            pattern: pattern.clone(),
+            apply_to: apply_to.clone(),
+            priority: *priority,
+            definition: definition.clone(),
+        }),
+        Command::ClearPolicy { name, vhost } => Op::ClearPolicy(PolicySpec {
+            vhost: vhost.clone(),
+            name: name.clone(),
             ..Default::default()
         }),
         _ => return None,
