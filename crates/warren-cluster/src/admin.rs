@@ -366,6 +366,26 @@ impl pb::admin_server::Admin for AdminService {
         reply(done)
     }
 
+    async fn set_resource_limits(
+        &self,
+        request: Request<pb::ResourceLimits>,
+    ) -> Result<Response<pb::ResourceLimits>, Status> {
+        let node = self.node()?;
+        let monitor = node
+            .resource_monitor()
+            .ok_or_else(|| Status::unavailable("this node runs no resource monitor"))?;
+        let r = request.into_inner();
+        monitor.set_limits(r.memory_high_watermark, r.disk_free_limit);
+        let now = monitor.report();
+        Ok(Response::new(pb::ResourceLimits {
+            memory_high_watermark: Some(now.memory_high_watermark),
+            disk_free_limit: Some(now.disk_free_limit),
+            memory_used: now.memory_used,
+            disk_free: now.disk_free,
+            alarm: now.alarm.unwrap_or_default(),
+        }))
+    }
+
     async fn list_access(
         &self,
         _request: Request<pb::Empty>,

@@ -33,6 +33,7 @@ mod proposer;
 pub mod queue;
 pub mod queue_sm;
 mod registry;
+pub mod resources;
 pub mod supervisor;
 pub mod transport;
 pub mod types;

@@ -77,6 +77,8 @@ fn raft_err(e: impl std::fmt::Display) -> NodeError {
 }
 
 pub struct Node {
+    /// Memory and disk alarms, when the server runs them (set once after start).
+    resources: std::sync::OnceLock<Arc<crate::resources::ResourceMonitor>>,
     id: NodeId,
     run: NodeRun,
     advertise: String,
@@ -257,6 +259,7 @@ impl Node {
         }
 
         let node = Arc::new(Node {
+            resources: std::sync::OnceLock::new(),
             id: cfg.node_id,
             run,
             advertise: cfg.advertise.clone(),
@@ -329,6 +332,15 @@ impl Node {
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// Hands the node its resource monitor (once), for the admin service.
+    pub fn set_resource_monitor(&self, monitor: Arc<crate::resources::ResourceMonitor>) {
+        let _ = self.resources.set(monitor);
+    }
+
+    pub fn resource_monitor(&self) -> Option<&Arc<crate::resources::ResourceMonitor>> {
+        self.resources.get()
     }
 
     pub fn id(&self) -> NodeId {

@@ -67,6 +67,14 @@ pub struct Cli {
     /// Kubernetes StatefulSet names its pods.
     #[arg(long, env = "WARREN_NODE_ID_FROM_HOSTNAME")]
     pub node_id_from_hostname: bool,
+    /// Resident memory (bytes) above which publishers are blocked; 0 turns the alarm off.
+    /// Default: 40 % of the machine's memory, as RabbitMQ.
+    #[arg(long, env = "WARREN_MEMORY_HIGH_WATERMARK_BYTES")]
+    pub memory_high_watermark_bytes: Option<u64>,
+    /// Free disk space (bytes) under which publishers are blocked; 0 turns the alarm off.
+    /// Default: 50 MB, as RabbitMQ.
+    #[arg(long, env = "WARREN_DISK_FREE_LIMIT_BYTES")]
+    pub disk_free_limit_bytes: Option<u64>,
 }
 
 /// The file format. Unknown keys are an error: a misspelt setting must not be silently ignored.
@@ -86,8 +94,17 @@ struct FileConfig {
     telemetry: FileTelemetry,
     #[serde(default)]
     cluster: FileCluster,
+    #[serde(default)]
+    resources: FileResources,
     users: Option<Vec<UserConfig>>,
     loopback_users: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileResources {
+    memory_high_watermark_bytes: Option<u64>,
+    disk_free_limit_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -201,7 +218,13 @@ pub struct Config {
     pub default_replicas: usize,
     /// DNS discovery of the initial members: the service address and the expected count.
     pub discover: Option<(String, usize)>,
+    /// Resource alarms (bytes; 0: off).
+    pub memory_high_watermark_bytes: u64,
+    pub disk_free_limit_bytes: u64,
 }
+
+/// RabbitMQ's default disk free limit.
+pub const DEFAULT_DISK_FREE_LIMIT: u64 = 50_000_000;
 
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
 pub const DEFAULT_CHANNEL_MAX: u16 = 2047;
@@ -513,6 +536,16 @@ impl Config {
             failure_timeout_ms,
             default_replicas,
             discover,
+            memory_high_watermark_bytes: cli
+                .memory_high_watermark_bytes
+                .or(file.resources.memory_high_watermark_bytes)
+                .unwrap_or_else(|| {
+                    warren_cluster::resources::total_memory().map_or(0, |t| t / 5 * 2)
+                }),
+            disk_free_limit_bytes: cli
+                .disk_free_limit_bytes
+                .or(file.resources.disk_free_limit_bytes)
+                .unwrap_or(DEFAULT_DISK_FREE_LIMIT),
         })
     }
 }

@@ -305,6 +305,7 @@ pub fn generated_name(prefix: &str) -> String {
 #[derive(Default)]
 struct ClientCapabilities {
     consumer_cancel_notify: bool,
+    connection_blocked: bool,
 }
 
 pub struct Connection {
@@ -314,6 +315,13 @@ pub struct Connection {
     peer: SocketAddr,
     vhost: String,
     user: String,
+    /// A resource alarm is on (its reason), as the node's monitor last said.
+    alarm: Option<String>,
+    /// The connection published at least once: an alarm blocks it.
+    has_published: bool,
+    /// Reading is paused by an alarm (and connection.blocked was sent, if the client
+    /// takes it).
+    blocked: bool,
     /// The user is from the configuration file (allowed everything).
     user_configured: bool,
     /// What the user may do in the connection's vhost.
@@ -384,6 +392,9 @@ async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> st
         peer,
         vhost: String::new(),
         user: String::new(),
+        alarm: None,
+        has_published: false,
+        blocked: false,
         user_configured: false,
         access: VhostAccess::unrestricted(),
         write_checked: HashMap::new(),
@@ -558,6 +569,7 @@ impl Connection {
                 .unwrap_or(false)
         };
         self.caps.consumer_cancel_notify = capability("consumer_cancel_notify");
+        self.caps.connection_blocked = capability("connection.blocked");
         let failure_close = capability("authentication_failure_close");
         self.client_properties = start_ok.client_properties.clone();
         let node = self.node.clone();
@@ -712,6 +724,10 @@ impl Connection {
         let mut sent_since_tick = false;
         // Consumer timeouts are checked a few times a second; a delivery times out at most
         // this much late.
+        let mut alarm_rx = self.node.resource_monitor().map(|m| m.subscribe());
+        self.alarm = alarm_rx
+            .as_mut()
+            .and_then(|rx| rx.borrow_and_update().clone());
         let mut ack_timer = tokio::time::interval(ACK_TIMEOUT_CHECK);
         ack_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -727,8 +743,10 @@ impl Connection {
                     break;
                 }
             }
+            self.apply_alarm();
             let may_read = queued.load(Ordering::Relaxed) < WRITE_BACKLOG_PAUSE
-                && self.backlog_frames < CHANNEL_BACKLOG_PAUSE;
+                && self.backlog_frames < CHANNEL_BACKLOG_PAUSE
+                && !self.blocked;
             rbuf.reserve(64 * 1024);
             tokio::select! {
                 biased;
@@ -757,10 +775,22 @@ impl Connection {
                         }
                     }
                 }
+                Ok(()) = async {
+                    match alarm_rx.as_mut() {
+                        Some(rx) => rx.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    self.alarm = alarm_rx.as_mut().and_then(|rx| rx.borrow_and_update().clone());
+                }
                 _ = ack_timer.tick() => {
                     self.close_timed_out_channels();
                 }
                 _ = hb_timer.tick(), if !heartbeat.is_zero() => {
+                    // A blocked connection is not read, so its heartbeats are not either.
+                    if self.blocked {
+                        last_read = Instant::now();
+                    }
                     if last_read.elapsed() > heartbeat * 2 {
                         warn!(peer = %self.peer, "missed heartbeats from client, timeout: {}s", heartbeat.as_secs());
                         stop = Some(Stop::Done);
@@ -1803,6 +1833,7 @@ impl Connection {
         };
         let (method, header, body) = publish.into_parts();
         let seq = ch.confirm.as_mut().map(|c| c.next_seq());
+        self.has_published = true;
         self.check_publish(&method.exchange)?;
         let metrics = &self.broker.metrics;
         metrics.published.fetch_add(1, Ordering::Relaxed);
@@ -2338,6 +2369,36 @@ impl Connection {
                         self.broker.config.amqp.consumer_timeout_ms
                     ),
                 ),
+            );
+        }
+    }
+
+    /// Blocks or unblocks the connection after the alarm or its publishing changed: like
+    /// RabbitMQ, a connection is blocked once it publishes while an alarm is on, and only
+    /// then (consumers keep draining queues).
+    fn apply_alarm(&mut self) {
+        let blocked = self.alarm.is_some() && self.has_published;
+        if blocked == self.blocked {
+            return;
+        }
+        self.blocked = blocked;
+        if !self.caps.connection_blocked {
+            return;
+        }
+        if blocked {
+            let reason = self.alarm.clone().unwrap_or_default();
+            info!(peer = %self.peer, %reason, "connection blocked");
+            self.send_method(
+                0,
+                &Method::ConnectionBlocked(warren_codec::ConnectionBlocked {
+                    reason: short(&reason),
+                }),
+            );
+        } else {
+            info!(peer = %self.peer, "connection unblocked");
+            self.send_method(
+                0,
+                &Method::ConnectionUnblocked(warren_codec::ConnectionUnblocked {}),
             );
         }
     }

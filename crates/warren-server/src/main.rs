@@ -152,6 +152,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
     .await
     .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
     slot.set(&node);
+    let resources = warren_cluster::resources::ResourceMonitor::new(
+        config.data_dir.clone(),
+        config.memory_high_watermark_bytes,
+        config.disk_free_limit_bytes,
+    );
+    tokio::spawn(warren_cluster::resources::ResourceMonitor::run(
+        Arc::downgrade(&resources),
+    ));
+    node.set_resource_monitor(resources);
     // A node that is not among the initial members waits to be added (warrenctl add-node).
     let joining = !members.contains_key(&config.node_id);
     let ready_timeout = if joining {

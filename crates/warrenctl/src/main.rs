@@ -15,7 +15,7 @@ use warren_proto::access_request::Op;
 use warren_proto::admin_client::AdminClient;
 use warren_proto::{
     AccessRequest, Empty, NodeRequest, PermissionSpec, PolicySpec, QueueReplicaRequest,
-    StatusReply, UserSpec,
+    ResourceLimits, StatusReply, UserSpec,
 };
 
 #[derive(Parser)]
@@ -121,6 +121,16 @@ enum Command {
     /// Lists vhosts, users (from the metadata; configured users are the nodes' own),
     /// permissions and policies.
     ListAccess,
+    /// Shows (and with options changes) the node's resource alarm limits: publishers are
+    /// blocked while memory is above the high watermark or free disk below its limit.
+    ResourceLimits {
+        /// Resident memory in bytes; 0 turns the memory alarm off.
+        #[arg(long)]
+        memory_high_watermark: Option<u64>,
+        /// Free disk space in bytes; 0 turns the disk alarm off.
+        #[arg(long)]
+        disk_free_limit: Option<u64>,
+    },
 }
 
 async fn client(addr: &str, timeout: Duration) -> anyhow::Result<AdminClient<Channel>> {
@@ -291,6 +301,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "policy {} vhost={} pattern={:?} apply-to={} priority={} definition={}",
                     p.name, p.vhost, p.pattern, p.apply_to, p.priority, p.definition
                 );
+            }
+        }
+        Command::ResourceLimits {
+            memory_high_watermark,
+            disk_free_limit,
+        } => {
+            let mut c = client(&cli.node, timeout).await?;
+            let r = c
+                .set_resource_limits(ResourceLimits {
+                    memory_high_watermark: *memory_high_watermark,
+                    disk_free_limit: *disk_free_limit,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+                .into_inner();
+            let show = |v: Option<u64>| v.map_or("unknown".to_owned(), |v| v.to_string());
+            println!(
+                "memory: {} used, high watermark {}",
+                show(r.memory_used),
+                show(r.memory_high_watermark)
+            );
+            println!(
+                "disk: {} free, limit {}",
+                show(r.disk_free),
+                show(r.disk_free_limit)
+            );
+            if r.alarm.is_empty() {
+                println!("alarm: none");
+            } else {
+                println!("alarm: {}", r.alarm);
             }
         }
         Command::Rebalance => {
