@@ -57,48 +57,15 @@ fn check_expression(what: &str, expr: &str) -> Result<(), Status> {
         .map_err(|e| Status::invalid_argument(format!("invalid {what} permission '{expr}': {e}")))
 }
 
-/// A policy definition from its JSON object: integers, strings and booleans, as RabbitMQ's
-/// policy keys take.
+/// A policy definition from its JSON object.
 fn definition_table(json: &str) -> Result<warren_codec::FieldTable, Status> {
-    use warren_codec::{FieldTable, FieldValue, LongStr, ShortStr};
     let bad = |why: String| Status::invalid_argument(format!("invalid policy definition: {why}"));
     let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
-    let serde_json::Value::Object(map) = value else {
-        return Err(bad("expected a JSON object".into()));
-    };
-    let mut table = FieldTable::new();
-    for (key, v) in map {
-        let v = match v {
-            serde_json::Value::Bool(b) => FieldValue::Bool(b),
-            serde_json::Value::String(s) => FieldValue::LongStr(LongStr::from(s)),
-            serde_json::Value::Number(n) => match n.as_i64() {
-                Some(i) => FieldValue::I64(i),
-                None => return Err(bad(format!("'{key}' must be an integer"))),
-            },
-            other => return Err(bad(format!("'{key}' has unsupported value {other}"))),
-        };
-        let key = ShortStr::try_from(key.as_str()).map_err(|_| bad(format!("key '{key}'")))?;
-        table.insert(key, v);
-    }
-    Ok(table)
+    warren_core::json::table_from_json(&value).map_err(bad)
 }
 
 fn definition_json(table: &warren_codec::FieldTable) -> String {
-    use warren_codec::FieldValue;
-    let map: serde_json::Map<String, serde_json::Value> = table
-        .iter()
-        .map(|(k, v)| {
-            let v = match v {
-                FieldValue::Bool(b) => serde_json::Value::from(*b),
-                FieldValue::LongStr(s) => serde_json::Value::from(s.to_str_lossy().into_owned()),
-                other => other
-                    .as_i64()
-                    .map_or(serde_json::Value::Null, serde_json::Value::from),
-            };
-            (k.as_str().to_owned(), v)
-        })
-        .collect();
-    serde_json::Value::Object(map).to_string()
+    warren_core::json::table_to_json(table).to_string()
 }
 
 fn reply(message: impl Into<String>) -> Result<Response<pb::AdminReply>, Status> {

@@ -8,6 +8,7 @@
 pub mod dead_letter;
 pub mod error;
 pub mod ids;
+pub mod json;
 pub mod meta;
 pub mod queue;
 pub mod routing;

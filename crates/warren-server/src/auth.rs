@@ -31,6 +31,7 @@ pub struct User {
     pub name: String,
     secret: Secret,
     loopback_only: bool,
+    tags: Vec<String>,
 }
 
 /// Who logged in.
@@ -39,6 +40,8 @@ pub struct Principal {
     pub name: String,
     /// From the configuration file: the operator's own user, allowed everything.
     pub configured: bool,
+    /// `administrator`, `monitoring`, `management`: what the management API allows.
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -115,6 +118,7 @@ impl Authenticator {
                     name: u.name.clone(),
                     secret,
                     loopback_only: loopback_users.contains(&u.name),
+                    tags: u.tags.clone(),
                 };
                 (u.name.clone(), user)
             })
@@ -137,24 +141,38 @@ impl Authenticator {
             "AMQPLAIN" => parse_amqplain(response)?,
             other => return Err(AuthError::Mechanism(other.to_owned())),
         };
-        let refused = || AuthError::Refused(mechanism.to_owned());
+        self.check_password(mechanism, name, &password, peer, stored)
+    }
+
+    /// Checks a user name and password (from a SASL response, or HTTP basic auth); `how`
+    /// names the mechanism in the refusal.
+    pub fn check_password(
+        &self,
+        how: &str,
+        name: String,
+        password: &str,
+        peer: IpAddr,
+        stored: impl Fn(&str) -> Option<UserDef>,
+    ) -> Result<Principal, AuthError> {
+        let refused = || AuthError::Refused(how.to_owned());
         let Some(user) = self.users.get(&name) else {
             let user = stored(&name).ok_or_else(refused)?;
             // A stored user without a password hash cannot log in with a password.
             let (salt, digest) =
                 decode_password_hash(&user.password_hash).map_err(|_| refused())?;
-            if !constant_time_eq(&salted_digest(salt, &password), &digest) {
+            if !constant_time_eq(&salted_digest(salt, password), &digest) {
                 return Err(refused());
             }
             return Ok(Principal {
                 name,
                 configured: false,
+                tags: user.tags,
             });
         };
         let ok = match &user.secret {
             Secret::Plain(p) => constant_time_eq(p.as_bytes(), password.as_bytes()),
             Secret::Salted { salt, digest } => {
-                constant_time_eq(&salted_digest(*salt, &password), digest)
+                constant_time_eq(&salted_digest(*salt, password), digest)
             }
         };
         if !ok {
@@ -166,6 +184,7 @@ impl Authenticator {
         Ok(Principal {
             name: user.name.clone(),
             configured: true,
+            tags: user.tags.clone(),
         })
     }
 }

@@ -1,5 +1,6 @@
 //! The HTTP endpoint: `/healthz` (the process serves), `/readyz` (recovery is complete and
-//! clients are accepted) and `/metrics` (Prometheus text from `metrics`).
+//! clients are accepted), `/metrics` (Prometheus text from `metrics`) and the management
+//! API under `/api` (`management`).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +19,7 @@ pub fn router(broker: Arc<Broker>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(crate::management::router())
         .with_state(broker)
 }
 
@@ -42,6 +44,8 @@ async fn metrics(State(broker): State<Arc<Broker>>) -> impl IntoResponse {
 pub async fn serve(listener: TcpListener, broker: Arc<Broker>) {
     let mut shutdown = broker.shutdown.subscribe();
     let app = router(broker);
+    // The management API needs the caller's address (the loopback-only users).
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let result = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.changed().await;

@@ -11,6 +11,7 @@ mod channel;
 mod config;
 mod connection;
 mod http;
+mod management;
 mod metrics;
 mod telemetry;
 

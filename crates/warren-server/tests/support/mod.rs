@@ -635,15 +635,37 @@ fn read_stdout(stdout: ChildStdout, tx: mpsc::Sender<StdoutEvent>, log: Arc<Mute
 
 /// A minimal HTTP/1.1 GET against loopback: returns status code, headers and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
+    http_request(addr, "GET", path, None, None)
+}
+
+/// One HTTP/1.1 request with optional basic credentials and JSON body; returns status,
+/// head and body.
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    basic: Option<(&str, &str)>,
+    json: Option<&str>,
+) -> (u16, String, String) {
+    use base64::Engine;
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect http");
     s.set_read_timeout(Some(WAIT)).unwrap();
     s.set_write_timeout(Some(WAIT)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n\r\n"
-    )
-    .unwrap();
+    let mut head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAccept: */*\r\n");
+    if let Some((user, pass)) = basic {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+        head.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    let body = json.unwrap_or("");
+    if json.is_some() {
+        head.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
+    write!(s, "{head}\r\n{body}").unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read http response");
     let text = String::from_utf8_lossy(&raw).into_owned();

@@ -1,0 +1,782 @@
+//! The management HTTP API: the part of RabbitMQ's `/api` that tools and scripts use most,
+//! with the same paths and JSON shapes — overview, nodes, vhosts, users, permissions,
+//! policies, queues, exchanges and bindings — behind HTTP basic authentication.
+//!
+//! It is served by `http` next to `/metrics`. Reads come from this node's copy of the
+//! metadata (`warren_core::meta`) and its queue counters; changes are metadata commands
+//! written through the node (`warren_cluster::Node::meta_write`), so they hold cluster-wide.
+//! Users tagged `administrator` may change things; `monitoring` and `management` may read.
+//! Users from the configuration file authenticate as in AMQP (`auth`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{ConnectInfo, FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use base64::Engine;
+use serde_json::{Value, json};
+use warren_core::json::{table_from_json, table_to_json};
+use warren_core::meta::{
+    Destination, MetaCmd, MetaReply, Permissions, Placement, Policy, QueueDef,
+};
+
+use crate::auth::Principal;
+use crate::broker::Broker;
+
+type Reply = Result<Response, ApiError>;
+
+pub fn router() -> Router<Arc<Broker>> {
+    Router::new()
+        .route("/api/overview", get(overview))
+        .route("/api/whoami", get(whoami))
+        .route("/api/nodes", get(nodes))
+        .route("/api/vhosts", get(vhosts))
+        .route(
+            "/api/vhosts/{vhost}",
+            get(vhost).put(put_vhost).delete(delete_vhost),
+        )
+        .route("/api/users", get(users))
+        .route(
+            "/api/users/{user}",
+            get(user).put(put_user).delete(delete_user),
+        )
+        .route("/api/permissions", get(permissions))
+        .route(
+            "/api/permissions/{vhost}/{user}",
+            get(permission)
+                .put(put_permission)
+                .delete(delete_permission),
+        )
+        .route("/api/policies", get(policies))
+        .route("/api/policies/{vhost}", get(policies_in))
+        .route(
+            "/api/policies/{vhost}/{name}",
+            get(policy).put(put_policy).delete(delete_policy),
+        )
+        .route("/api/queues", get(queues))
+        .route("/api/queues/{vhost}", get(queues_in))
+        .route(
+            "/api/queues/{vhost}/{name}",
+            get(queue).delete(delete_queue),
+        )
+        .route("/api/exchanges", get(exchanges))
+        .route("/api/exchanges/{vhost}", get(exchanges_in))
+        .route("/api/bindings", get(bindings))
+        .route("/api/bindings/{vhost}", get(bindings_in))
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (
+            self.0,
+            Json(json!({"error": error_name(self.0), "reason": self.1})),
+        )
+            .into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"Warren Management\""),
+            );
+        }
+        response
+    }
+}
+
+fn error_name(code: StatusCode) -> &'static str {
+    match code {
+        StatusCode::UNAUTHORIZED => "not_authorised",
+        StatusCode::NOT_FOUND => "Object Not Found",
+        StatusCode::BAD_REQUEST => "bad_request",
+        _ => "error",
+    }
+}
+
+fn bad(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, why.into())
+}
+
+fn not_found(what: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, what.into())
+}
+
+/// Checks HTTP basic credentials; changes need the `administrator` tag, reads any
+/// management tag.
+fn authorise(
+    broker: &Broker,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+    write: bool,
+) -> Result<Principal, ApiError> {
+    let unauthorised = |why: &str| ApiError(StatusCode::UNAUTHORIZED, why.to_owned());
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthorised("credentials required"))?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .ok_or_else(|| unauthorised("basic authentication required"))?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| unauthorised("malformed credentials"))?;
+    let (name, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| unauthorised("malformed credentials"))?;
+    let node = broker.node.clone();
+    let principal = broker
+        .auth
+        .check_password("basic", name.to_owned(), password, peer.ip(), |n| {
+            node.meta().user(n).cloned()
+        })
+        .map_err(|e| unauthorised(&e.to_string()))?;
+    let has = |tag: &str| principal.tags.iter().any(|t| t == tag);
+    let allowed = if write {
+        has("administrator")
+    } else {
+        has("administrator") || has("monitoring") || has("management")
+    };
+    if !allowed {
+        return Err(unauthorised(&format!(
+            "user '{}' has no management tag that allows this",
+            principal.name
+        )));
+    }
+    Ok(principal)
+}
+
+/// What every handler works with: the broker and the authorised caller.
+struct Call {
+    broker: Arc<Broker>,
+    principal: Principal,
+}
+
+/// The authorised caller of a request: reads need a management tag, changes
+/// `administrator`.
+struct Auth(Principal);
+
+impl FromRequestParts<Arc<Broker>> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        broker: &Arc<Broker>,
+    ) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0)
+            .ok_or_else(|| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "no peer address".into()))?;
+        let write = parts.method != Method::GET;
+        authorise(broker, &parts.headers, peer, write).map(Auth)
+    }
+}
+
+async fn write(call: &Call, cmd: MetaCmd) -> Reply {
+    match call.broker.node.meta_write(cmd).await {
+        Ok(MetaReply::Error(e)) => Err(match e.code {
+            404 => not_found(e.text),
+            _ => bad(e.text),
+        }),
+        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+fn ok(v: Value) -> Reply {
+    Ok(Json(v).into_response())
+}
+
+async fn overview(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    let handles = c.broker.node.queue_handles();
+    let (mut ready, mut unacked, mut consumers) = (0u64, 0u64, 0u64);
+    for h in &handles {
+        let s = h.stats();
+        ready += s.ready;
+        unacked += s.unacked;
+        consumers += s.consumers;
+    }
+    let metrics = &c.broker.metrics;
+    ok(json!({
+        "product_name": "Warren",
+        "product_version": env!("CARGO_PKG_VERSION"),
+        "management_version": env!("CARGO_PKG_VERSION"),
+        "node": node_name(c.broker.node.id()),
+        "object_totals": {
+            "connections": metrics.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "channels": metrics.channels.load(std::sync::atomic::Ordering::Relaxed),
+            "exchanges": meta.exchanges().count(),
+            "queues": meta.queues().count(),
+            "consumers": consumers,
+        },
+        "queue_totals": {
+            "messages": ready + unacked,
+            "messages_ready": ready,
+            "messages_unacknowledged": unacked,
+        },
+    }))
+}
+
+async fn whoami(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(json!({"name": c.principal.name, "tags": c.principal.tags.join(",")}))
+}
+
+async fn nodes(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let down = c.broker.node.down_nodes();
+    let list: Vec<Value> = c
+        .broker
+        .node
+        .members()
+        .into_iter()
+        .map(|(id, addr)| {
+            json!({"name": node_name(id), "cluster_address": addr, "running": !down.contains(&id)})
+        })
+        .collect();
+    ok(Value::Array(list))
+}
+
+fn node_name(id: u64) -> String {
+    format!("warren@{id}")
+}
+
+async fn vhosts(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    ok(Value::Array(
+        meta.vhost_names().map(|v| json!({"name": v})).collect(),
+    ))
+}
+
+async fn vhost(State(broker): State<Arc<Broker>>, auth: Auth, Path(name): Path<String>) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    if c.broker.node.meta().vhost_exists(&name) {
+        ok(json!({"name": name}))
+    } else {
+        Err(not_found(format!("no vhost '{name}'")))
+    }
+}
+
+async fn put_vhost(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(name): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    write(&c, MetaCmd::AddVhost { name }).await
+}
+
+async fn delete_vhost(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(name): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    write(&c, MetaCmd::DeleteVhost { name }).await
+}
+
+fn user_json(name: &str, tags: &[String]) -> Value {
+    json!({"name": name, "tags": tags.join(",")})
+}
+
+async fn users(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    let mut list: Vec<Value> = c
+        .broker
+        .config
+        .users
+        .iter()
+        .map(|u| user_json(&u.name, &u.tags))
+        .collect();
+    list.extend(meta.users().map(|u| user_json(&u.name, &u.tags)));
+    ok(Value::Array(list))
+}
+
+async fn user(State(broker): State<Arc<Broker>>, auth: Auth, Path(name): Path<String>) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    if let Some(u) = c.broker.config.users.iter().find(|u| u.name == name) {
+        return ok(user_json(&u.name, &u.tags));
+    }
+    match c.broker.node.meta().user(&name) {
+        Some(u) => ok(user_json(&u.name, &u.tags)),
+        None => Err(not_found(format!("no user '{name}'"))),
+    }
+}
+
+/// Tags as RabbitMQ takes them: a comma-separated string or a list.
+fn tags_of(body: &Value) -> Vec<String> {
+    match body.get("tags") {
+        Some(Value::String(s)) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|t| t.as_str().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+async fn put_user(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(name): Path<String>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    if c.broker.config.users.iter().any(|u| u.name == name) {
+        return Err(bad(format!(
+            "user '{name}' comes from the configuration file and cannot be changed here"
+        )));
+    }
+    let password_hash = match (body.get("password"), body.get("password_hash")) {
+        (Some(Value::String(p)), _) => warren_core::meta::password_hash(rand::random(), p),
+        (None, Some(Value::String(h))) => {
+            crate::auth::decode_password_hash(h).map_err(|e| bad(format!("password_hash: {e}")))?;
+            h.clone()
+        }
+        _ => return Err(bad("a password or password_hash is required")),
+    };
+    write(
+        &c,
+        MetaCmd::PutUser {
+            name,
+            password_hash,
+            tags: tags_of(&body),
+        },
+    )
+    .await
+}
+
+async fn delete_user(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(name): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    write(&c, MetaCmd::DeleteUser { name }).await
+}
+
+fn permission_json(user: &str, vhost: &str, p: &Permissions) -> Value {
+    json!({"user": user, "vhost": vhost, "configure": p.configure, "write": p.write, "read": p.read})
+}
+
+async fn permissions(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    ok(Value::Array(
+        meta.all_permissions()
+            .map(|(u, v, p)| permission_json(u, v, p))
+            .collect(),
+    ))
+}
+
+async fn permission(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    match c.broker.node.meta().permissions(&user, &vhost) {
+        Some(p) => ok(permission_json(&user, &vhost, p)),
+        None => Err(not_found(format!(
+            "no permissions of '{user}' in vhost '{vhost}'"
+        ))),
+    }
+}
+
+async fn put_permission(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, user)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let field = |k: &str| {
+        body.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| bad(format!("'{k}' (a regular expression) is required")))
+    };
+    let permissions = Permissions {
+        configure: field("configure")?,
+        write: field("write")?,
+        read: field("read")?,
+    };
+    for (what, expr) in [
+        ("configure", &permissions.configure),
+        ("write", &permissions.write),
+        ("read", &permissions.read),
+    ] {
+        if !expr.is_empty() {
+            regex::Regex::new(expr).map_err(|e| bad(format!("invalid {what} permission: {e}")))?;
+        }
+    }
+    write(
+        &c,
+        MetaCmd::SetPermissions {
+            user,
+            vhost,
+            permissions,
+        },
+    )
+    .await
+}
+
+async fn delete_permission(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, user)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    write(&c, MetaCmd::ClearPermissions { user, vhost }).await
+}
+
+fn policy_json(vhost: &str, p: &Policy) -> Value {
+    json!({
+        "vhost": vhost,
+        "name": p.name,
+        "pattern": p.pattern,
+        "apply-to": p.apply_to,
+        "priority": p.priority,
+        "definition": table_to_json(&p.definition),
+    })
+}
+
+async fn policies(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    ok(Value::Array(
+        meta.policies().map(|(v, p)| policy_json(v, p)).collect(),
+    ))
+}
+
+async fn policies_in(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    ok(Value::Array(
+        meta.policies()
+            .filter(|(v, _)| *v == vhost)
+            .map(|(v, p)| policy_json(v, p))
+            .collect(),
+    ))
+}
+
+async fn policy(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let meta = c.broker.node.meta();
+    meta.policies()
+        .find(|(v, p)| *v == vhost && p.name == name)
+        .map(|(v, p)| policy_json(v, p))
+        .map_or_else(
+            || Err(not_found(format!("no policy '{name}' in vhost '{vhost}'"))),
+            ok,
+        )
+}
+
+async fn put_policy(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let pattern = body
+        .get("pattern")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("'pattern' is required"))?
+        .to_owned();
+    let definition = table_from_json(body.get("definition").unwrap_or(&Value::Null))
+        .map_err(|e| bad(format!("definition: {e}")))?;
+    let policy = Policy {
+        name,
+        pattern,
+        apply_to: body
+            .get("apply-to")
+            .and_then(Value::as_str)
+            .unwrap_or("all")
+            .to_owned(),
+        priority: body.get("priority").and_then(Value::as_i64).unwrap_or(0),
+        definition,
+    };
+    write(&c, MetaCmd::SetPolicy { vhost, policy }).await
+}
+
+async fn delete_policy(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    write(&c, MetaCmd::ClearPolicy { vhost, name }).await
+}
+
+fn queue_json(broker: &Broker, vhost: &str, q: &QueueDef) -> Value {
+    let stats = broker
+        .node
+        .queue(vhost, &q.name)
+        .map(|h| h.stats())
+        .unwrap_or_default();
+    let (kind, node, members) = match &q.placement {
+        Placement::Replicated { replicas, .. } => (
+            "quorum",
+            replicas.first().map(|n| node_name(*n)),
+            replicas.iter().map(|n| node_name(*n)).collect::<Vec<_>>(),
+        ),
+        Placement::Local { run } => (
+            "classic",
+            Some(node_name(run.node)),
+            vec![node_name(run.node)],
+        ),
+    };
+    json!({
+        "name": q.name,
+        "vhost": vhost,
+        "durable": q.durable,
+        "auto_delete": q.auto_delete,
+        "exclusive": q.exclusive_owner.is_some(),
+        "arguments": table_to_json(&q.arguments),
+        "type": kind,
+        "node": node,
+        "members": members,
+        "state": "running",
+        "messages": stats.ready + stats.unacked,
+        "messages_ready": stats.ready,
+        "messages_unacknowledged": stats.unacked,
+        "consumers": stats.consumers,
+    })
+}
+
+fn queue_list(broker: &Broker, only: Option<&str>) -> Value {
+    let meta = broker.node.meta();
+    Value::Array(
+        meta.queues()
+            .filter(|(v, _)| only.is_none_or(|o| o == *v))
+            .map(|(v, q)| queue_json(broker, v, q))
+            .collect(),
+    )
+}
+
+async fn queues(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(queue_list(&c.broker, None))
+}
+
+async fn queues_in(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(queue_list(&c.broker, Some(&vhost)))
+}
+
+async fn queue(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    let def = c.broker.node.meta().queue(&vhost, &name).cloned();
+    match def {
+        Some(q) => ok(queue_json(&c.broker, &vhost, &q)),
+        None => Err(not_found(format!("no queue '{name}' in vhost '{vhost}'"))),
+    }
+}
+
+async fn delete_queue(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    if c.broker.node.meta().queue(&vhost, &name).is_none() {
+        return Err(not_found(format!("no queue '{name}' in vhost '{vhost}'")));
+    }
+    write(
+        &c,
+        MetaCmd::DeleteQueue {
+            vhost,
+            name,
+            by: None,
+        },
+    )
+    .await
+}
+
+fn exchange_list(broker: &Broker, only: Option<&str>) -> Value {
+    let meta = broker.node.meta();
+    Value::Array(
+        meta.exchanges()
+            .filter(|(v, _)| only.is_none_or(|o| o == *v))
+            .map(|(v, e)| {
+                json!({
+                    "name": e.name,
+                    "vhost": v,
+                    "type": e.kind.as_str(),
+                    "durable": e.durable,
+                    "auto_delete": e.auto_delete,
+                    "internal": e.internal,
+                    "arguments": table_to_json(&e.arguments),
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn exchanges(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(exchange_list(&c.broker, None))
+}
+
+async fn exchanges_in(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(exchange_list(&c.broker, Some(&vhost)))
+}
+
+fn binding_list(broker: &Broker, only: Option<&str>) -> Value {
+    let meta = broker.node.meta();
+    Value::Array(
+        meta.bindings()
+            .filter(|(v, _)| only.is_none_or(|o| o == *v))
+            .map(|(v, b)| {
+                let (destination, kind) = match &b.destination {
+                    Destination::Queue(q) => (q.as_str(), "queue"),
+                    Destination::Exchange(e) => (e.as_str(), "exchange"),
+                };
+                json!({
+                    "source": b.source,
+                    "vhost": v,
+                    "destination": destination,
+                    "destination_type": kind,
+                    "routing_key": b.routing_key,
+                    "arguments": table_to_json(&b.arguments),
+                })
+            })
+            .collect(),
+    )
+}
+
+async fn bindings(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(binding_list(&c.broker, None))
+}
+
+async fn bindings_in(
+    State(broker): State<Arc<Broker>>,
+    auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let c = Call {
+        broker,
+        principal: auth.0,
+    };
+    ok(binding_list(&c.broker, Some(&vhost)))
+}
