@@ -100,10 +100,9 @@ pub const SCENARIOS: &[Scenario] = &[
         about: "warrenctl remove-node of node 1, which has consumers of chaos-q2 and chaos-q4 \
                 (led elsewhere) with unacked deliveries; then a fresh node 4 is added. Every \
                 message those consumers held must come back to the queue.",
-        known_bug: Some(
-            "messages out with a removed node's consumers stay unacked forever \
-             (membership seed 3)",
-        ),
+        // Fixed: a removed member is released like a down one
+        // (cluster_admin::removing_a_node_gives_back_what_its_consumers_held).
+        known_bug: None,
         strict_duplicates: false,
         events: || {
             vec![Event {

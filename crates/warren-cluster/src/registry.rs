@@ -52,6 +52,8 @@ pub(crate) struct Registry {
     groups_started: std::sync::atomic::AtomicBool,
     /// Addresses of the cluster's members, from the metadata group's membership.
     members: RwLock<BTreeMap<NodeId, String>>,
+    /// Members removed since this node started (see `removed_members`).
+    removed: Mutex<std::collections::BTreeSet<NodeId>>,
     /// Auto-delete requests, executed by a task that owns a weak reference to the node.
     unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
     /// Dead-letters of the queues this node leads, for the node's dead-letter service.
@@ -98,6 +100,7 @@ impl Registry {
             groups: Mutex::new(HashMap::new()),
             groups_started: std::sync::atomic::AtomicBool::new(false),
             members: RwLock::new(BTreeMap::new()),
+            removed: Mutex::new(std::collections::BTreeSet::new()),
             unused_tx,
             dead_letter_tx,
         }
@@ -109,7 +112,22 @@ impl Registry {
                 self.transport.set_address(*id, addr);
             }
         }
-        *write(&self.members) = members;
+        let mut current = write(&self.members);
+        {
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            removed.extend(current.keys().filter(|id| !members.contains_key(id)));
+            removed.retain(|id| !members.contains_key(id));
+        }
+        *current = members;
+    }
+
+    /// Nodes that left the membership while this node ran: as good as down for good. What
+    /// their connections held must come back, wherever and whenever a queue learns of it.
+    pub fn removed_members(&self) -> std::collections::BTreeSet<NodeId> {
+        self.removed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn members(&self) -> BTreeMap<NodeId, String> {
@@ -492,11 +510,14 @@ async fn watch_leadership(
             let down: Vec<NodeId> = registry
                 .upgrade()
                 .map(|r| {
-                    r.members()
+                    let mut down: Vec<NodeId> = r
+                        .members()
                         .keys()
                         .copied()
                         .filter(|n| *n != node_id && r.liveness.is_down(*n))
-                        .collect()
+                        .collect();
+                    down.extend(r.removed_members());
+                    down
                 })
                 .unwrap_or_default();
             info!(queue = %h.name(), ?down, "leading queue");

@@ -158,6 +158,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
     let mut last_elect: HashMap<u64, Instant> = HashMap::new();
     let mut changes: Changes = HashMap::new();
     let mut leaderless_since: HashMap<u64, Instant> = HashMap::new();
+    let mut gone_handled: BTreeSet<NodeId> = BTreeSet::new();
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -170,6 +171,17 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
             .filter(|n| *n != node.id())
             .collect();
         liveness.forget_except(&others.iter().copied().collect());
+        // A removed member never answers again and is no longer pinged, so it is never
+        // declared down: release what its connections held here, once.
+        let removed = node.registry().removed_members();
+        for gone in removed.difference(&gone_handled) {
+            warn!(
+                node = gone,
+                "member removed: releasing what its connections held"
+            );
+            node_gone(&node, *gone);
+        }
+        gone_handled = removed;
 
         let pings = others.iter().map(|peer| {
             let call = node.transport().call(
@@ -193,15 +205,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
             match liveness.record(peer, result, now) {
                 Some(true) => {
                     warn!(node = peer, "peer is down");
-                    release_down_node(&node, peer);
-                    if node.meta_leader() == Some(node.id()) {
-                        // The metadata leader drops the down node's exclusive queues, as if
-                        // their connections had closed.
-                        let n = node.clone();
-                        tokio::spawn(async move {
-                            let _ = n.meta_write(MetaCmd::NodeDown { node: peer }).await;
-                        });
-                    }
+                    node_gone(&node, peer);
                 }
                 Some(false) => {
                     info!(node = peer, "peer is back");
@@ -345,6 +349,19 @@ fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) 
                 changes.insert(group, (Instant::now(), task));
             }
         }
+    }
+}
+
+/// A node is down or removed: its consumers and unsettled messages go from the queues this
+/// node leads, and the metadata leader drops its exclusive queues, as if their connections
+/// had closed.
+fn node_gone(node: &Arc<Node>, gone: NodeId) {
+    release_down_node(node, gone);
+    if node.meta_leader() == Some(node.id()) {
+        let n = node.clone();
+        tokio::spawn(async move {
+            let _ = n.meta_write(MetaCmd::NodeDown { node: gone }).await;
+        });
     }
 }
 
