@@ -152,12 +152,6 @@ fn authorise(
     Ok(principal)
 }
 
-/// What every handler works with: the broker and the authorised caller.
-struct Call {
-    broker: Arc<Broker>,
-    principal: Principal,
-}
-
 /// The authorised caller of a request: reads need a management tag, changes
 /// `administrator`.
 struct Auth(Principal);
@@ -179,8 +173,8 @@ impl FromRequestParts<Arc<Broker>> for Auth {
     }
 }
 
-async fn write(call: &Call, cmd: MetaCmd) -> Reply {
-    match call.broker.node.meta_write(cmd).await {
+async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
+    match broker.node.meta_write(cmd).await {
         Ok(MetaReply::Error(e)) => Err(match e.code {
             404 => not_found(e.text),
             _ => bad(e.text),
@@ -194,13 +188,9 @@ fn ok(v: Value) -> Reply {
     Ok(Json(v).into_response())
 }
 
-async fn overview(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
-    let handles = c.broker.node.queue_handles();
+async fn overview(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let meta = broker.node.meta();
+    let handles = broker.node.queue_handles();
     let (mut ready, mut unacked, mut consumers) = (0u64, 0u64, 0u64);
     for h in &handles {
         let s = h.stats();
@@ -208,12 +198,12 @@ async fn overview(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
         unacked += s.unacked;
         consumers += s.consumers;
     }
-    let metrics = &c.broker.metrics;
+    let metrics = &broker.metrics;
     ok(json!({
         "product_name": "Warren",
         "product_version": env!("CARGO_PKG_VERSION"),
         "management_version": env!("CARGO_PKG_VERSION"),
-        "node": node_name(c.broker.node.id()),
+        "node": node_name(broker.node.id()),
         "object_totals": {
             "connections": metrics.connections.load(std::sync::atomic::Ordering::Relaxed),
             "channels": metrics.channels.load(std::sync::atomic::Ordering::Relaxed),
@@ -229,22 +219,13 @@ async fn overview(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
     }))
 }
 
-async fn whoami(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(json!({"name": c.principal.name, "tags": c.principal.tags.join(",")}))
+async fn whoami(State(_broker): State<Arc<Broker>>, Auth(principal): Auth) -> Reply {
+    ok(json!({"name": principal.name, "tags": principal.tags.join(",")}))
 }
 
-async fn nodes(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let down = c.broker.node.down_nodes();
-    let list: Vec<Value> = c
-        .broker
+async fn nodes(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let down = broker.node.down_nodes();
+    let list: Vec<Value> = broker
         .node
         .members()
         .into_iter()
@@ -259,23 +240,15 @@ fn node_name(id: u64) -> String {
     format!("warren@{id}")
 }
 
-async fn vhosts(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
+async fn vhosts(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let meta = broker.node.meta();
     ok(Value::Array(
         meta.vhost_names().map(|v| json!({"name": v})).collect(),
     ))
 }
 
-async fn vhost(State(broker): State<Arc<Broker>>, auth: Auth, Path(name): Path<String>) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    if c.broker.node.meta().vhost_exists(&name) {
+async fn vhost(State(broker): State<Arc<Broker>>, _auth: Auth, Path(name): Path<String>) -> Reply {
+    if broker.node.meta().vhost_exists(&name) {
         ok(json!({"name": name}))
     } else {
         Err(not_found(format!("no vhost '{name}'")))
@@ -284,40 +257,27 @@ async fn vhost(State(broker): State<Arc<Broker>>, auth: Auth, Path(name): Path<S
 
 async fn put_vhost(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(name): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    write(&c, MetaCmd::AddVhost { name }).await
+    write(&broker, MetaCmd::AddVhost { name }).await
 }
 
 async fn delete_vhost(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(name): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    write(&c, MetaCmd::DeleteVhost { name }).await
+    write(&broker, MetaCmd::DeleteVhost { name }).await
 }
 
 fn user_json(name: &str, tags: &[String]) -> Value {
     json!({"name": name, "tags": tags.join(",")})
 }
 
-async fn users(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
-    let mut list: Vec<Value> = c
-        .broker
+async fn users(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let meta = broker.node.meta();
+    let mut list: Vec<Value> = broker
         .config
         .users
         .iter()
@@ -327,15 +287,11 @@ async fn users(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
     ok(Value::Array(list))
 }
 
-async fn user(State(broker): State<Arc<Broker>>, auth: Auth, Path(name): Path<String>) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    if let Some(u) = c.broker.config.users.iter().find(|u| u.name == name) {
+async fn user(State(broker): State<Arc<Broker>>, _auth: Auth, Path(name): Path<String>) -> Reply {
+    if let Some(u) = broker.config.users.iter().find(|u| u.name == name) {
         return ok(user_json(&u.name, &u.tags));
     }
-    match c.broker.node.meta().user(&name) {
+    match broker.node.meta().user(&name) {
         Some(u) => ok(user_json(&u.name, &u.tags)),
         None => Err(not_found(format!("no user '{name}'"))),
     }
@@ -360,15 +316,11 @@ fn tags_of(body: &Value) -> Vec<String> {
 
 async fn put_user(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(name): Path<String>,
     Json(body): Json<Value>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    if c.broker.config.users.iter().any(|u| u.name == name) {
+    if broker.config.users.iter().any(|u| u.name == name) {
         return Err(bad(format!(
             "user '{name}' comes from the configuration file and cannot be changed here"
         )));
@@ -382,7 +334,7 @@ async fn put_user(
         _ => return Err(bad("a password or password_hash is required")),
     };
     write(
-        &c,
+        &broker,
         MetaCmd::PutUser {
             name,
             password_hash,
@@ -394,26 +346,18 @@ async fn put_user(
 
 async fn delete_user(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(name): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    write(&c, MetaCmd::DeleteUser { name }).await
+    write(&broker, MetaCmd::DeleteUser { name }).await
 }
 
 fn permission_json(user: &str, vhost: &str, p: &Permissions) -> Value {
     json!({"user": user, "vhost": vhost, "configure": p.configure, "write": p.write, "read": p.read})
 }
 
-async fn permissions(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
+async fn permissions(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let meta = broker.node.meta();
     ok(Value::Array(
         meta.all_permissions()
             .map(|(u, v, p)| permission_json(u, v, p))
@@ -423,14 +367,10 @@ async fn permissions(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
 
 async fn permission(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, user)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    match c.broker.node.meta().permissions(&user, &vhost) {
+    match broker.node.meta().permissions(&user, &vhost) {
         Some(p) => ok(permission_json(&user, &vhost, p)),
         None => Err(not_found(format!(
             "no permissions of '{user}' in vhost '{vhost}'"
@@ -440,14 +380,10 @@ async fn permission(
 
 async fn put_permission(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, user)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
     let field = |k: &str| {
         body.get(k)
             .and_then(Value::as_str)
@@ -469,7 +405,7 @@ async fn put_permission(
         }
     }
     write(
-        &c,
+        &broker,
         MetaCmd::SetPermissions {
             user,
             vhost,
@@ -481,14 +417,10 @@ async fn put_permission(
 
 async fn delete_permission(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, user)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    write(&c, MetaCmd::ClearPermissions { user, vhost }).await
+    write(&broker, MetaCmd::ClearPermissions { user, vhost }).await
 }
 
 fn policy_json(vhost: &str, p: &Policy) -> Value {
@@ -502,12 +434,8 @@ fn policy_json(vhost: &str, p: &Policy) -> Value {
     })
 }
 
-async fn policies(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
+async fn policies(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let meta = broker.node.meta();
     ok(Value::Array(
         meta.policies().map(|(v, p)| policy_json(v, p)).collect(),
     ))
@@ -515,14 +443,10 @@ async fn policies(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
 
 async fn policies_in(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
+    let meta = broker.node.meta();
     ok(Value::Array(
         meta.policies()
             .filter(|(v, _)| *v == vhost)
@@ -533,14 +457,10 @@ async fn policies_in(
 
 async fn policy(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let meta = c.broker.node.meta();
+    let meta = broker.node.meta();
     meta.policies()
         .find(|(v, p)| *v == vhost && p.name == name)
         .map(|(v, p)| policy_json(v, p))
@@ -552,14 +472,10 @@ async fn policy(
 
 async fn put_policy(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, name)): Path<(String, String)>,
     Json(body): Json<Value>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
     let pattern = body
         .get("pattern")
         .and_then(Value::as_str)
@@ -578,19 +494,15 @@ async fn put_policy(
         priority: body.get("priority").and_then(Value::as_i64).unwrap_or(0),
         definition,
     };
-    write(&c, MetaCmd::SetPolicy { vhost, policy }).await
+    write(&broker, MetaCmd::SetPolicy { vhost, policy }).await
 }
 
 async fn delete_policy(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    write(&c, MetaCmd::ClearPolicy { vhost, name }).await
+    write(&broker, MetaCmd::ClearPolicy { vhost, name }).await
 }
 
 fn queue_json(broker: &Broker, vhost: &str, q: &QueueDef) -> Value {
@@ -639,56 +551,40 @@ fn queue_list(broker: &Broker, only: Option<&str>) -> Value {
     )
 }
 
-async fn queues(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(queue_list(&c.broker, None))
+async fn queues(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(queue_list(&broker, None))
 }
 
 async fn queues_in(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(queue_list(&c.broker, Some(&vhost)))
+    ok(queue_list(&broker, Some(&vhost)))
 }
 
 async fn queue(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    let def = c.broker.node.meta().queue(&vhost, &name).cloned();
+    let def = broker.node.meta().queue(&vhost, &name).cloned();
     match def {
-        Some(q) => ok(queue_json(&c.broker, &vhost, &q)),
+        Some(q) => ok(queue_json(&broker, &vhost, &q)),
         None => Err(not_found(format!("no queue '{name}' in vhost '{vhost}'"))),
     }
 }
 
 async fn delete_queue(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path((vhost, name)): Path<(String, String)>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    if c.broker.node.meta().queue(&vhost, &name).is_none() {
+    if broker.node.meta().queue(&vhost, &name).is_none() {
         return Err(not_found(format!("no queue '{name}' in vhost '{vhost}'")));
     }
     write(
-        &c,
+        &broker,
         MetaCmd::DeleteQueue {
             vhost,
             name,
@@ -718,24 +614,16 @@ fn exchange_list(broker: &Broker, only: Option<&str>) -> Value {
     )
 }
 
-async fn exchanges(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(exchange_list(&c.broker, None))
+async fn exchanges(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(exchange_list(&broker, None))
 }
 
 async fn exchanges_in(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(exchange_list(&c.broker, Some(&vhost)))
+    ok(exchange_list(&broker, Some(&vhost)))
 }
 
 fn binding_list(broker: &Broker, only: Option<&str>) -> Value {
@@ -761,22 +649,14 @@ fn binding_list(broker: &Broker, only: Option<&str>) -> Value {
     )
 }
 
-async fn bindings(State(broker): State<Arc<Broker>>, auth: Auth) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(binding_list(&c.broker, None))
+async fn bindings(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(binding_list(&broker, None))
 }
 
 async fn bindings_in(
     State(broker): State<Arc<Broker>>,
-    auth: Auth,
+    _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let c = Call {
-        broker,
-        principal: auth.0,
-    };
-    ok(binding_list(&c.broker, Some(&vhost)))
+    ok(binding_list(&broker, Some(&vhost)))
 }
