@@ -204,13 +204,16 @@ impl Transport for GrpcTransport {
                         .into_inner();
                     Ok(PeerResponse::MetaIndex(reply.committed))
                 }
-                PeerRequest::Deliver { items } => {
+                PeerRequest::Deliver { from, items } => {
                     let mut client = pb::peer_client::PeerClient::new(channel)
                         .max_decoding_message_size(MAX_MESSAGE)
                         .max_encoding_message_size(MAX_MESSAGE);
                     client
                         .deliver(with_timeout(
-                            pb::DeliverBatch { deliveries: items },
+                            pb::DeliverBatch {
+                                deliveries: items,
+                                from,
+                            },
                             timeout,
                         ))
                         .await
@@ -440,8 +443,12 @@ impl pb::peer_server::Peer for PeerService {
         request: Request<pb::DeliverBatch>,
     ) -> Result<Response<pb::DeliverAck>, Status> {
         self.0
-            .handle(PeerRequest::Deliver {
-                items: request.into_inner().deliveries,
+            .handle({
+                let batch = request.into_inner();
+                PeerRequest::Deliver {
+                    from: batch.from,
+                    items: batch.deliveries,
+                }
             })
             .await;
         Ok(Response::new(pb::DeliverAck {

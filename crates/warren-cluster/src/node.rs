@@ -203,7 +203,7 @@ impl Node {
         let liveness = Arc::new(LivenessTable::new(Duration::from_millis(
             cfg.failure_timeout_ms,
         )));
-        let outbox = Outbox::new(transport.clone());
+        let outbox = Outbox::new(cfg.node_id, transport.clone());
         outbox.set_liveness(liveness.clone());
         let (unused_tx, mut unused_rx) = mpsc::unbounded_channel();
         let (dead_letter_tx, dead_letter_rx) = mpsc::unbounded_channel();
@@ -644,7 +644,12 @@ impl Node {
         })
     }
 
-    fn handle_deliver(&self, items: Vec<Vec<u8>>) -> PeerResponse {
+    fn handle_deliver(&self, from: NodeId, items: Vec<Vec<u8>>) -> PeerResponse {
+        // Deliveries that may have waited in a socket while this node was stalled or cut
+        // off could have been released by then (their queue declared this node down) and
+        // given to someone else: flagged as repeats, so a client that already has one drops
+        // it and no one sees a second copy without the redelivered flag.
+        let suspect = self.liveness.in_doubt(from);
         for item in items {
             let Ok(item) = decode::<RemoteItem>(&item) else {
                 continue;
@@ -669,7 +674,7 @@ impl Node {
                             msg,
                             delivery_count,
                             no_ack,
-                            resend,
+                            resend: resend || suspect,
                             content,
                         }),
                         None if !no_ack => give_back(&handle, consumer.channel, msg),
@@ -846,7 +851,7 @@ impl PeerHandler for NodeHandler {
                         .last_applied
                         .map_or(0, |l| l.index),
                 ),
-                PeerRequest::Deliver { items } => node.handle_deliver(items),
+                PeerRequest::Deliver { from, items } => node.handle_deliver(from, items),
                 PeerRequest::Hello { from, .. } => {
                     node.liveness.note_hello(from);
                     PeerResponse::Hello {

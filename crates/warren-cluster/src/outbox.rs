@@ -45,14 +45,17 @@ const BATCH: usize = 512;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Outbox {
+    /// This node, named in every batch so the receiver knows whose deliveries they are.
+    node: NodeId,
     transport: Arc<dyn Transport>,
     liveness: RwLock<Option<Arc<dyn Liveness>>>,
     peers: Mutex<HashMap<NodeId, mpsc::UnboundedSender<RemoteItem>>>,
 }
 
 impl Outbox {
-    pub fn new(transport: Arc<dyn Transport>) -> Arc<Self> {
+    pub fn new(node: NodeId, transport: Arc<dyn Transport>) -> Arc<Self> {
         Arc::new(Outbox {
+            node,
             transport,
             liveness: RwLock::new(None),
             peers: Mutex::new(HashMap::new()),
@@ -104,6 +107,7 @@ async fn drain(
             let call = outbox.transport.call(
                 node,
                 PeerRequest::Deliver {
+                    from: outbox.node,
                     items: encoded.clone(),
                 },
                 CALL_TIMEOUT,

@@ -39,6 +39,9 @@ struct PeerState {
     heard: bool,
     /// When this node started watching the peer.
     since: Instant,
+    /// The peer came back as the same run (cut off or paused): what it sent meanwhile may
+    /// arrive late, until then.
+    doubt_until: Option<Instant>,
 }
 
 impl PeerState {
@@ -49,6 +52,7 @@ impl PeerState {
             incarnation: 0,
             heard: false,
             since: now,
+            doubt_until: None,
         }
     }
 }
@@ -60,6 +64,11 @@ const NEVER_HEARD_GRACE: Duration = Duration::from_secs(5);
 pub struct LivenessTable {
     peers: RwLock<HashMap<NodeId, PeerState>>,
     failure_timeout: Duration,
+    /// Until when this node doubts what arrives from any peer: it found it was itself
+    /// stalled (paused, starved) long enough to have been declared down by others.
+    self_doubt_until: RwLock<Option<Instant>>,
+    /// The supervisor's last round; a long gap means this node was stalled.
+    last_round: RwLock<Instant>,
 }
 
 impl LivenessTable {
@@ -67,6 +76,8 @@ impl LivenessTable {
         LivenessTable {
             peers: RwLock::new(HashMap::new()),
             failure_timeout,
+            self_doubt_until: RwLock::new(None),
+            last_round: RwLock::new(Instant::now()),
         }
     }
 
@@ -92,6 +103,9 @@ impl LivenessTable {
                 let restarted = state.incarnation != 0 && state.incarnation != incarnation;
                 state.incarnation = incarnation;
                 if state.down || restarted {
+                    if state.down && !restarted {
+                        state.doubt_until = Some(now + self.failure_timeout * 2);
+                    }
                     state.down = false;
                     return Some(false);
                 }
@@ -114,6 +128,50 @@ impl LivenessTable {
             }
         }
         None
+    }
+
+    /// Whether what `peer` sends may be stale: it is down or came back lately as the same
+    /// run, or this node itself was stalled long enough for its peers to declare it down.
+    /// A restarted peer brings no doubt: its old connections died with it.
+    pub fn in_doubt(&self, peer: NodeId) -> bool {
+        let now = Instant::now();
+        let last_round = *self.last_round.read().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(last_round) > self.failure_timeout {
+            return true;
+        }
+        if self
+            .self_doubt_until
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| now < until)
+        {
+            return true;
+        }
+        self.peers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&peer)
+            .is_some_and(|s| s.down || s.doubt_until.is_some_and(|until| now < until))
+    }
+
+    /// How long doubt lasts after a peer comes back or this node recovers from a stall:
+    /// twice the failure timeout covers a batch sent just before one side was declared down
+    /// and delivered just after.
+    fn doubt_window(&self) -> Duration {
+        self.failure_timeout * 2
+    }
+
+    /// The supervisor's round began at `now`; a gap longer than the failure timeout since the
+    /// previous one means this node was stalled.
+    fn round(&self, now: Instant) {
+        let mut last = self.last_round.write().unwrap_or_else(|p| p.into_inner());
+        if now.duration_since(*last) > self.failure_timeout {
+            *self
+                .self_doubt_until
+                .write()
+                .unwrap_or_else(|p| p.into_inner()) = Some(now + self.doubt_window());
+        }
+        *last = now;
     }
 
     /// A hello from `node` arrived: it ran at some point, so the normal failure timeout
@@ -163,6 +221,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
+        liveness.round(Instant::now());
         let Some(node) = node.upgrade() else { return };
         let members: BTreeMap<NodeId, String> = node.registry().members();
         let others: Vec<NodeId> = members
@@ -526,6 +585,38 @@ mod tests {
         assert_eq!(table.record(2, None, t0), None);
         assert_eq!(table.record(2, None, t0 + TIMEOUT * 2), None);
         assert_eq!(table.record(2, None, t0 + NEVER_HEARD_GRACE), Some(true));
+    }
+
+    #[test]
+    fn peers_coming_back_as_the_same_run_and_stalls_raise_doubt() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        table.round(t0);
+        assert!(!table.in_doubt(2));
+        table.record(2, Some(1), t0);
+        table.record(2, None, t0 + TIMEOUT);
+        assert!(table.in_doubt(2), "a peer is down");
+        assert!(!table.in_doubt(3), "only what that peer sends is in doubt");
+        table.record(2, Some(1), Instant::now());
+        assert!(table.in_doubt(2), "it came back as the same run");
+
+        let table = LivenessTable::new(TIMEOUT);
+        table.round(Instant::now());
+        table.record(3, Some(1), t0);
+        table.record(3, None, t0 + TIMEOUT);
+        table.record(3, Some(2), Instant::now());
+        assert!(
+            !table.in_doubt(3),
+            "a restarted peer sent nothing that is still on its way"
+        );
+
+        let table = LivenessTable::new(TIMEOUT);
+        let later = Instant::now() + TIMEOUT * 3;
+        table.round(later);
+        assert!(
+            table.in_doubt(2),
+            "a round after a long gap: this node was stalled"
+        );
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub enum PeerRequest {
     /// Answer once the metadata is applied up to `index` here (or `timeout` passed).
     MetaWait { index: u64, timeout: Duration },
     /// Encoded `RemoteDelivery` items for consumers attached on this node.
-    Deliver { items: Vec<Vec<u8>> },
+    Deliver { from: NodeId, items: Vec<Vec<u8>> },
     Hello {
         from: NodeId,
         incarnation: u64,
