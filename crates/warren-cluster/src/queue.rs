@@ -166,6 +166,8 @@ pub struct QueueHandle {
     /// The arguments in force when a policy applies (the queue's own over the policy's);
     /// None: only the queue's own.
     policy_arguments: Mutex<Option<FieldTable>>,
+    /// See `set_leader_term`.
+    leader_term: AtomicU64,
     /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
     timer_at: AtomicU64,
 }
@@ -201,6 +203,7 @@ impl QueueHandle {
             self_ref: OnceLock::new(),
             on_dead_letter: OnceLock::new(),
             policy_arguments: Mutex::new(None),
+            leader_term: AtomicU64::new(0),
             timer_at: AtomicU64::new(0),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
@@ -358,6 +361,19 @@ impl QueueHandle {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }
 
+    /// The Raft term this node leads the queue's group in (0: not leading).
+    pub(crate) fn set_leader_term(&self, term: u64) {
+        self.leader_term.store(term, Ordering::Release);
+    }
+
+    pub(crate) fn leader_term(&self) -> u64 {
+        self.leader_term.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn node_id(&self) -> NodeId {
+        self.node
+    }
+
     pub(crate) fn set_leader(&self, leader: bool) {
         self.leader.store(leader, Ordering::Release);
         if leader {
@@ -497,7 +513,19 @@ impl QueueHandle {
     /// Carries out a command's effects: deliveries (where the queue is served), body
     /// releases, consumer removals and the auto-delete trigger.
     pub(crate) fn run_effects(&self, effects: Vec<Effect>, bodies: &mut dyn Bodies) {
-        let leader = self.is_leader();
+        self.run_effects_as(self.is_leader(), effects, bodies);
+    }
+
+    /// `leader`: whether this command's effects are this node's to carry out. A new leader
+    /// applying entries its predecessor wrote does not carry theirs out: the predecessor did
+    /// (or died first), and the new leader's recovery command resends what is still out, as
+    /// repeats. Sending them again here would reach clients as fresh deliveries.
+    pub(crate) fn run_effects_as(
+        &self,
+        leader: bool,
+        effects: Vec<Effect>,
+        bodies: &mut dyn Bodies,
+    ) {
         for effect in effects {
             match effect {
                 Effect::Deliver {

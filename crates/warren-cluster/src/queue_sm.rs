@@ -306,7 +306,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                     };
                     let replaying = entry.log_id.index <= self.replay_until;
                     match &handle {
-                        Some(h) if !replaying => h.run_effects(effects, &mut bodies),
+                        Some(h) if !replaying => {
+                            // Only entries this node wrote as the current leader.
+                            let own = entry.log_id.leader_id.node_id == h.node_id()
+                                && entry.log_id.leader_id.term == h.leader_term();
+                            h.run_effects_as(h.is_leader() && own, effects, &mut bodies)
+                        }
                         _ => {
                             for e in effects {
                                 if let warren_core::queue::Effect::Release { msgs } = e {

@@ -494,14 +494,17 @@ async fn watch_leadership(
     let mut metrics = raft.metrics();
     let mut was_leader = false;
     loop {
-        let (leading, leader) = {
+        let (leading, leader, term) = {
             let m = metrics.borrow_watched();
             (
                 m.state == ServerState::Leader && m.current_leader == Some(node_id),
                 m.current_leader,
+                m.current_term,
             )
         };
         let Some(h) = handle.upgrade() else { return };
+        // The term first: entries of this term apply with their effects from then on.
+        h.set_leader_term(if leading { term } else { 0 });
         h.set_leader(leading);
         if let Some(l) = leader {
             h.set_leader_hint(Some(l));

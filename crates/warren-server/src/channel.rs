@@ -41,6 +41,35 @@ pub struct ConsumerEntry {
     pub timeout: Option<std::time::Duration>,
 }
 
+/// Deliveries this channel settled lately, by (queue, message): a new queue leader resends
+/// what it cannot know was settled, and a resend of one of these is dropped, since the
+/// settlement is on its way to the queue (its command is retried until applied).
+#[derive(Default)]
+pub struct RecentlySettled {
+    set: std::collections::HashSet<(u64, MsgId)>,
+    order: VecDeque<(u64, MsgId)>,
+}
+
+/// Settlements remembered per channel; a leader change resends at most a prefetch window.
+const RECENTLY_SETTLED: usize = 4096;
+
+impl RecentlySettled {
+    pub fn remember(&mut self, queue: u64, msg: MsgId) {
+        if self.set.insert((queue, msg)) {
+            self.order.push_back((queue, msg));
+            if self.order.len() > RECENTLY_SETTLED
+                && let Some(old) = self.order.pop_front()
+            {
+                self.set.remove(&old);
+            }
+        }
+    }
+
+    pub fn contains(&self, queue: u64, msg: MsgId) -> bool {
+        self.set.contains(&(queue, msg))
+    }
+}
+
 /// How a client settled deliveries.
 #[derive(Clone, Copy, Debug)]
 pub enum Settlement {
@@ -91,6 +120,7 @@ pub struct Channel {
     pub held: VecDeque<Delivery>,
     /// tx.select was sent: publishes and settlements wait here for tx.commit.
     pub tx: Option<TxBuffer>,
+    pub settled: RecentlySettled,
 }
 
 impl Channel {
@@ -114,6 +144,7 @@ impl Channel {
             flow_active: true,
             held: VecDeque::new(),
             tx: None,
+            settled: RecentlySettled::default(),
         }
     }
 

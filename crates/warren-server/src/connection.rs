@@ -2105,7 +2105,11 @@ impl Connection {
         if entries.is_empty() {
             return;
         }
-        let chref = self.channel(channel).chref;
+        let ch = self.channel(channel);
+        for u in &entries {
+            ch.settled.remember(u.handle.id(), u.msg);
+        }
+        let chref = ch.chref;
         let metrics = &self.broker.metrics;
         match how {
             Settlement::Ack => metrics
@@ -2488,12 +2492,14 @@ impl Connection {
         }
         let ch = self.channel(channel);
         if d.resend
-            && ch
-                .unacked
-                .values()
-                .any(|u| u.msg == d.msg && u.handle.id() == d.handle.id())
+            && (ch.settled.contains(d.handle.id(), d.msg)
+                || ch
+                    .unacked
+                    .values()
+                    .any(|u| u.msg == d.msg && u.handle.id() == d.handle.id()))
         {
-            // A new queue leader repeats deliveries it cannot know were sent; this one was.
+            // A new queue leader repeats deliveries it cannot know were sent (this one was,
+            // and the client holds it) or settled (the settlement is on its way).
             return;
         }
         let Some(entry) = ch.consumers.get_mut(&d.consumer.tag) else {

@@ -1509,8 +1509,6 @@ async fn consume_across_a_leader_move(cluster: &Cluster, how: LeaderMove) -> Str
 /// of the leader) gets every message once: none it acked comes again, and none comes twice
 /// unflagged.
 #[test]
-#[ignore = "bug: deliveries acked around a queue leader change are delivered again (up to the \
-            prefetch window), sometimes without the redelivered flag"]
 fn acks_during_a_leader_change_are_not_redelivered() {
     let Some(cluster) = cluster("acks_during_a_leader_change_are_not_redelivered", 3) else {
         return;
@@ -1522,8 +1520,6 @@ fn acks_during_a_leader_change_are_not_redelivered() {
 
 /// The same for the leadership transfer `warrenctl rebalance` starts.
 #[test]
-#[ignore = "bug: deliveries acked around a queue leader transfer (rebalance) are delivered \
-            again, flagged redelivered"]
 fn acks_during_a_rebalance_are_not_redelivered() {
     let Some(cluster) = cluster("acks_during_a_rebalance_are_not_redelivered", 3) else {
         return;
