@@ -39,6 +39,9 @@ class Broker:
         self.vhost = vhost
         self.process = process
         self.stderr_tail = collections.deque(maxlen=400)
+        # The amqps listener and the certificate clients trust, when this session runs one.
+        self.tls_port = None
+        self.tls_ca = None
 
     def params(self, **overrides):
         kwargs = dict(
@@ -74,11 +77,29 @@ def _drain(stream, sink):
     stream.close()
 
 
+def _make_certificate(directory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command (installed
+    by scripts/setup.sh); it is its own CA for the clients of the TLS tests."""
+    cert = os.path.join(directory, "server.pem")
+    key = os.path.join(directory, "server.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", key, "-out", cert],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return cert, key
+
+
 def _start(binary, data_dir):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARREN_")}
+    cert, key = _make_certificate(os.path.dirname(data_dir))
     proc = subprocess.Popen(
         [binary, "--data-dir", data_dir, "--amqp-listen", "127.0.0.1:0",
-         "--http-listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0"],
+         "--http-listen", "127.0.0.1:0", "--cluster-listen", "127.0.0.1:0",
+         "--tls-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -109,7 +130,10 @@ def _start(binary, data_dir):
         except queue.Empty:
             continue
         seen.append(line)
-        if line.startswith("warren: listening amqp ") and port is None:
+        if line.startswith("warren: listening amqps "):
+            broker.tls_port = int(line.split()[-1].rpartition(":")[2])
+            broker.tls_ca = cert
+        elif line.startswith("warren: listening amqp ") and port is None:
             host, _, p = line.split()[-1].rpartition(":")
             broker.host = host.strip("[]")
             port = int(p)

@@ -34,6 +34,16 @@ pub struct Cli {
         value_delimiter = ','
     )]
     pub amqp_listen: Vec<String>,
+    /// AMQP over TLS (amqps) listen address; repeat for several (default with a certificate:
+    /// every IPv4 and IPv6 address, 5671).
+    #[arg(long = "tls-listen", env = "WARREN_TLS_LISTEN", value_delimiter = ',')]
+    pub tls_listen: Vec<String>,
+    /// PEM certificate chain of the amqps listener.
+    #[arg(long = "tls-cert", env = "WARREN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of the amqps listener.
+    #[arg(long = "tls-key", env = "WARREN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
     /// HTTP listen address for /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_HTTP_LISTEN")]
     pub http_listen: Option<String>,
@@ -117,6 +127,9 @@ struct FileAmqp {
     max_message_size: Option<u64>,
     handshake_timeout_ms: Option<u64>,
     consumer_timeout_ms: Option<u64>,
+    tls_listen: Option<Vec<String>>,
+    tls_cert_file: Option<PathBuf>,
+    tls_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +187,15 @@ pub struct AmqpConfig {
     pub handshake_timeout_ms: u64,
     /// Unacknowledged deliveries older than this close their channel (0: never).
     pub consumer_timeout_ms: u64,
+    /// The amqps listener, when a certificate is configured.
+    pub tls: Option<TlsConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TlsConfig {
+    pub listen: Vec<Listen>,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 impl AmqpConfig {
@@ -308,6 +330,7 @@ impl Config {
         if listen.is_empty() {
             return Err(invalid("amqp.listen", "at least one address is required"));
         }
+        let tls = tls_config(&cli.tls_listen, &cli.tls_cert, &cli.tls_key, &file.amqp)?;
         let frame_max = file.amqp.frame_max.unwrap_or(DEFAULT_FRAME_MAX);
         if !(warren_codec::FRAME_MIN_SIZE..=1_048_576).contains(&frame_max) {
             return Err(invalid(
@@ -520,6 +543,7 @@ impl Config {
                     .consumer_timeout_ms
                     .or(file.amqp.consumer_timeout_ms)
                     .unwrap_or(DEFAULT_CONSUMER_TIMEOUT_MS),
+                tls,
             },
             http_listen,
             raft,
@@ -575,6 +599,75 @@ fn node_id_from_hostname(host: &str) -> Result<u64, ConfigError> {
                 format!("host name '{host}' does not end in -<ordinal>"),
             )
         })
+}
+
+/// The amqps listener: off unless a certificate and key are given; then on 5671 of every
+/// address unless told where. Unreadable files stop start-up here, naming the setting.
+fn tls_config(
+    tls_listen: &[String],
+    tls_cert: &Option<PathBuf>,
+    tls_key: &Option<PathBuf>,
+    file: &FileAmqp,
+) -> Result<Option<TlsConfig>, ConfigError> {
+    let cert = tls_cert.clone().or_else(|| file.tls_cert_file.clone());
+    let key = tls_key.clone().or_else(|| file.tls_key_file.clone());
+    let explicit = if !tls_listen.is_empty() {
+        Some(explicit_listeners(
+            "amqp.tls_listen (--tls-listen / WARREN_TLS_LISTEN)",
+            tls_listen,
+        )?)
+    } else if let Some(list) = &file.tls_listen {
+        Some(explicit_listeners("amqp.tls_listen", list)?)
+    } else {
+        None
+    };
+    let (cert_file, key_file) = match (cert, key) {
+        (None, None) if explicit.is_none() => return Ok(None),
+        (None, _) => {
+            return Err(invalid(
+                "amqp.tls_cert_file (--tls-cert / WARREN_TLS_CERT)",
+                "an amqps listener needs a certificate",
+            ));
+        }
+        (_, None) => {
+            return Err(invalid(
+                "amqp.tls_key_file (--tls-key / WARREN_TLS_KEY)",
+                "an amqps listener needs a private key",
+            ));
+        }
+        (Some(c), Some(k)) => (c, k),
+    };
+    for (setting, path) in [
+        (
+            "amqp.tls_cert_file (--tls-cert / WARREN_TLS_CERT)",
+            &cert_file,
+        ),
+        ("amqp.tls_key_file (--tls-key / WARREN_TLS_KEY)", &key_file),
+    ] {
+        if let Err(e) = std::fs::metadata(path) {
+            return Err(invalid(
+                setting,
+                format!("cannot read {}: {e}", path.display()),
+            ));
+        }
+    }
+    let listen = explicit.unwrap_or_else(|| {
+        vec![
+            Listen {
+                addr: "0.0.0.0:5671".parse().expect("literal address"),
+                optional: false,
+            },
+            Listen {
+                addr: "[::]:5671".parse().expect("literal address"),
+                optional: true,
+            },
+        ]
+    });
+    Ok(Some(TlsConfig {
+        listen,
+        cert_file,
+        key_file,
+    }))
 }
 
 fn explicit_listeners(setting: &str, values: &[String]) -> Result<Vec<Listen>, ConfigError> {
@@ -683,5 +776,20 @@ mod tests {
     fn unknown_keys_are_rejected() {
         let e = toml::from_str::<FileConfig>("[amqp]\nframe_maks = 1\n").unwrap_err();
         assert!(e.to_string().contains("frame_maks"));
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_names_the_missing_one() {
+        let e = from_toml("[amqp]\ntls_cert_file = \"/etc/hostname\"\n").unwrap_err();
+        assert!(e.setting.starts_with("amqp.tls_key_file"), "{e}");
+        let e = from_toml("[amqp]\ntls_listen = [\"127.0.0.1:5671\"]\n").unwrap_err();
+        assert!(e.setting.starts_with("amqp.tls_cert_file"), "{e}");
+        let e = from_toml(
+            "[amqp]\ntls_cert_file = \"/nonexistent.pem\"\ntls_key_file = \"/etc/hostname\"\n",
+        )
+        .unwrap_err();
+        assert!(e.setting.starts_with("amqp.tls_cert_file"), "{e}");
+        let c = from_toml("").unwrap();
+        assert_eq!(c.amqp.tls, None, "off by default");
     }
 }

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use warren_cluster::{
@@ -43,6 +42,7 @@ use crate::broker::Broker;
 use crate::channel::{
     Channel, ChannelState, ConsumerEntry, PendingPublish, Settlement, TxBuffer, TxPublish, Unacked,
 };
+use crate::tls::ClientStream;
 
 /// Outgoing bytes queued for the writer above which reading from the client pauses.
 const WRITE_BACKLOG_PAUSE: usize = 8 * 1024 * 1024;
@@ -346,8 +346,7 @@ pub struct Connection {
 
 /// Handles a freshly accepted socket until the connection ends. Never panics on input:
 /// every protocol problem becomes a close with the right reply code.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+pub async fn serve<S: ClientStream>(broker: Arc<Broker>, stream: S, peer: SocketAddr) {
     let metrics = broker.metrics.clone();
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     metrics.connections.fetch_add(1, Ordering::Relaxed);
@@ -357,7 +356,11 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> std::io::Result<()> {
+async fn run<S: ClientStream>(
+    broker: Arc<Broker>,
+    mut stream: S,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     let handshake_deadline = Instant::now() + broker.config.amqp.handshake_timeout();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
 
@@ -427,8 +430,8 @@ async fn run(broker: Arc<Broker>, mut stream: TcpStream, peer: SocketAddr) -> st
     result
 }
 
-async fn read_with_deadline(
-    stream: &mut TcpStream,
+async fn read_with_deadline<S: ClientStream>(
+    stream: &mut S,
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> std::io::Result<usize> {
@@ -458,7 +461,7 @@ impl Connection {
         encode_body(channel, body, self.frame_max, &mut self.out);
     }
 
-    async fn flush_direct(&mut self, stream: &mut TcpStream) -> std::io::Result<()> {
+    async fn flush_direct<S: ClientStream>(&mut self, stream: &mut S) -> std::io::Result<()> {
         if !self.out.is_empty() {
             let bytes = self.out.split();
             stream.write_all(&bytes).await?;
@@ -467,9 +470,9 @@ impl Connection {
     }
 
     /// Reads the next frame during the handshake, where only frames on channel 0 are valid.
-    async fn handshake_frame(
+    async fn handshake_frame<S: ClientStream>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         rbuf: &mut BytesMut,
         deadline: Instant,
     ) -> std::io::Result<Result<Frame, MethodError>> {
@@ -488,9 +491,9 @@ impl Connection {
 
     /// Reads the handshake's next frame, which must be the method `pick` accepts, on channel 0;
     /// anything else is the error to close the connection with.
-    async fn expect_method<T>(
+    async fn expect_method<S: ClientStream, T>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         rbuf: &mut BytesMut,
         deadline: Instant,
         expected: &str,
@@ -506,9 +509,9 @@ impl Connection {
     }
 
     /// Sends connection.close during the handshake and waits briefly for close-ok.
-    async fn handshake_close(
+    async fn handshake_close<S: ClientStream>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         rbuf: &mut BytesMut,
         error: MethodError,
     ) -> std::io::Result<Option<()>> {
@@ -540,9 +543,9 @@ impl Connection {
 
     /// start → start-ok → tune → tune-ok → open → open-ok. Returns None when the connection
     /// was refused (the refusal has been sent).
-    async fn handshake(
+    async fn handshake<S: ClientStream>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         rbuf: &mut BytesMut,
         deadline: Instant,
     ) -> std::io::Result<Option<()>> {
@@ -701,13 +704,13 @@ impl Connection {
         Ok(Some(()))
     }
 
-    async fn main_loop(
+    async fn main_loop<S: ClientStream>(
         &mut self,
-        stream: TcpStream,
+        stream: S,
         mut rbuf: BytesMut,
         mut events: mpsc::UnboundedReceiver<ConnEvent>,
     ) -> std::io::Result<()> {
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) = stream.split_owned();
         let queued = Arc::new(AtomicUsize::new(0));
         let (wtx, wrx) = mpsc::unbounded_channel::<Bytes>();
         let writer_task = tokio::spawn(write_loop(writer, wrx, queued.clone()));
@@ -2654,8 +2657,8 @@ impl Connection {
     }
 }
 
-async fn write_loop(
-    mut writer: tokio::net::tcp::OwnedWriteHalf,
+async fn write_loop<W: tokio::io::AsyncWrite + Unpin>(
+    mut writer: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     queued: Arc<AtomicUsize>,
 ) {

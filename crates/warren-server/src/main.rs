@@ -14,6 +14,7 @@ mod http;
 mod management;
 mod metrics;
 mod telemetry;
+mod tls;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -75,7 +76,7 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn bind_all(listen: &[Listen]) -> anyhow::Result<Vec<TcpListener>> {
+fn bind_all(setting: &str, listen: &[Listen]) -> anyhow::Result<Vec<TcpListener>> {
     let mut listeners = Vec::new();
     for l in listen {
         match bind(l.addr) {
@@ -83,7 +84,7 @@ fn bind_all(listen: &[Listen]) -> anyhow::Result<Vec<TcpListener>> {
             Err(e) if l.optional => {
                 warn!(addr = %l.addr, error = %e, "skipping optional listener");
             }
-            Err(e) => anyhow::bail!("amqp.listen: cannot listen on {}: {e}", l.addr),
+            Err(e) => anyhow::bail!("{setting}: cannot listen on {}: {e}", l.addr),
         }
     }
     Ok(listeners)
@@ -176,7 +177,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot join the cluster: {e}"))?;
 
-    let amqp = bind_all(&config.amqp.listen)?;
+    let amqp = bind_all("amqp.listen", &config.amqp.listen)?;
+    let amqps = match &config.amqp.tls {
+        Some(tls) => {
+            let acceptor = tls::acceptor(&tls.cert_file, &tls.key_file)
+                .map_err(|e| anyhow::anyhow!("amqp.tls_cert_file / amqp.tls_key_file: {e}"))?;
+            Some((bind_all("amqp.tls_listen", &tls.listen)?, acceptor))
+        }
+        None => None,
+    };
     let http_listener = match config.http_listen {
         Some(addr) => Some(
             bind(addr).map_err(|e| anyhow::anyhow!("http.listen: cannot listen on {addr}: {e}"))?,
@@ -193,7 +202,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let mut accept_tasks = Vec::new();
     for listener in amqp {
-        accept_tasks.push(tokio::spawn(accept_loop(listener, broker.clone())));
+        accept_tasks.push(tokio::spawn(accept_loop(listener, broker.clone(), None)));
+    }
+    if let Some((listeners, acceptor)) = amqps {
+        for listener in listeners {
+            println!("warren: listening amqps {}", listener.local_addr()?);
+            accept_tasks.push(tokio::spawn(accept_loop(
+                listener,
+                broker.clone(),
+                Some(acceptor.clone()),
+            )));
+        }
     }
     broker.ready.store(true, Ordering::Release);
     println!("warren: ready");
@@ -223,11 +242,38 @@ async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_loop(listener: TcpListener, broker: Arc<Broker>) {
+/// Accepts clients; with `tls`, each connection first completes a TLS handshake within the
+/// AMQP handshake timeout (a client that never finishes it holds nothing for long).
+async fn accept_loop(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(connection::serve(broker.clone(), stream, peer));
+                let _ = stream.set_nodelay(true);
+                match &tls {
+                    None => {
+                        tokio::spawn(connection::serve(broker.clone(), stream, peer));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        let broker = broker.clone();
+                        tokio::spawn(async move {
+                            let limit = broker.config.amqp.handshake_timeout();
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                                Ok(Ok(tls_stream)) => {
+                                    connection::serve(broker, tls_stream, peer).await;
+                                }
+                                Ok(Err(e)) => {
+                                    info!(%peer, error = %e, "TLS handshake failed");
+                                }
+                                Err(_) => info!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
