@@ -1,0 +1,39 @@
+//! The load generator against a real broker, small: every confirmed message is consumed
+//! once, and the report's figures are filled in. The benchmark itself (bench/, against
+//! RabbitMQ) is not part of the test suite.
+
+mod support;
+
+use clap::Parser;
+use support::run;
+
+#[test]
+fn warren_perf_loses_nothing_against_a_real_broker() {
+    let b = support::broker();
+    let opts = warren_perf::Options::parse_from([
+        "warren-perf",
+        "--uri",
+        b.url(),
+        "--producers",
+        "2",
+        "--consumers",
+        "2",
+        "--count",
+        "1500",
+        "--confirm",
+        "32",
+        "--multi-ack",
+        "10",
+        "--duration",
+        "60",
+        "--queue",
+        &support::unique("perf"),
+    ]);
+    let report = run(async { warren_perf::run(&opts).await.expect("run") });
+    assert_eq!(report.published, 3000, "{}", report.text());
+    assert_eq!(report.confirmed, 3000, "{}", report.text());
+    assert_eq!(report.lost, 0, "{}", report.text());
+    assert_eq!(report.consumed, 3000, "{}", report.text());
+    assert!(report.confirm_latency_us.p50 > 0 && report.end_to_end_latency_us.max > 0);
+    assert!(report.publish_rate > 0.0 && report.consume_rate > 0.0);
+}
