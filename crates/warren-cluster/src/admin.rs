@@ -68,6 +68,62 @@ fn definition_json(table: &warren_codec::FieldTable) -> String {
     warren_core::json::table_to_json(table).to_string()
 }
 
+/// How long remove-node waits for the replica moves it started.
+const MOVES_CONVERGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl Node {
+    /// Waits until no queue group counts `gone` among its voters any more, as each group's
+    /// leader sees it (asked through its replicas); returns how many still did at the end.
+    pub(crate) async fn wait_moves_converged(
+        &self,
+        gone: NodeId,
+        limit: std::time::Duration,
+    ) -> usize {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let mut pending = 0;
+            for h in self.queue_handles() {
+                let Placement::Replicated { group, replicas } = h.def().placement else {
+                    continue;
+                };
+                if !self.group_left(group, &replicas, gone).await {
+                    pending += 1;
+                }
+            }
+            if pending == 0 || tokio::time::Instant::now() >= deadline {
+                return pending;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether the group's leader (found among its replicas) no longer has `gone` as voter.
+    async fn group_left(&self, group: u64, replicas: &[NodeId], gone: NodeId) -> bool {
+        for n in replicas.iter().copied().filter(|n| *n != gone) {
+            let view = if n == self.id() {
+                self.group_voters(group)
+            } else {
+                match self
+                    .transport()
+                    .call(
+                        n,
+                        crate::transport::PeerRequest::GroupVoters { group },
+                        std::time::Duration::from_secs(2),
+                    )
+                    .await
+                {
+                    Ok(crate::transport::PeerResponse::GroupVoters(v)) => v,
+                    _ => None,
+                }
+            };
+            if let Some((true, voters)) = view {
+                return !voters.contains(&gone);
+            }
+        }
+        false
+    }
+}
+
 fn reply(message: impl Into<String>) -> Result<Response<pb::AdminReply>, Status> {
     Ok(Response::new(pb::AdminReply {
         message: message.into(),
@@ -174,6 +230,16 @@ impl pb::admin_server::Admin for AdminService {
                 })
                 .await,
             )?;
+        }
+        // The node leaves only once every group it was in has a quorum without it: removing
+        // it while a move is still under way could leave a group with too few voters.
+        let waiting = node.wait_moves_converged(gone, MOVES_CONVERGE).await;
+        if waiting > 0 {
+            return Err(Status::unavailable(format!(
+                "{waiting} queue replica move(s) off node {gone} have not converged within \
+                 {MOVES_CONVERGE:?}; node {gone} was not removed (the moves go on: run \
+                 remove-node again)"
+            )));
         }
         raft.change_membership(voters, false)
             .await

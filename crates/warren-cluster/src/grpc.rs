@@ -177,6 +177,17 @@ impl Transport for GrpcTransport {
                         None => Forwarded::Error("empty reply".into()),
                     }))
                 }
+                PeerRequest::GroupVoters { group } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel);
+                    let reply = client
+                        .group_voters(with_timeout(pb::GroupVotersRequest { group }, timeout))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    Ok(PeerResponse::GroupVoters(
+                        reply.known.then_some((reply.leader, reply.voters)),
+                    ))
+                }
                 PeerRequest::MetaIndex => {
                     let mut client = pb::peer_client::PeerClient::new(channel);
                     let reply = client
@@ -404,6 +415,27 @@ impl pb::peer_server::Peer for PeerService {
         Ok(Response::new(pb::MetaWriteReply {
             result: Some(result),
         }))
+    }
+
+    async fn group_voters(
+        &self,
+        request: Request<pb::GroupVotersRequest>,
+    ) -> Result<Response<pb::GroupVotersReply>, Status> {
+        let group = request.into_inner().group;
+        match self.0.handle(PeerRequest::GroupVoters { group }).await {
+            PeerResponse::GroupVoters(view) => {
+                let (known, leader, voters) = match view {
+                    Some((leader, voters)) => (true, leader, voters),
+                    None => (false, false, Vec::new()),
+                };
+                Ok(Response::new(pb::GroupVotersReply {
+                    known,
+                    leader,
+                    voters,
+                }))
+            }
+            other => Err(Status::internal(format!("unexpected response {other:?}"))),
+        }
     }
 
     async fn meta_index(

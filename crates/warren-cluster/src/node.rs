@@ -334,6 +334,15 @@ impl Node {
         self.ready.load(Ordering::Acquire)
     }
 
+    /// A queue group's voters as this node's replica sees them, and whether it leads.
+    pub(crate) fn group_voters(&self, group: GroupId) -> Option<(bool, Vec<NodeId>)> {
+        let raft = self.registry.by_id(group)?.raft()?;
+        let m = raft.metrics().borrow_watched().clone();
+        let leading = m.state == openraft::ServerState::Leader;
+        let voters = m.membership_config.membership().voter_ids().collect();
+        Some((leading, voters))
+    }
+
     /// Hands the node its resource monitor (once), for the admin service.
     pub fn set_resource_monitor(&self, monitor: Arc<crate::resources::ResourceMonitor>) {
         let _ = self.resources.set(monitor);
@@ -843,6 +852,9 @@ impl PeerHandler for NodeHandler {
                     let deadline = Instant::now() + timeout;
                     let _ = node.wait_meta_applied(index, deadline).await;
                     PeerResponse::MetaIndex(node.meta_applied())
+                }
+                PeerRequest::GroupVoters { group } => {
+                    PeerResponse::GroupVoters(node.group_voters(group))
                 }
                 PeerRequest::MetaIndex => PeerResponse::MetaIndex(
                     node.meta_raft

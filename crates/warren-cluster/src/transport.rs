@@ -48,6 +48,8 @@ pub enum PeerRequest {
         incarnation: u64,
         advertise: String,
     },
+    /// A queue group's voters as the receiver's replica sees them.
+    GroupVoters { group: GroupId },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub enum PeerResponse {
     Submit(Forwarded<Vec<Vec<u8>>>),
     MetaWrite(Forwarded<Vec<u8>>),
     MetaIndex(u64),
+    /// None: the receiver runs no replica of the group; else (leads it, voters).
+    GroupVoters(Option<(bool, Vec<NodeId>)>),
     Delivered,
     Hello {
         node: NodeId,
