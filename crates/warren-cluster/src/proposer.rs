@@ -4,29 +4,32 @@
 //!
 //! It takes the commands submitted so far as one batch and writes them to this node's Raft
 //! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
-//! answered by `Node::handle_submit` with `write_local`). Nothing else of the queue is sent
-//! until the batch is settled, which keeps submission order. A command whose outcome is
+//! answered by `Node::handle_submit` with `write_local`). While this node leads, several
+//! batches are in the log at once (Raft keeps their order); otherwise nothing else of the
+//! queue is sent until the batch is settled, which keeps submission order. A command whose outcome is
 //! unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
 //! publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
 //! discarded, every later one is too — so resends never skip over a gap.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::FuturesOrdered;
 use openraft::async_runtime::WatchReceiver;
 use openraft::errors::{ClientWriteError, ForwardReason};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tracing::debug;
-use warren_core::NodeId;
 use warren_core::meta::Placement;
+use warren_core::queue::QueueCmd;
+use warren_core::{ChannelRef, NodeId};
 
 use crate::db::{decode, encode};
 use crate::outbox::Liveness;
-use crate::queue::{ClusterError, QueueHandle, Submission};
+use crate::queue::{ClusterError, QueueHandle, ReplyTo, Submission};
 use crate::queue_sm::QueueMachine;
 use crate::transport::{Forwarded, PeerRequest, PeerResponse, Transport};
 use crate::types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, Raft};
@@ -42,6 +45,8 @@ pub(crate) enum ItemResult {
 }
 
 const BATCH: usize = 1024;
+/// Batches of a locally led queue in the Raft log and not yet answered.
+const MAX_IN_FLIGHT: usize = 8;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.
@@ -57,45 +62,69 @@ pub(crate) async fn write_local(
     let mut attempts = 0;
     loop {
         attempts += 1;
-        // The leader's clock decides when messages expire; replicas read it from the entry.
-        let at_ms = crate::types::now_ms();
-        let entries = requests.iter().cloned().map(|mut r| {
-            r.at_ms = at_ms;
-            GroupRequest::Queue(r)
-        });
-        let mut results = match raft.client_write_many(entries).await {
-            Ok(stream) => stream,
-            Err(fatal) => return vec![ItemResult::Retry(fatal.to_string()); requests.len()],
+        let (out, lease_expired) = match submit_local(raft, requests).await {
+            Ok(results) => collect_local(results, requests.len()).await,
+            Err(retry) => return vec![retry; requests.len()],
         };
-        let mut out = Vec::with_capacity(requests.len());
-        let mut lease_expired = false;
-        while let Some(result) = results.next().await {
-            out.push(match result {
-                Ok(Ok(resp)) => match resp.response {
-                    GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
-                    other => ItemResult::Retry(format!("unexpected response {other:?}")),
-                },
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
-                    if f.reason == ForwardReason::LeaseExpired {
-                        lease_expired = true;
-                        ItemResult::Retry("leader lease expired".into())
-                    } else {
-                        ItemResult::NotLeader(f.leader_id)
-                    }
-                }
-                Ok(Err(e)) => ItemResult::Retry(e.to_string()),
-                Err(fatal) => ItemResult::Retry(fatal.to_string()),
-            });
-        }
-        while out.len() < requests.len() {
-            out.push(ItemResult::Retry("write was not answered".into()));
-        }
         if !(lease_expired && attempts < 5) {
             return out;
         }
         let _ = raft.trigger().heartbeat().await;
         tokio::time::sleep(Duration::from_millis(5 * attempts)).await;
     }
+}
+
+type LocalResults = futures::stream::BoxStream<
+    'static,
+    Result<
+        openraft::raft::WriteResult<crate::types::TypeConfig>,
+        openraft::errors::Fatal<crate::types::TypeConfig>,
+    >,
+>;
+
+/// Hands a batch to this node's Raft group and returns as soon as it is queued for the log:
+/// the outcomes arrive on the returned stream, in order, once the entries are applied.
+async fn submit_local(
+    raft: &Raft<QueueMachine>,
+    requests: &[QueueRequest],
+) -> Result<LocalResults, ItemResult> {
+    // The leader's clock decides when messages expire; replicas read it from the entry.
+    let at_ms = crate::types::now_ms();
+    let entries = requests.iter().cloned().map(|mut r| {
+        r.at_ms = at_ms;
+        GroupRequest::Queue(r)
+    });
+    raft.client_write_many(entries)
+        .await
+        .map_err(|fatal| ItemResult::Retry(fatal.to_string()))
+}
+
+/// The outcomes of a submitted batch, and whether the leader refused it for an expired lease.
+async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemResult>, bool) {
+    let mut out = Vec::with_capacity(expected);
+    let mut lease_expired = false;
+    while let Some(result) = results.next().await {
+        out.push(match result {
+            Ok(Ok(resp)) => match resp.response {
+                GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
+                other => ItemResult::Retry(format!("unexpected response {other:?}")),
+            },
+            Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
+                if f.reason == ForwardReason::LeaseExpired {
+                    lease_expired = true;
+                    ItemResult::Retry("leader lease expired".into())
+                } else {
+                    ItemResult::NotLeader(f.leader_id)
+                }
+            }
+            Ok(Err(e)) => ItemResult::Retry(e.to_string()),
+            Err(fatal) => ItemResult::Retry(fatal.to_string()),
+        });
+    }
+    while out.len() < expected {
+        out.push(ItemResult::Retry("write was not answered".into()));
+    }
+    (out, lease_expired)
 }
 
 pub(crate) struct ProposerContext {
@@ -219,83 +248,206 @@ async fn forward(
 }
 
 /// The proposer task of one queue handle on this node.
+///
+/// While this node leads the queue, batches are pipelined: up to `MAX_IN_FLIGHT` of them are
+/// in the Raft log at once, answered in submission order as they are applied, so a commit's
+/// fsync is shared by everything that arrived meanwhile instead of each batch waiting for the
+/// one before. Any other case (a forward, no leader known, a failed batch) goes one batch at
+/// a time through `settle`, after everything in flight has been answered, which keeps
+/// submission order across resends.
 pub(crate) async fn run(
     handle: Weak<QueueHandle>,
     mut rx: mpsc::UnboundedReceiver<Submission>,
     ctx: Arc<ProposerContext>,
 ) {
-    while let Some(first) = rx.recv().await {
-        let mut pending: VecDeque<Submission> = VecDeque::from([first]);
-        while pending.len() < BATCH {
-            match rx.try_recv() {
-                Ok(s) => pending.push_back(s),
-                Err(_) => break,
-            }
-        }
-        let mut backoff = Duration::from_millis(5);
-        while !pending.is_empty() {
-            let Some(h) = handle.upgrade() else {
-                fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
-                return;
-            };
-            if h.is_closed() {
-                fail_all(&mut pending, &mut rx, ClusterError::QueueGone(h.name()));
-                return;
-            }
-            let requests: Vec<QueueRequest> = pending.iter().map(|(r, _)| r.clone()).collect();
-            let (results, asked) = match target(&h, &ctx) {
-                Target::Local(raft) => (write_local(&raft, &requests).await, Some(ctx.node)),
-                Target::Remote(node) => (forward(&ctx, node, h.id(), &requests).await, Some(node)),
-                Target::Unknown => (
-                    vec![ItemResult::Retry("no leader known".into()); requests.len()],
-                    None,
-                ),
-                Target::Unavailable => {
-                    let e = ClusterError::QueueUnavailable(h.name());
-                    for (_, reply) in pending.drain(..) {
-                        reply.send(Err(e.clone()));
-                    }
-                    break;
+    let mut in_flight = FuturesOrdered::new();
+    loop {
+        let batch = tokio::select! {
+            biased;
+            Some((pending, results)) = in_flight.next(), if !in_flight.is_empty() => {
+                let Some(h) = handle.upgrade() else {
+                    let mut pending = pending;
+                    fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
+                    return;
+                };
+                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                if retry.is_empty() {
+                    continue;
                 }
-            };
-            let mut retry = VecDeque::new();
-            let mut redirect = false;
-            for ((request, reply), result) in pending.drain(..).zip(results) {
-                match result {
-                    ItemResult::Ok(outcome) if retry.is_empty() => reply.send(Ok(outcome)),
-                    ItemResult::Ok(outcome) => {
-                        // Cannot happen for a Raft batch (failures form a suffix); answering
-                        // it is still right, the command was applied.
-                        debug!(queue = h.id(), "success after a failure in one batch");
-                        reply.send(Ok(outcome));
-                    }
-                    ItemResult::NotLeader(hint) => {
-                        // A hint naming the node asked, or this one without a replica, is
-                        // stale: ask around instead.
-                        let hint = hint.filter(|n| Some(*n) != asked);
-                        if hint.is_some() {
-                            redirect = true;
-                        }
-                        h.set_leader_hint(hint);
-                        retry.push_back((request, reply));
-                    }
-                    ItemResult::Retry(reason) => {
-                        debug!(queue = h.id(), ?asked, %reason, "queue command will be retried");
-                        if asked.is_some() && asked != Some(ctx.node) {
-                            h.set_leader_hint(None);
-                        }
-                        retry.push_back((request, reply));
-                    }
-                }
-            }
-            pending = retry;
-            if !pending.is_empty() && !redirect {
+                // A failed batch: whatever was submitted after it is answered first (in
+                // order), then every command still unanswered is resent one batch at a time.
                 drop(h);
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                while let Some((pending, results)) = in_flight.next().await {
+                    let Some(h) = handle.upgrade() else { break };
+                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                    retry.extend(more);
+                }
+                retry
+            }
+            first = rx.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(first) = first else { break };
+                let mut pending: VecDeque<Submission> = VecDeque::from([first]);
+                while pending.len() < BATCH {
+                    match rx.try_recv() {
+                        Ok(s) => pending.push_back(s),
+                        Err(_) => break,
+                    }
+                }
+                let pending = coalesce_acks(pending);
+                let local = handle.upgrade().and_then(|h| match target(&h, &ctx) {
+                    Target::Local(raft) if !h.is_closed() => Some(raft),
+                    _ => None,
+                });
+                match local {
+                    Some(raft) => {
+                        let requests: Vec<QueueRequest> =
+                            pending.iter().map(|(r, _)| r.clone()).collect();
+                        match submit_local(&raft, &requests).await {
+                            Ok(results) => {
+                                in_flight.push_back(async move {
+                                    let (out, _) = collect_local(results, requests.len()).await;
+                                    (pending, out)
+                                });
+                                continue;
+                            }
+                            Err(_) => pending,
+                        }
+                    }
+                    None => pending,
+                }
+            }
+            else => break,
+        };
+        // The slow path keeps order: nothing in flight is unanswered at this point.
+        while let Some((pending, results)) = in_flight.next().await {
+            let Some(h) = handle.upgrade() else { break };
+            answer(&h, ctx.node, pending, results, Some(ctx.node));
+        }
+        if !settle(&handle, &mut rx, &ctx, batch).await {
+            return;
+        }
+    }
+    while let Some((pending, results)) = in_flight.next().await {
+        let Some(h) = handle.upgrade() else { break };
+        answer(&h, ctx.node, pending, results, Some(ctx.node));
+    }
+}
+
+/// Merges each channel's acks in a batch into one command: a consumer acking every message
+/// would otherwise cost a log entry (a write, a read, an apply) per message. An ack joins an
+/// earlier one of its channel only across publishes and other channels' acks, which it does
+/// not depend on; any other command of the queue ends the merging, so nothing of the same
+/// channel, and nothing queue-wide, changes order. Only acks nobody waits on are merged.
+fn coalesce_acks(pending: VecDeque<Submission>) -> VecDeque<Submission> {
+    let mut out: VecDeque<Submission> = VecDeque::with_capacity(pending.len());
+    let mut open: HashMap<ChannelRef, usize> = HashMap::new();
+    for (request, reply) in pending {
+        match (&request.cmd, &reply) {
+            (QueueCmd::Settle { channel, msgs }, ReplyTo::None) => {
+                if let Some(&at) = open.get(channel)
+                    && let QueueCmd::Settle { msgs: into, .. } = &mut out[at].0.cmd
+                {
+                    into.extend_from_slice(msgs);
+                    continue;
+                }
+                open.insert(*channel, out.len());
+            }
+            (QueueCmd::Enqueue { .. }, _) => {}
+            (QueueCmd::Settle { channel, .. }, _) => {
+                open.remove(channel);
+            }
+            _ => open.clear(),
+        }
+        out.push_back((request, reply));
+    }
+    out
+}
+
+/// Gets one batch applied wherever the queue is served, resending what is not known to be
+/// applied until it is. False when the queue or the node is gone (everything was answered).
+async fn settle(
+    handle: &Weak<QueueHandle>,
+    rx: &mut mpsc::UnboundedReceiver<Submission>,
+    ctx: &ProposerContext,
+    mut pending: VecDeque<Submission>,
+) -> bool {
+    let mut backoff = Duration::from_millis(5);
+    while !pending.is_empty() {
+        let Some(h) = handle.upgrade() else {
+            fail_all(&mut pending, rx, ClusterError::ShuttingDown);
+            return false;
+        };
+        if h.is_closed() {
+            fail_all(&mut pending, rx, ClusterError::QueueGone(h.name()));
+            return false;
+        }
+        let requests: Vec<QueueRequest> = pending.iter().map(|(r, _)| r.clone()).collect();
+        let (results, asked) = match target(&h, ctx) {
+            Target::Local(raft) => (write_local(&raft, &requests).await, Some(ctx.node)),
+            Target::Remote(node) => (forward(ctx, node, h.id(), &requests).await, Some(node)),
+            Target::Unknown => (
+                vec![ItemResult::Retry("no leader known".into()); requests.len()],
+                None,
+            ),
+            Target::Unavailable => {
+                let e = ClusterError::QueueUnavailable(h.name());
+                for (_, reply) in pending.drain(..) {
+                    reply.send(Err(e.clone()));
+                }
+                break;
+            }
+        };
+        let (retry, redirect) = answer(&h, ctx.node, pending, results, asked);
+        pending = retry;
+        if !pending.is_empty() && !redirect {
+            drop(h);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+    true
+}
+
+/// Answers the commands of a batch that were applied and returns, in order, those to send
+/// again, and whether the node asked named another leader to ask.
+fn answer(
+    h: &QueueHandle,
+    node: NodeId,
+    pending: VecDeque<Submission>,
+    results: Vec<ItemResult>,
+    asked: Option<NodeId>,
+) -> (VecDeque<Submission>, bool) {
+    let mut retry = VecDeque::new();
+    let mut redirect = false;
+    for ((request, reply), result) in pending.into_iter().zip(results) {
+        match result {
+            ItemResult::Ok(outcome) if retry.is_empty() => reply.send(Ok(outcome)),
+            ItemResult::Ok(outcome) => {
+                // Cannot happen for a Raft batch (failures form a suffix); answering it is
+                // still right, the command was applied.
+                debug!(queue = h.id(), "success after a failure in one batch");
+                reply.send(Ok(outcome));
+            }
+            ItemResult::NotLeader(hint) => {
+                // A hint naming the node asked, or this one without a replica, is stale: ask
+                // around instead.
+                let hint = hint.filter(|n| Some(*n) != asked);
+                if hint.is_some() {
+                    redirect = true;
+                }
+                h.set_leader_hint(hint);
+                retry.push_back((request, reply));
+            }
+            ItemResult::Retry(reason) => {
+                debug!(queue = h.id(), ?asked, %reason, "queue command will be retried");
+                if asked.is_some() && asked != Some(node) {
+                    h.set_leader_hint(None);
+                }
+                retry.push_back((request, reply));
             }
         }
     }
+    (retry, redirect)
 }
 
 fn fail_all(
@@ -309,5 +461,91 @@ fn fail_all(
     rx.close();
     while let Ok((_, reply)) = rx.try_recv() {
         reply.send(Err(error.clone()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_core::{ConnectionRef, NodeRun};
+
+    fn channel(n: u16) -> ChannelRef {
+        ChannelRef {
+            conn: ConnectionRef {
+                run: NodeRun {
+                    node: 1,
+                    incarnation: 1,
+                },
+                conn: 1,
+            },
+            channel: n,
+            opened: 1,
+        }
+    }
+
+    fn ack(ch: u16, msgs: &[u64]) -> Submission {
+        let cmd = QueueCmd::Settle {
+            channel: channel(ch),
+            msgs: msgs.to_vec(),
+        };
+        (QueueRequest::new(cmd), ReplyTo::None)
+    }
+
+    fn cmds(batch: VecDeque<Submission>) -> Vec<QueueCmd> {
+        batch.into_iter().map(|(r, _)| r.cmd).collect()
+    }
+
+    fn settle(ch: u16, msgs: &[u64]) -> QueueCmd {
+        QueueCmd::Settle {
+            channel: channel(ch),
+            msgs: msgs.to_vec(),
+        }
+    }
+
+    #[test]
+    fn acks_of_one_channel_merge_across_other_channels_acks() {
+        let batch = VecDeque::from([ack(1, &[1]), ack(2, &[2]), ack(1, &[3]), ack(2, &[4])]);
+        assert_eq!(
+            cmds(coalesce_acks(batch)),
+            vec![settle(1, &[1, 3]), settle(2, &[2, 4])]
+        );
+    }
+
+    #[test]
+    fn another_command_ends_the_merging() {
+        let requeue = QueueCmd::Requeue {
+            channel: channel(1),
+            msgs: vec![9],
+        };
+        let batch = VecDeque::from([
+            ack(1, &[1]),
+            (QueueRequest::new(requeue.clone()), ReplyTo::None),
+            ack(1, &[2]),
+            ack(2, &[3]),
+            (QueueRequest::new(QueueCmd::Purge), ReplyTo::None),
+            ack(2, &[4]),
+        ]);
+        assert_eq!(
+            cmds(coalesce_acks(batch)),
+            vec![
+                settle(1, &[1]),
+                requeue,
+                settle(1, &[2]),
+                settle(2, &[3]),
+                QueueCmd::Purge,
+                settle(2, &[4]),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_ack_someone_waits_on_is_not_merged() {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let waited = (QueueRequest::new(settle(1, &[2])), ReplyTo::Oneshot(tx));
+        let batch = VecDeque::from([ack(1, &[1]), waited, ack(1, &[3])]);
+        assert_eq!(
+            cmds(coalesce_acks(batch)),
+            vec![settle(1, &[1]), settle(1, &[2]), settle(1, &[3])]
+        );
     }
 }
