@@ -496,7 +496,10 @@ pub async fn serve(
     admin: pb::admin_server::AdminServer<impl pb::admin_server::Admin>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's tcp_nodelay applies only to listeners it binds itself: without it on the
+    // accepted sockets, small replies (Raft acks, forwarded publishes' results) wait out
+    // Nagle's algorithm against the peer's delayed ACK, ~40 ms each.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Thousands of groups share one connection per peer; a burst of calls that time out
