@@ -32,10 +32,11 @@ use tokio::sync::Mutex;
     about = "AMQP 0-9-1 load generator and checker"
 )]
 pub struct Options {
-    /// Broker the producers use.
+    /// Broker the producers use; several, comma-separated, are used in turn (producer i
+    /// connects to the i-th, wrapping around). The first one declares the queues.
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
     pub uri: String,
-    /// Broker the consumers use (default: --uri).
+    /// Broker(s) the consumers use, as for --uri (default: --uri).
     #[arg(long)]
     pub consumer_uri: Option<String>,
     #[arg(long, default_value_t = 1)]
@@ -62,9 +63,23 @@ pub struct Options {
     /// Ack every N deliveries with multiple=true (1 = each one).
     #[arg(long, default_value_t = 1)]
     pub multi_ack: u64,
-    /// Queue name (producers use the default exchange).
+    /// Queue name (producers use the default exchange unless --exchange is given).
     #[arg(long, default_value = "warren-perf")]
     pub queue: String,
+    /// Number of queues: with more than one they are named QUEUE-0, QUEUE-1, ...; producer i
+    /// publishes to queue i mod N and consumer i consumes from queue i mod N.
+    #[arg(long, default_value_t = 1)]
+    pub queues: usize,
+    /// Publish to this exchange (declared durable, every queue bound to it with its own name
+    /// as the binding key) instead of the default exchange.
+    #[arg(long)]
+    pub exchange: Option<String>,
+    /// Type of --exchange: fanout (every message reaches every queue), direct or topic.
+    #[arg(long, default_value = "fanout")]
+    pub exchange_type: String,
+    /// With --producers 0: consume until this many messages came (draining a backlog).
+    #[arg(long, default_value_t = 0)]
+    pub expect: u64,
     /// Queue arguments as key=value (integers become numbers), e.g. x-queue-type=quorum.
     #[arg(long = "queue-arg")]
     pub queue_args: Vec<String>,
@@ -170,6 +185,27 @@ pub fn decode_body(body: &[u8]) -> Option<(u32, u64, u64)> {
     Some((producer, seq, sent))
 }
 
+/// The queues of a run, in order.
+pub fn queue_names(opts: &Options) -> Vec<String> {
+    if opts.queues <= 1 {
+        vec![opts.queue.clone()]
+    } else {
+        (0..opts.queues)
+            .map(|i| format!("{}-{i}", opts.queue))
+            .collect()
+    }
+}
+
+/// The i-th of a comma-separated list of URIs, wrapping around.
+fn nth_uri(list: &str, i: usize) -> String {
+    let uris: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    uris.get(i % uris.len().max(1)).unwrap_or(&list).to_string()
+}
+
 fn queue_arguments(pairs: &[String]) -> anyhow::Result<FieldTable> {
     let mut t = FieldTable::default();
     for pair in pairs {
@@ -204,9 +240,13 @@ fn cpu_time() -> Duration {
     Duration::from_millis(total * 10)
 }
 
+/// A message as one queue delivers it: the queue's index, the producer and its sequence
+/// number (a fan-out message is expected once per queue).
+type Key = (u32, u32, u64);
+
 #[derive(Default)]
 struct Consumed {
-    seen: HashSet<(u32, u64)>,
+    seen: HashSet<Key>,
     latencies: Vec<u64>,
     duplicates: u64,
 }
@@ -216,20 +256,55 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let cpu_start = cpu_time();
     let deadline = start + Duration::from_secs(opts.duration);
     let args = queue_arguments(&opts.queue_args)?;
-    let setup = Connection::connect(&opts.uri, ConnectionProperties::default())
+    let queues = queue_names(opts);
+    let setup_uri = nth_uri(&opts.uri, 0);
+    let setup = Connection::connect(&setup_uri, ConnectionProperties::default())
         .await
-        .with_context(|| format!("connecting to {}", opts.uri))?;
+        .with_context(|| format!("connecting to {setup_uri}"))?;
     let ch = setup.create_channel().await?;
-    ch.queue_declare(
-        opts.queue.as_str().into(),
-        QueueDeclareOptions {
-            durable: true,
-            ..Default::default()
-        },
-        args,
-    )
-    .await
-    .context("declaring the queue")?;
+    if let Some(exchange) = &opts.exchange {
+        let kind = match opts.exchange_type.as_str() {
+            "fanout" => lapin::ExchangeKind::Fanout,
+            "direct" => lapin::ExchangeKind::Direct,
+            "topic" => lapin::ExchangeKind::Topic,
+            other => anyhow::bail!("unsupported --exchange-type {other}"),
+        };
+        ch.exchange_declare(
+            exchange.as_str().into(),
+            kind,
+            lapin::options::ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .context("declaring the exchange")?;
+    }
+    for queue in &queues {
+        ch.queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args.clone(),
+        )
+        .await
+        .with_context(|| format!("declaring queue {queue}"))?;
+        if let Some(exchange) = &opts.exchange {
+            ch.queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                queue.as_str().into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .with_context(|| format!("binding queue {queue}"))?;
+        }
+    }
+    let fanout = opts.exchange.is_some() && opts.exchange_type == "fanout";
 
     let consumed = Arc::new(Mutex::new(Consumed::default()));
     let stop_consumers = Arc::new(AtomicBool::new(false));
@@ -238,16 +313,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .clone()
         .unwrap_or_else(|| opts.uri.clone());
     let mut consumer_tasks = Vec::new();
-    for _ in 0..opts.consumers {
-        let conn = Connection::connect(&consumer_uri, ConnectionProperties::default())
+    let stamped = opts.producers > 0;
+    for c in 0..opts.consumers {
+        let uri = nth_uri(&consumer_uri, c);
+        let conn = Connection::connect(&uri, ConnectionProperties::default())
             .await
-            .with_context(|| format!("connecting to {consumer_uri}"))?;
+            .with_context(|| format!("connecting to {uri}"))?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(opts.prefetch, BasicQosOptions::default())
             .await?;
+        let queue_index = (c % queues.len()) as u32;
         let mut stream = ch
             .basic_consume(
-                opts.queue.as_str().into(),
+                queues[queue_index as usize].as_str().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -266,8 +344,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 if let Some((producer, seq, sent)) = decode_body(&d.data) {
                     let now = start.elapsed().as_nanos() as u64;
                     let mut c = consumed.lock().await;
-                    if c.seen.insert((producer, seq)) {
-                        c.latencies.push(now.saturating_sub(sent) / 1000);
+                    if c.seen.insert((queue_index, producer, seq)) {
+                        // A backlog left by an earlier run carries another run's clock.
+                        if stamped {
+                            c.latencies.push(now.saturating_sub(sent) / 1000);
+                        }
                     } else {
                         c.duplicates += 1;
                     }
@@ -286,9 +367,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
 
     let mut producer_tasks = Vec::new();
     for p in 0..opts.producers {
-        let conn = Connection::connect(&opts.uri, ConnectionProperties::default())
+        let uri = nth_uri(&opts.uri, p);
+        let conn = Connection::connect(&uri, ConnectionProperties::default())
             .await
-            .with_context(|| format!("connecting to {}", opts.uri))?;
+            .with_context(|| format!("connecting to {uri}"))?;
+        let (exchange, routing_key) = match &opts.exchange {
+            Some(e) => (e.clone(), queues[p % queues.len()].clone()),
+            None => (String::new(), queues[p % queues.len()].clone()),
+        };
         let ch = conn.create_channel().await?;
         if opts.confirm > 0 {
             ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -320,8 +406,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 let body = encode_body(p as u32, seq, sent.as_nanos() as u64, opts.size);
                 let Ok(confirm) = ch
                     .basic_publish(
-                        "".into(),
-                        opts.queue.as_str().into(),
+                        exchange.as_str().into(),
+                        routing_key.as_str().into(),
                         BasicPublishOptions::default(),
                         &body,
                         props.clone(),
@@ -363,7 +449,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         report.confirmed += confirmed.len() as u64;
         report.nacked += nacked;
         confirm_latencies.extend(latencies);
-        expected.extend(confirmed.into_iter().map(|s| (p, s)));
+        let targets: Vec<u32> = if fanout {
+            (0..queues.len() as u32).collect()
+        } else {
+            vec![p % queues.len() as u32]
+        };
+        for s in confirmed {
+            expected.extend(targets.iter().map(|q| (*q, p, s)));
+        }
     }
     let published_at = start.elapsed();
 
@@ -372,7 +465,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     loop {
         let done = {
             let c = consumed.lock().await;
-            expected.iter().all(|k| c.seen.contains(k))
+            if opts.producers == 0 {
+                c.seen.len() as u64 >= opts.expect
+            } else {
+                expected.iter().all(|k| c.seen.contains(k))
+            }
         };
         if done || Instant::now() >= drain_deadline || opts.consumers == 0 {
             break;
@@ -432,6 +529,24 @@ mod tests {
             "never shorter than the stamp"
         );
         assert_eq!(decode_body(b"short"), None);
+    }
+
+    #[test]
+    fn uris_are_used_in_turn() {
+        let list = "amqp://a, amqp://b,amqp://c";
+        assert_eq!(nth_uri(list, 0), "amqp://a");
+        assert_eq!(nth_uri(list, 1), "amqp://b");
+        assert_eq!(nth_uri(list, 5), "amqp://c");
+        assert_eq!(nth_uri("amqp://only", 7), "amqp://only");
+    }
+
+    #[test]
+    fn several_queues_are_numbered() {
+        use clap::Parser;
+        let one = Options::parse_from(["warren-perf", "--queue", "q"]);
+        assert_eq!(queue_names(&one), vec!["q"]);
+        let three = Options::parse_from(["warren-perf", "--queue", "q", "--queues", "3"]);
+        assert_eq!(queue_names(&three), vec!["q-0", "q-1", "q-2"]);
     }
 
     #[test]
