@@ -42,6 +42,9 @@ class Broker:
         # The amqps listener and the certificate clients trust, when this session runs one.
         self.tls_port = None
         self.tls_ca = None
+        # The management HTTP API and the cluster (warrenctl) address, when known.
+        self.http_port = None
+        self.cluster_address = None
 
     def params(self, **overrides):
         kwargs = dict(
@@ -130,7 +133,11 @@ def _start(binary, data_dir):
         except queue.Empty:
             continue
         seen.append(line)
-        if line.startswith("warren: listening amqps "):
+        if line.startswith("warren: listening http "):
+            broker.http_port = int(line.split()[-1].rpartition(":")[2])
+        elif line.startswith("warren: listening cluster "):
+            broker.cluster_address = line.split()[-1]
+        elif line.startswith("warren: listening amqps "):
             broker.tls_port = int(line.split()[-1].rpartition(":")[2])
             broker.tls_ca = cert
         elif line.startswith("warren: listening amqp ") and port is None:

@@ -144,6 +144,9 @@ fn config_of(def: &QueueDef) -> QueueConfig {
 
 pub struct QueueHandle {
     node: NodeId,
+    /// The queue's id (its Raft group), which never changes: read on every delivery and by
+    /// every supervisor round, so kept out of the lock around `def`.
+    id: u64,
     vhost: String,
     def: Mutex<QueueDef>,
     backend: Backend,
@@ -188,6 +191,7 @@ impl QueueHandle {
         };
         let handle = Arc::new(QueueHandle {
             node,
+            id: def.id,
             vhost,
             def: Mutex::new(def),
             backend,
@@ -317,7 +321,7 @@ impl QueueHandle {
 
     /// The queue's cluster-wide id (its Raft group for a replicated queue).
     pub fn id(&self) -> u64 {
-        self.def().id
+        self.id
     }
 
     pub fn name(&self) -> String {
@@ -337,9 +341,14 @@ impl QueueHandle {
     }
 
     pub fn replicas(&self) -> Vec<NodeId> {
+        self.with_replicas(<[NodeId]>::to_vec)
+    }
+
+    /// Reads the replica list (preference order) without copying it.
+    pub(crate) fn with_replicas<T>(&self, read: impl FnOnce(&[NodeId]) -> T) -> T {
         match &self.def.lock().unwrap_or_else(|p| p.into_inner()).placement {
-            Placement::Replicated { replicas, .. } => replicas.clone(),
-            Placement::Local { run } => vec![run.node],
+            Placement::Replicated { replicas, .. } => read(replicas),
+            Placement::Local { run } => read(&[run.node]),
         }
     }
 

@@ -333,19 +333,36 @@ fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) 
     for handle in node.registry().handles() {
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
+        let metrics = raft.metrics();
+        // Most groups need nothing: decide that under the borrows, allocating nothing (this
+        // runs for every group several times a second).
+        let nothing_to_do = {
+            let m = metrics.borrow_watched();
+            let membership = m.membership_config.membership();
+            handle.with_replicas(|desired| {
+                let is_voter = |n: &NodeId| membership.voter_ids().any(|v| v == *n);
+                if m.state == ServerState::Leader {
+                    let in_sync = membership.voter_ids().count() == desired.len()
+                        && desired.iter().all(is_voter);
+                    in_sync && desired.first().is_none_or(|p| *p == me)
+                } else {
+                    // A follower has something to do only once it is neither wanted nor a
+                    // voter any more (see below).
+                    desired.contains(&me)
+                        || is_voter(&me)
+                        || membership.voter_ids().next().is_none()
+                }
+            })
+        };
+        if nothing_to_do {
+            continue;
+        }
         let desired = handle.replicas();
         let desired_set: BTreeSet<NodeId> = desired.iter().copied().collect();
-        // Most groups need nothing: read what decides that under the borrow, clone nothing.
-        let metrics = raft.metrics();
         let (leading, voters, learners) = {
             let m = metrics.borrow_watched();
             let membership = m.membership_config.membership();
             let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-            let in_sync = voters == desired_set;
-            let preferred_elsewhere = desired.first().is_some_and(|p| *p != me);
-            if m.state == ServerState::Leader && in_sync && !preferred_elsewhere {
-                continue;
-            }
             let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
             (m.state == ServerState::Leader, voters, learners)
         };

@@ -44,6 +44,11 @@ pub struct Cli {
     /// PEM private key of the amqps listener.
     #[arg(long = "tls-key", env = "WARREN_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// PEM certificates of the CAs that sign client certificates: when given, every amqps
+    /// client must present a certificate signed by one of them (RabbitMQ's verify_peer with
+    /// fail_if_no_peer_cert).
+    #[arg(long = "tls-ca", env = "WARREN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// HTTP listen address for /healthz, /readyz and /metrics.
     #[arg(long, env = "WARREN_HTTP_LISTEN")]
     pub http_listen: Option<String>,
@@ -130,6 +135,7 @@ struct FileAmqp {
     tls_listen: Option<Vec<String>>,
     tls_cert_file: Option<PathBuf>,
     tls_key_file: Option<PathBuf>,
+    tls_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -196,6 +202,8 @@ pub struct TlsConfig {
     pub listen: Vec<Listen>,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// CAs of client certificates; None: clients need none.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl AmqpConfig {
@@ -330,7 +338,13 @@ impl Config {
         if listen.is_empty() {
             return Err(invalid("amqp.listen", "at least one address is required"));
         }
-        let tls = tls_config(&cli.tls_listen, &cli.tls_cert, &cli.tls_key, &file.amqp)?;
+        let tls = tls_config(
+            &cli.tls_listen,
+            &cli.tls_cert,
+            &cli.tls_key,
+            &cli.tls_ca,
+            &file.amqp,
+        )?;
         let frame_max = file.amqp.frame_max.unwrap_or(DEFAULT_FRAME_MAX);
         if !(warren_codec::FRAME_MIN_SIZE..=1_048_576).contains(&frame_max) {
             return Err(invalid(
@@ -607,10 +621,12 @@ fn tls_config(
     tls_listen: &[String],
     tls_cert: &Option<PathBuf>,
     tls_key: &Option<PathBuf>,
+    tls_ca: &Option<PathBuf>,
     file: &FileAmqp,
 ) -> Result<Option<TlsConfig>, ConfigError> {
     let cert = tls_cert.clone().or_else(|| file.tls_cert_file.clone());
     let key = tls_key.clone().or_else(|| file.tls_key_file.clone());
+    let ca_file = tls_ca.clone().or_else(|| file.tls_ca_file.clone());
     let explicit = if !tls_listen.is_empty() {
         Some(explicit_listeners(
             "amqp.tls_listen (--tls-listen / WARREN_TLS_LISTEN)",
@@ -622,7 +638,7 @@ fn tls_config(
         None
     };
     let (cert_file, key_file) = match (cert, key) {
-        (None, None) if explicit.is_none() => return Ok(None),
+        (None, None) if explicit.is_none() && ca_file.is_none() => return Ok(None),
         (None, _) => {
             return Err(invalid(
                 "amqp.tls_cert_file (--tls-cert / WARREN_TLS_CERT)",
@@ -643,7 +659,13 @@ fn tls_config(
             &cert_file,
         ),
         ("amqp.tls_key_file (--tls-key / WARREN_TLS_KEY)", &key_file),
-    ] {
+    ]
+    .into_iter()
+    .chain(
+        ca_file
+            .as_ref()
+            .map(|ca| ("amqp.tls_ca_file (--tls-ca / WARREN_TLS_CA)", ca)),
+    ) {
         if let Err(e) = std::fs::metadata(path) {
             return Err(invalid(
                 setting,
@@ -667,6 +689,7 @@ fn tls_config(
         listen,
         cert_file,
         key_file,
+        ca_file,
     }))
 }
 

@@ -180,8 +180,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let amqp = bind_all("amqp.listen", &config.amqp.listen)?;
     let amqps = match &config.amqp.tls {
         Some(tls) => {
-            let acceptor = tls::acceptor(&tls.cert_file, &tls.key_file)
-                .map_err(|e| anyhow::anyhow!("amqp.tls_cert_file / amqp.tls_key_file: {e}"))?;
+            let acceptor = tls::acceptor(&tls.cert_file, &tls.key_file, tls.ca_file.as_deref())
+                .map_err(|e| {
+                    anyhow::anyhow!("amqp.tls_cert_file / tls_key_file / tls_ca_file: {e}")
+                })?;
             Some((bind_all("amqp.tls_listen", &tls.listen)?, acceptor))
         }
         None => None,

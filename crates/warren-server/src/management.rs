@@ -22,7 +22,7 @@ use base64::Engine;
 use serde_json::{Value, json};
 use warren_core::json::{table_from_json, table_to_json};
 use warren_core::meta::{
-    Destination, MetaCmd, MetaReply, Permissions, Placement, Policy, QueueDef,
+    Destination, MetaCmd, MetaReply, MetaState, Permissions, Placement, Policy, QueueDef,
 };
 
 use crate::auth::Principal;
@@ -505,7 +505,7 @@ async fn delete_policy(
     write(&broker, MetaCmd::ClearPolicy { vhost, name }).await
 }
 
-fn queue_json(broker: &Broker, vhost: &str, q: &QueueDef) -> Value {
+fn queue_json(broker: &Broker, meta: &MetaState, vhost: &str, q: &QueueDef) -> Value {
     let stats = broker
         .node
         .queue(vhost, &q.name)
@@ -538,6 +538,7 @@ fn queue_json(broker: &Broker, vhost: &str, q: &QueueDef) -> Value {
         "messages_ready": stats.ready,
         "messages_unacknowledged": stats.unacked,
         "consumers": stats.consumers,
+        "policy": meta.policy_for(vhost, &q.name).map(|p| p.name.clone()),
     })
 }
 
@@ -546,7 +547,7 @@ fn queue_list(broker: &Broker, only: Option<&str>) -> Value {
     Value::Array(
         meta.queues()
             .filter(|(v, _)| only.is_none_or(|o| o == *v))
-            .map(|(v, q)| queue_json(broker, v, q))
+            .map(|(v, q)| queue_json(broker, &meta, v, q))
             .collect(),
     )
 }
@@ -570,7 +571,7 @@ async fn queue(
 ) -> Reply {
     let def = broker.node.meta().queue(&vhost, &name).cloned();
     match def {
-        Some(q) => ok(queue_json(&broker, &vhost, &q)),
+        Some(q) => ok(queue_json(&broker, &broker.node.meta(), &vhost, &q)),
         None => Err(not_found(format!("no queue '{name}' in vhost '{vhost}'"))),
     }
 }

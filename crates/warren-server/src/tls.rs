@@ -12,8 +12,9 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig};
 
 /// A client connection's byte stream, split into halves the connection's reader and writer
 /// tasks own. Plain TCP splits without locking; TLS shares its session between the halves.
@@ -39,23 +40,42 @@ impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
     }
 }
 
-/// Builds the acceptor; errors name the file and say what is wrong with it.
-pub fn acceptor(cert_file: &Path, key_file: &Path) -> Result<TlsAcceptor, String> {
+/// Builds the acceptor; errors name the file and say what is wrong with it. With `ca_file`,
+/// clients must present a certificate chain that leads to one of its CAs; the handshake of
+/// any other client fails before AMQP starts.
+pub fn acceptor(
+    cert_file: &Path,
+    key_file: &Path,
+    ca_file: Option<&Path>,
+) -> Result<TlsAcceptor, String> {
     let certs = load_certs(cert_file)?;
     let key = load_key(key_file)?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ServerConfig::builder_with_provider(provider)
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| {
-            format!(
-                "{} does not go with {}: {e}",
-                key_file.display(),
-                cert_file.display()
-            )
-        })?;
+        .map_err(|e| format!("TLS setup: {e}"))?;
+    let builder = match ca_file {
+        None => builder.with_no_client_auth(),
+        Some(ca_file) => {
+            let mut roots = RootCertStore::empty();
+            for ca in load_certs(ca_file)? {
+                roots
+                    .add(ca)
+                    .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(certs, key).map_err(|e| {
+        format!(
+            "{} does not go with {}: {e}",
+            key_file.display(),
+            cert_file.display()
+        )
+    })?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

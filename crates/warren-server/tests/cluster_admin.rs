@@ -919,10 +919,24 @@ fn rebalance_spreads_leaders() {
         assert!(out.contains("4 queue(s)"), "rebalance output: {out}");
 
         let mut leaders: BTreeMap<u64, usize> = BTreeMap::new();
+        let want = set(&[1, 2, 3]);
         for (q, msgs) in &queues {
-            let (leader, replicas) =
-                wait_converged(&cluster, &all, q, &[1, 2, 3], Some(msgs.len() as u64)).await;
-            assert_eq!(leader, replicas[0], "{q} is led by its preferred replica");
+            // The metadata changes first; leadership follows once the supervisor has seen
+            // the preferred replica caught up, so wait for both.
+            let (leader, _) = wait_for(
+                &format!("{q} led by its preferred replica"),
+                CONVERGE,
+                || async {
+                    let v = views(&cluster, &all).await?;
+                    let (leader, replicas) = converged(&v, q, &want, Some(msgs.len() as u64))?;
+                    if leader == replicas[0] {
+                        Ok((leader, replicas))
+                    } else {
+                        Err(format!("{q} is led by {leader}, preferred {}", replicas[0]))
+                    }
+                },
+            )
+            .await;
             *leaders.entry(leader).or_default() += 1;
         }
         assert_eq!(

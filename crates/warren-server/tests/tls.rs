@@ -10,13 +10,19 @@ use std::path::Path;
 use std::time::Duration;
 
 use lapin::options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions};
-use lapin::tcp::OwnedTLSConfig;
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use support::{Broker, run, unique, within};
 
 /// A CA and a server certificate for 127.0.0.1 signed by it; returns the CA's PEM.
 fn make_certs(dir: &Path) -> String {
+    make_certs_with_client(dir).0
+}
+
+/// As `make_certs`, plus a client certificate signed by the same CA: returns the CA's PEM and
+/// the client's certificate and key PEMs.
+fn make_certs_with_client(dir: &Path) -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().expect("CA key");
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -33,7 +39,17 @@ fn make_certs(dir: &Path) -> String {
         .expect("server certificate");
     std::fs::write(dir.join("server.pem"), cert.pem()).expect("write certificate");
     std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write key");
-    ca.pem()
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+    let client_key = rcgen::KeyPair::generate().expect("client key");
+    let mut client_params =
+        rcgen::CertificateParams::new(Vec::<String>::new()).expect("client params");
+    client_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "warren test client");
+    let client = client_params
+        .signed_by(&client_key, &ca, &ca_key)
+        .expect("client certificate");
+    (ca.pem(), client.pem(), client_key.serialize_pem())
 }
 
 fn amqps_addr(b: &Broker) -> SocketAddr {
@@ -47,12 +63,24 @@ fn amqps_addr(b: &Broker) -> SocketAddr {
 }
 
 async fn connect_tls(addr: SocketAddr, ca_pem: &str) -> lapin::Result<Connection> {
+    connect_tls_as(addr, ca_pem, None).await
+}
+
+/// Connects over TLS, presenting `identity` (certificate PEM, key PEM) when given.
+async fn connect_tls_as(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+) -> lapin::Result<Connection> {
     let runtime = lapin::runtime::default_runtime().expect("runtime");
     Connection::connect_with_config(
         &format!("amqps://guest:guest@{addr}/%2f"),
         ConnectionProperties::default(),
         OwnedTLSConfig {
-            identity: None,
+            identity: identity.map(|(pem, key)| OwnedIdentity::PKCS8 {
+                pem: pem.as_bytes().to_vec(),
+                key: key.as_bytes().to_vec(),
+            }),
             cert_chain: Some(ca_pem.to_owned()),
         },
         runtime,
@@ -131,6 +159,65 @@ fn clients_publish_and_consume_over_tls() {
         )
         .await
         .expect("declare after the failed handshakes");
+        let _ = conn.close(200, "bye".into()).await;
+    });
+}
+
+#[test]
+fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
+    if support::external_amqp().is_some() {
+        return;
+    }
+    let certs = tempfile::tempdir().expect("temp dir");
+    let (ca, client_cert, client_key) = make_certs_with_client(certs.path());
+    let path = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
+    let b = Broker::start_with_args(&[
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        &path("server.pem"),
+        "--tls-key",
+        &path("server.key"),
+        "--tls-ca",
+        &path("ca.pem"),
+    ]);
+    let addr = amqps_addr(&b);
+    run(async {
+        let conn = within(
+            "TLS connect with a client certificate",
+            connect_tls_as(addr, &ca, Some((&client_cert, &client_key))),
+        )
+        .await
+        .expect("a client with a certificate the CA signed gets in");
+        let ch = conn.create_channel().await.expect("channel");
+        ch.queue_declare(
+            unique("tls-client").as_str().into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare");
+
+        // No certificate: the handshake fails.
+        let anonymous = tokio::time::timeout(Duration::from_secs(10), connect_tls(addr, &ca)).await;
+        assert!(
+            !matches!(anonymous, Ok(Ok(_))),
+            "a client without a certificate got in"
+        );
+        // A certificate from another CA: refused too.
+        let other = tempfile::tempdir().expect("temp dir");
+        let (_, other_cert, other_key) = make_certs_with_client(other.path());
+        let stranger = tokio::time::timeout(
+            Duration::from_secs(10),
+            connect_tls_as(addr, &ca, Some((&other_cert, &other_key))),
+        )
+        .await;
+        assert!(
+            !matches!(stranger, Ok(Ok(_))),
+            "a client with a certificate of another CA got in"
+        );
+        // The first client is unaffected.
+        conn.create_channel().await.expect("still serving");
         let _ = conn.close(200, "bye".into()).await;
     });
 }
