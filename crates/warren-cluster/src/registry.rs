@@ -58,6 +58,9 @@ pub(crate) struct Registry {
     unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
     /// Dead-letters of the queues this node leads, for the node's dead-letter service.
     dead_letter_tx: mpsc::UnboundedSender<DeadLetter>,
+    /// Bumped whenever a queue, its replica set, a group or the membership changes here: the
+    /// supervisor looks at every group after a change and only at a slice of them otherwise.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -103,7 +106,18 @@ impl Registry {
             removed: Mutex::new(std::collections::BTreeSet::new()),
             unused_tx,
             dead_letter_tx,
+            generation: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever queues, replica sets, groups or members change (see `generation`).
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn bump_generation(&self) {
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn set_members(&self, members: BTreeMap<NodeId, String>) {
@@ -119,6 +133,7 @@ impl Registry {
             removed.retain(|id| !members.contains_key(id));
         }
         *current = members;
+        self.bump_generation();
     }
 
     /// Nodes that left the membership while this node ran: as good as down for good. What
@@ -148,6 +163,16 @@ impl Registry {
         read(&self.by_id).values().cloned().collect()
     }
 
+    /// The queues whose id falls into `slot` of `slots` (id modulo `slots`), chosen by the
+    /// map's keys so the other queues' handles are not touched at all.
+    pub(crate) fn handles_in_slot(&self, slot: u64, slots: u64) -> Vec<Arc<QueueHandle>> {
+        read(&self.by_id)
+            .iter()
+            .filter(|(id, _)| **id % slots == slot)
+            .map(|(_, h)| h.clone())
+            .collect()
+    }
+
     fn unused_hook(&self) -> UnusedHook {
         let tx = self.unused_tx.clone();
         Arc::new(move |h: &QueueHandle| {
@@ -159,6 +184,7 @@ impl Registry {
     /// `fresh`: the queue was just declared (not a replica change), so its first replicas may
     /// create its group.
     fn create(self: &Arc<Self>, vhost: &str, def: &QueueDef, fresh: bool) {
+        self.bump_generation();
         if let Some(existing) = self.by_id(def.id) {
             existing.set_def(def.clone());
             self.reconcile_group(&existing);
@@ -243,6 +269,7 @@ impl Registry {
     }
 
     fn remove(&self, vhost: &str, def: &QueueDef) {
+        self.bump_generation();
         let handle = write(&self.queues).remove(&(vhost.to_owned(), def.name.clone()));
         write(&self.by_id).remove(&def.id);
         if let Some(handle) = handle {
@@ -269,6 +296,7 @@ impl Registry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&group);
+        self.bump_generation();
         if let Some(runner) = runner {
             info!(group, "leaving queue group");
             if let Some(h) = self.by_id(group) {
@@ -493,6 +521,7 @@ async fn watch_leadership(
 ) {
     let mut metrics = raft.metrics();
     let mut was_leader = false;
+    let mut known_leader = None;
     loop {
         let (leading, leader, term) = {
             let m = metrics.borrow_watched();
@@ -542,6 +571,13 @@ async fn watch_leadership(
                 let _ = crate::proposer::write_local(&raft, &requests).await;
             });
         }
+        if leading != was_leader || leader != known_leader {
+            // The supervisor's next round looks at every group (see `Registry::generation`).
+            if let Some(r) = registry.upgrade() {
+                r.bump_generation();
+            }
+        }
+        known_leader = leader;
         was_leader = leading;
         drop(h);
         if metrics.changed().await.is_err() {

@@ -22,6 +22,7 @@ use warren_core::queue::QueueCmd;
 
 use crate::node::Node;
 use crate::outbox::Liveness;
+use crate::queue::QueueHandle;
 use crate::queue::ReplyTo;
 use crate::transport::{PeerRequest, PeerResponse};
 use crate::types::QueueRequest;
@@ -206,6 +207,8 @@ impl Liveness for LivenessTable {
 }
 
 pub(crate) const TICK: Duration = Duration::from_millis(200);
+/// A quiet round looks at one group in SLICES (so each every SLICES × TICK).
+const SLICES: u64 = 5;
 /// Elections one node starts per supervisor round, at most.
 const ELECTIONS_PER_ROUND: usize = 64;
 /// How long a lower-ranked replica lets a live higher-ranked one try before standing itself.
@@ -217,6 +220,10 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
     let mut changes: Changes = HashMap::new();
     let mut leaderless_since: HashMap<u64, Instant> = HashMap::new();
     let mut gone_handled: BTreeSet<NodeId> = BTreeSet::new();
+    let mut seen_generation = None;
+    let mut seen_down: BTreeSet<NodeId> = BTreeSet::new();
+    let mut look_at_all = true;
+    let mut round: u64 = 0;
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -273,8 +280,44 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
                 None => {}
             }
         }
-        drive_elections(&node, &liveness, &mut last_elect, &mut leaderless_since).await;
-        reconcile(&node, &liveness, &mut changes);
+        // Every group is looked at after anything that can give one of them work (a queue,
+        // replica set, leader or member changed, a peer went down or came back, elections
+        // were left for the next round); otherwise a slice of them, so each is still seen
+        // every SLICES rounds, plus the groups with work under way. With thousands of idle
+        // queues this is most of an idle node's CPU.
+        let generation = node.registry().generation();
+        let down: BTreeSet<NodeId> = others
+            .iter()
+            .copied()
+            .filter(|n| liveness.is_down(*n))
+            .collect();
+        look_at_all |= seen_generation != Some(generation) || down != seen_down;
+        seen_generation = Some(generation);
+        seen_down = down;
+        round += 1;
+        let handles = if std::mem::take(&mut look_at_all) {
+            node.registry().handles()
+        } else {
+            let slot = round % SLICES;
+            let mut handles = node.registry().handles_in_slot(slot, SLICES);
+            let busy: BTreeSet<u64> = leaderless_since
+                .keys()
+                .chain(changes.keys())
+                .copied()
+                .filter(|g| g % SLICES != slot)
+                .collect();
+            handles.extend(busy.into_iter().filter_map(|g| node.registry().by_id(g)));
+            handles
+        };
+        look_at_all = drive_elections(
+            &node,
+            &handles,
+            &liveness,
+            &mut last_elect,
+            &mut leaderless_since,
+        )
+        .await;
+        reconcile(&node, &handles, &liveness, &mut changes);
     }
 }
 
@@ -327,10 +370,15 @@ const CHANGE_RETRY: Duration = Duration::from_secs(5);
 /// Brings every group this node leads to its replica set from the metadata (add and catch up
 /// new replicas, then switch the voters), hands leadership to the preferred replica when it
 /// is up and has caught up, and retires replicas this node should no longer hold.
-fn reconcile(node: &Arc<Node>, liveness: &LivenessTable, changes: &mut Changes) {
+fn reconcile(
+    node: &Arc<Node>,
+    handles: &[Arc<QueueHandle>],
+    liveness: &LivenessTable,
+    changes: &mut Changes,
+) {
     let me = node.id();
     changes.retain(|_, (started, task)| !task.is_finished() && started.elapsed() < CHANGE_RETRY);
-    for handle in node.registry().handles() {
+    for handle in handles {
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
         let metrics = raft.metrics();
@@ -466,17 +514,19 @@ async fn announce_leadership(node: &Node, back: NodeId) {
     }
 }
 
+/// Returns true when it left elections for the next round (see ELECTIONS_PER_ROUND).
 async fn drive_elections(
     node: &Node,
+    handles: &[Arc<QueueHandle>],
     liveness: &LivenessTable,
     last_elect: &mut HashMap<u64, Instant>,
     leaderless_since: &mut HashMap<u64, Instant>,
-) {
+) -> bool {
     let now = Instant::now();
     let me = node.id();
     let members = node.registry().members();
     let mut started = 0;
-    for handle in node.registry().handles() {
+    for handle in handles {
         let Some(raft) = handle.raft() else { continue };
         let group = handle.id();
         let metrics = raft.metrics();
@@ -551,7 +601,7 @@ async fn drive_elections(
         // Elections are spread over rounds: after a full restart thousands of groups would
         // otherwise flood the peers with votes at once.
         if started >= ELECTIONS_PER_ROUND {
-            break;
+            return true;
         }
         started += 1;
         last_elect.insert(group, now);
@@ -566,6 +616,7 @@ async fn drive_elections(
         // others still follow, finds out without bumping the term and unseating anyone.
         let _ = raft.trigger().elect(true).await;
     }
+    false
 }
 
 #[cfg(test)]
