@@ -85,10 +85,7 @@ fn publish(node: &Node, dl: DeadLetter) {
             QueueRequest::with_content(
                 QueueCmd::Enqueue {
                     meta,
-                    publisher: Some(Publisher {
-                        id: PublisherId::Queue(source.id()),
-                        seq: dl.seq,
-                    }),
+                    publisher: Some(Publisher::new(PublisherId::Queue(source.id()), dl.seq)),
                 },
                 content.clone(),
             ),

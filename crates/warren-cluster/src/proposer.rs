@@ -10,7 +10,10 @@
 //! unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
 //! publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
-//! discarded, every later one is too — so resends never skip over a gap.
+//! discarded, every later one is too — but pipelined batches are separate writes: one can be
+//! refused unlogged (lease expired, leadership lost) while the next, a moment later, is taken.
+//! Publishes refused that way on their first attempt are resent marked late, so the queue
+//! does not mistake them for resends of something taken (`Publisher::late`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -42,6 +45,8 @@ pub(crate) enum ItemResult {
     NotLeader(Option<NodeId>),
     /// Outcome unknown or transient failure: send again.
     Retry(String),
+    /// Not logged (the leader's lease had expired): send again.
+    Refused(String),
 }
 
 const BATCH: usize = 1024;
@@ -112,7 +117,7 @@ async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemR
             Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                 if f.reason == ForwardReason::LeaseExpired {
                     lease_expired = true;
-                    ItemResult::Retry("leader lease expired".into())
+                    ItemResult::Refused("leader lease expired".into())
                 } else {
                     ItemResult::NotLeader(f.leader_id)
                 }
@@ -270,7 +275,7 @@ pub(crate) async fn run(
                     fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
                     return;
                 };
-                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node), Attempt::Pipelined);
                 if retry.is_empty() {
                     continue;
                 }
@@ -279,7 +284,7 @@ pub(crate) async fn run(
                 drop(h);
                 while let Some((pending, results)) = in_flight.next().await {
                     let Some(h) = handle.upgrade() else { break };
-                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node), Attempt::Pipelined);
                     retry.extend(more);
                 }
                 retry
@@ -321,7 +326,14 @@ pub(crate) async fn run(
         // The slow path keeps order: nothing in flight is unanswered at this point.
         while let Some((pending, results)) = in_flight.next().await {
             let Some(h) = handle.upgrade() else { break };
-            answer(&h, ctx.node, pending, results, Some(ctx.node));
+            answer(
+                &h,
+                ctx.node,
+                pending,
+                results,
+                Some(ctx.node),
+                Attempt::Pipelined,
+            );
         }
         if !settle(&handle, &mut rx, &ctx, batch).await {
             return;
@@ -329,7 +341,14 @@ pub(crate) async fn run(
     }
     while let Some((pending, results)) = in_flight.next().await {
         let Some(h) = handle.upgrade() else { break };
-        answer(&h, ctx.node, pending, results, Some(ctx.node));
+        answer(
+            &h,
+            ctx.node,
+            pending,
+            results,
+            Some(ctx.node),
+            Attempt::Pipelined,
+        );
     }
 }
 
@@ -397,7 +416,7 @@ async fn settle(
                 break;
             }
         };
-        let (retry, redirect) = answer(&h, ctx.node, pending, results, asked);
+        let (retry, redirect) = answer(&h, ctx.node, pending, results, asked, Attempt::Settled);
         pending = retry;
         if !pending.is_empty() && !redirect {
             drop(h);
@@ -416,10 +435,14 @@ fn answer(
     pending: VecDeque<Submission>,
     results: Vec<ItemResult>,
     asked: Option<NodeId>,
+    attempt: Attempt,
 ) -> (VecDeque<Submission>, bool) {
     let mut retry = VecDeque::new();
     let mut redirect = false;
-    for ((request, reply), result) in pending.into_iter().zip(results) {
+    for ((mut request, reply), result) in pending.into_iter().zip(results) {
+        if refused_on_first_attempt(&result, attempt) {
+            mark_late(&mut request);
+        }
         match result {
             ItemResult::Ok(outcome) if retry.is_empty() => reply.send(Ok(outcome)),
             ItemResult::Ok(outcome) => {
@@ -438,7 +461,7 @@ fn answer(
                 h.set_leader_hint(hint);
                 retry.push_back((request, reply));
             }
-            ItemResult::Retry(reason) => {
+            ItemResult::Retry(reason) | ItemResult::Refused(reason) => {
                 debug!(queue = h.id(), ?asked, %reason, "queue command will be retried");
                 if asked.is_some() && asked != Some(node) {
                     h.set_leader_hint(None);
@@ -448,6 +471,34 @@ fn answer(
         }
     }
     (retry, redirect)
+}
+
+/// Which attempt at a batch is being answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Attempt {
+    /// The first, pipelined behind other batches of this node's own log.
+    Pipelined,
+    /// One batch at a time (a forward, or a resend).
+    Settled,
+}
+
+/// A publish refused unlogged on its first, pipelined attempt may have been overtaken by a
+/// later publish of the same publisher in a batch behind it: its resend must not be taken
+/// for a duplicate because its number is below the highest taken (see `Publisher::late`).
+/// Only the first attempt qualifies: after an attempt with an unknown outcome, an earlier
+/// copy may have been taken, and the number alone must decide.
+fn refused_on_first_attempt(result: &ItemResult, attempt: Attempt) -> bool {
+    attempt == Attempt::Pipelined
+        && matches!(result, ItemResult::NotLeader(_) | ItemResult::Refused(_))
+}
+
+fn mark_late(request: &mut QueueRequest) {
+    if let QueueCmd::Enqueue {
+        publisher: Some(p), ..
+    } = &mut request.cmd
+    {
+        p.late = true;
+    }
 }
 
 fn fail_all(
@@ -467,6 +518,7 @@ fn fail_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use warren_core::queue::{Publisher, PublisherId};
     use warren_core::{ConnectionRef, NodeRun};
 
     fn channel(n: u16) -> ChannelRef {
@@ -500,6 +552,51 @@ mod tests {
             channel: channel(ch),
             msgs: msgs.to_vec(),
         }
+    }
+
+    #[test]
+    fn only_publishes_refused_unlogged_on_their_pipelined_first_attempt_are_late() {
+        let refused = [
+            ItemResult::NotLeader(Some(2)),
+            ItemResult::Refused("leader lease expired".into()),
+        ];
+        for r in &refused {
+            assert!(refused_on_first_attempt(r, Attempt::Pipelined));
+            // After a forward or a resend an earlier copy may have been taken.
+            assert!(!refused_on_first_attempt(r, Attempt::Settled));
+        }
+        // An unknown outcome may have been logged: never late.
+        let unknown = ItemResult::Retry("write was not answered".into());
+        assert!(!refused_on_first_attempt(&unknown, Attempt::Pipelined));
+
+        let publish = |publisher| {
+            QueueRequest::new(QueueCmd::Enqueue {
+                meta: Default::default(),
+                publisher,
+            })
+        };
+        let mut numbered = publish(Some(Publisher::new(PublisherId::Queue(9), 3)));
+        mark_late(&mut numbered);
+        assert!(matches!(
+            numbered.cmd,
+            QueueCmd::Enqueue {
+                publisher: Some(Publisher {
+                    late: true,
+                    seq: 3,
+                    ..
+                }),
+                ..
+            }
+        ));
+        let mut anonymous = publish(None);
+        mark_late(&mut anonymous);
+        assert!(matches!(
+            anonymous.cmd,
+            QueueCmd::Enqueue {
+                publisher: None,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -172,10 +172,7 @@ fn enqueue(channel: ChannelRef, seq: u64, body: &str) -> QueueRequest {
                 size: body.len() as u64,
                 ..MessageMeta::default()
             },
-            publisher: Some(Publisher {
-                id: PublisherId::Channel(channel),
-                seq,
-            }),
+            publisher: Some(Publisher::new(PublisherId::Channel(channel), seq)),
         },
         content(body),
     )

@@ -1998,10 +1998,7 @@ impl Connection {
         let publisher = h.is_replicated().then(|| {
             let ch = self.channel(channel);
             ch.touch(h);
-            Publisher {
-                id: PublisherId::Channel(ch.chref),
-                seq: ch.next_publish_seq(h.id()),
-            }
+            Publisher::new(PublisherId::Channel(ch.chref), ch.next_publish_seq(h.id()))
         });
         h.submit(
             QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content),
