@@ -85,7 +85,10 @@ fn publish(node: &Node, dl: DeadLetter) {
             QueueRequest::with_content(
                 QueueCmd::Enqueue {
                     meta,
-                    publisher: Some(Publisher::new(PublisherId::Queue(source.id()), dl.seq)),
+                    publisher: Some(Publisher {
+                        id: PublisherId::Queue(source.id()),
+                        seq: dl.seq,
+                    }),
                 },
                 content.clone(),
             ),

@@ -4,16 +4,12 @@
 //!
 //! It takes the commands submitted so far as one batch and writes them to this node's Raft
 //! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
-//! answered by `Node::handle_submit` with `write_local`). While this node leads, several
-//! batches are in the log at once (Raft keeps their order); otherwise nothing else of the
-//! queue is sent until the batch is settled, which keeps submission order. A command whose outcome is
-//! unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
+//! answered by `Node::handle_submit` with `write_local`). Nothing else of the queue is sent
+//! until the batch is answered (see `MAX_IN_FLIGHT`), which keeps submission order. A command
+//! whose outcome is unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
 //! publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
-//! discarded, every later one is too — but pipelined batches are separate writes: one can be
-//! refused unlogged (lease expired, leadership lost) while the next, a moment later, is taken.
-//! Publishes refused that way on their first attempt are resent marked late, so the queue
-//! does not mistake them for resends of something taken (`Publisher::late`).
+//! discarded, every later one is too — so resends never skip over a gap.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
@@ -45,13 +41,16 @@ pub(crate) enum ItemResult {
     NotLeader(Option<NodeId>),
     /// Outcome unknown or transient failure: send again.
     Retry(String),
-    /// Not logged (the leader's lease had expired): send again.
-    Refused(String),
 }
 
 const BATCH: usize = 1024;
-/// Batches of a locally led queue in the Raft log and not yet answered.
-const MAX_IN_FLIGHT: usize = 8;
+/// Batches of a locally led queue in the Raft log and not yet answered. One: with more, a
+/// batch can be refused unlogged (an expired lease, a lost leadership) while the batch behind
+/// it is taken a moment later; resending the refused one then reorders the queue's commands,
+/// and its publishes, numbered below ones already taken, were dropped as resends after being
+/// confirmed (lost messages, found by the chaos partition nemesis). Pipelining needs the
+/// queue itself to refuse a batch that arrives after a gap before it can come back.
+const MAX_IN_FLIGHT: usize = 1;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.
@@ -117,7 +116,7 @@ async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemR
             Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                 if f.reason == ForwardReason::LeaseExpired {
                     lease_expired = true;
-                    ItemResult::Refused("leader lease expired".into())
+                    ItemResult::Retry("leader lease expired".into())
                 } else {
                     ItemResult::NotLeader(f.leader_id)
                 }
@@ -254,10 +253,9 @@ async fn forward(
 
 /// The proposer task of one queue handle on this node.
 ///
-/// While this node leads the queue, batches are pipelined: up to `MAX_IN_FLIGHT` of them are
-/// in the Raft log at once, answered in submission order as they are applied, so a commit's
-/// fsync is shared by everything that arrived meanwhile instead of each batch waiting for the
-/// one before. Any other case (a forward, no leader known, a failed batch) goes one batch at
+/// While this node leads the queue, up to `MAX_IN_FLIGHT` batches are in the Raft log at once,
+/// answered in submission order as they are applied, while the next batch gathers (what
+/// arrives meanwhile shares the next commit's fsync). Any other case (a forward, no leader known, a failed batch) goes one batch at
 /// a time through `settle`, after everything in flight has been answered, which keeps
 /// submission order across resends.
 pub(crate) async fn run(
@@ -275,7 +273,7 @@ pub(crate) async fn run(
                     fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
                     return;
                 };
-                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node), Attempt::Pipelined);
+                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
                 if retry.is_empty() {
                     continue;
                 }
@@ -284,7 +282,7 @@ pub(crate) async fn run(
                 drop(h);
                 while let Some((pending, results)) = in_flight.next().await {
                     let Some(h) = handle.upgrade() else { break };
-                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node), Attempt::Pipelined);
+                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
                     retry.extend(more);
                 }
                 retry
@@ -323,17 +321,17 @@ pub(crate) async fn run(
             }
             else => break,
         };
-        // The slow path keeps order: nothing in flight is unanswered at this point.
+        // The slow path keeps order: what is still in flight was submitted before `batch`, so
+        // whatever of it must be sent again goes first.
+        let mut batch = batch;
+        let mut earlier = VecDeque::new();
         while let Some((pending, results)) = in_flight.next().await {
             let Some(h) = handle.upgrade() else { break };
-            answer(
-                &h,
-                ctx.node,
-                pending,
-                results,
-                Some(ctx.node),
-                Attempt::Pipelined,
-            );
+            earlier.extend(answer(&h, ctx.node, pending, results, Some(ctx.node)).0);
+        }
+        if !earlier.is_empty() {
+            earlier.extend(batch);
+            batch = earlier;
         }
         if !settle(&handle, &mut rx, &ctx, batch).await {
             return;
@@ -341,14 +339,7 @@ pub(crate) async fn run(
     }
     while let Some((pending, results)) = in_flight.next().await {
         let Some(h) = handle.upgrade() else { break };
-        answer(
-            &h,
-            ctx.node,
-            pending,
-            results,
-            Some(ctx.node),
-            Attempt::Pipelined,
-        );
+        answer(&h, ctx.node, pending, results, Some(ctx.node));
     }
 }
 
@@ -416,7 +407,7 @@ async fn settle(
                 break;
             }
         };
-        let (retry, redirect) = answer(&h, ctx.node, pending, results, asked, Attempt::Settled);
+        let (retry, redirect) = answer(&h, ctx.node, pending, results, asked);
         pending = retry;
         if !pending.is_empty() && !redirect {
             drop(h);
@@ -435,14 +426,10 @@ fn answer(
     pending: VecDeque<Submission>,
     results: Vec<ItemResult>,
     asked: Option<NodeId>,
-    attempt: Attempt,
 ) -> (VecDeque<Submission>, bool) {
     let mut retry = VecDeque::new();
     let mut redirect = false;
-    for ((mut request, reply), result) in pending.into_iter().zip(results) {
-        if refused_on_first_attempt(&result, attempt) {
-            mark_late(&mut request);
-        }
+    for ((request, reply), result) in pending.into_iter().zip(results) {
         match result {
             ItemResult::Ok(outcome) if retry.is_empty() => reply.send(Ok(outcome)),
             ItemResult::Ok(outcome) => {
@@ -461,7 +448,7 @@ fn answer(
                 h.set_leader_hint(hint);
                 retry.push_back((request, reply));
             }
-            ItemResult::Retry(reason) | ItemResult::Refused(reason) => {
+            ItemResult::Retry(reason) => {
                 debug!(queue = h.id(), ?asked, %reason, "queue command will be retried");
                 if asked.is_some() && asked != Some(node) {
                     h.set_leader_hint(None);
@@ -471,34 +458,6 @@ fn answer(
         }
     }
     (retry, redirect)
-}
-
-/// Which attempt at a batch is being answered.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Attempt {
-    /// The first, pipelined behind other batches of this node's own log.
-    Pipelined,
-    /// One batch at a time (a forward, or a resend).
-    Settled,
-}
-
-/// A publish refused unlogged on its first, pipelined attempt may have been overtaken by a
-/// later publish of the same publisher in a batch behind it: its resend must not be taken
-/// for a duplicate because its number is below the highest taken (see `Publisher::late`).
-/// Only the first attempt qualifies: after an attempt with an unknown outcome, an earlier
-/// copy may have been taken, and the number alone must decide.
-fn refused_on_first_attempt(result: &ItemResult, attempt: Attempt) -> bool {
-    attempt == Attempt::Pipelined
-        && matches!(result, ItemResult::NotLeader(_) | ItemResult::Refused(_))
-}
-
-fn mark_late(request: &mut QueueRequest) {
-    if let QueueCmd::Enqueue {
-        publisher: Some(p), ..
-    } = &mut request.cmd
-    {
-        p.late = true;
-    }
 }
 
 fn fail_all(
@@ -518,7 +477,6 @@ fn fail_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use warren_core::queue::{Publisher, PublisherId};
     use warren_core::{ConnectionRef, NodeRun};
 
     fn channel(n: u16) -> ChannelRef {
@@ -552,51 +510,6 @@ mod tests {
             channel: channel(ch),
             msgs: msgs.to_vec(),
         }
-    }
-
-    #[test]
-    fn only_publishes_refused_unlogged_on_their_pipelined_first_attempt_are_late() {
-        let refused = [
-            ItemResult::NotLeader(Some(2)),
-            ItemResult::Refused("leader lease expired".into()),
-        ];
-        for r in &refused {
-            assert!(refused_on_first_attempt(r, Attempt::Pipelined));
-            // After a forward or a resend an earlier copy may have been taken.
-            assert!(!refused_on_first_attempt(r, Attempt::Settled));
-        }
-        // An unknown outcome may have been logged: never late.
-        let unknown = ItemResult::Retry("write was not answered".into());
-        assert!(!refused_on_first_attempt(&unknown, Attempt::Pipelined));
-
-        let publish = |publisher| {
-            QueueRequest::new(QueueCmd::Enqueue {
-                meta: Default::default(),
-                publisher,
-            })
-        };
-        let mut numbered = publish(Some(Publisher::new(PublisherId::Queue(9), 3)));
-        mark_late(&mut numbered);
-        assert!(matches!(
-            numbered.cmd,
-            QueueCmd::Enqueue {
-                publisher: Some(Publisher {
-                    late: true,
-                    seq: 3,
-                    ..
-                }),
-                ..
-            }
-        ));
-        let mut anonymous = publish(None);
-        mark_late(&mut anonymous);
-        assert!(matches!(
-            anonymous.cmd,
-            QueueCmd::Enqueue {
-                publisher: None,
-                ..
-            }
-        ));
     }
 
     #[test]

@@ -467,11 +467,16 @@ impl QueueHandle {
     }
 
     /// Submits and waits for the result.
-    pub async fn call(
+    ///
+    /// The command is submitted when `call` is called, not when the future is first polled:
+    /// a connection that starts an operation on a task and then closes the channel relies on
+    /// the operation's command reaching the queue before the channel's `ChannelDown`.
+    pub fn call(
         &self,
         cmd: QueueCmd,
         content: Option<MessageContent>,
-    ) -> Result<QueueOutcome, ClusterError> {
+    ) -> impl std::future::Future<Output = Result<QueueOutcome, ClusterError>> + Send + 'static
+    {
         let (tx, rx) = oneshot::channel();
         self.submit(
             QueueRequest {
@@ -481,8 +486,11 @@ impl QueueHandle {
             },
             ReplyTo::Oneshot(tx),
         );
-        rx.await
-            .unwrap_or_else(|_| Err(ClusterError::QueueGone(self.name())))
+        let name = self.name();
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ClusterError::QueueGone(name)))
+        }
     }
 
     /// Applies a command to this node's in-memory queue. Panics are impossible by

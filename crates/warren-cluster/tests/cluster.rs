@@ -172,7 +172,10 @@ fn enqueue(channel: ChannelRef, seq: u64, body: &str) -> QueueRequest {
                 size: body.len() as u64,
                 ..MessageMeta::default()
             },
-            publisher: Some(Publisher::new(PublisherId::Channel(channel), seq)),
+            publisher: Some(Publisher {
+                id: PublisherId::Channel(channel),
+                seq,
+            }),
         },
         content(body),
     )
@@ -689,4 +692,45 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
         .map(|(b, _)| b.clone())
         .collect();
     assert_eq!(bodies.len(), 60);
+}
+
+/// A connection runs basic.consume on a task and may close the channel before that task
+/// first runs: the consume must still reach the queue before the channel's `ChannelDown`,
+/// or the queue keeps a consumer for a closed channel that holds messages for nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_is_submitted_when_made_not_when_first_awaited() {
+    let c = TestCluster::start(3).await;
+    let leader_side = c.declare(1, "calls").await;
+    c.await_leader("calls", |n| n == 1).await;
+    drop(leader_side);
+    // Through a follower, so the commands travel and a late submission would be visible.
+    let handle = c.node(2).queue("/", "calls").expect("handle on node 2");
+    let rec = Arc::new(Recorder::default());
+    let ch = channel(c.node(2), 3);
+    let key = ConsumerKey {
+        channel: ch,
+        tag: "c".into(),
+    };
+    handle.attach(key.clone(), rec.clone());
+    let consumed = handle.call(
+        QueueCmd::Consume {
+            consumer: key,
+            prefetch: 10,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        },
+        None,
+    );
+    let closed = handle.call(QueueCmd::ChannelDown { channel: ch }, None);
+    closed.await.expect("channel down");
+    assert_eq!(consumed.await.expect("consume").reply, QueueReply::Done);
+    // The barrier has applied everything before it on the leader.
+    ready_count(&handle).await;
+    let leader = c.node(1).queue("/", "calls").expect("handle on node 1");
+    assert_eq!(
+        leader.stats().consumers,
+        0,
+        "no consumer left for a closed channel"
+    );
 }

@@ -86,26 +86,7 @@ pub enum PublisherId {
 pub struct Publisher {
     pub id: PublisherId,
     pub seq: u64,
-    /// Set on a resend of a publish the queue's leader refused without logging it (not the
-    /// leader, lease expired). Pipelined batches mean a later publish of the same publisher
-    /// may have been taken meanwhile, so a number below the highest taken is not proof of a
-    /// duplicate for this publish: the queue remembers which late numbers it took instead.
-    pub late: bool,
 }
-
-impl Publisher {
-    pub fn new(id: PublisherId, seq: u64) -> Self {
-        Publisher {
-            id,
-            seq,
-            late: false,
-        }
-    }
-}
-
-/// Late publishes remembered per publisher (see `Publisher::late`). They are rare (a refusal
-/// while batches were in flight); the oldest are forgotten past this many.
-const LATE_REMEMBERED: usize = 4096;
 
 /// What happens when a publish would take a queue over its length limits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,8 +390,6 @@ pub struct QueueState {
     ready_bytes: u64,
     /// Highest sequence number taken from each publisher.
     publishers: BTreeMap<PublisherId, u64>,
-    /// Numbers taken from publishes marked late, per publisher (see `Publisher::late`).
-    late_taken: BTreeMap<PublisherId, BTreeSet<u64>>,
     /// Last use for `x-expires` (ms since the epoch); 0 until the first use or touch.
     last_used_ms: u64,
     /// `QueueExpired` was emitted: the deletion is under way.
@@ -496,10 +475,12 @@ impl QueueState {
         }
         let reply = match cmd {
             QueueCmd::Enqueue { meta, publisher } => {
-                if let Some(p) = publisher
-                    && !self.take_publish_number(p)
-                {
-                    return (QueueReply::Duplicate, Vec::new());
+                if let Some(p) = publisher {
+                    let last = self.publishers.entry(p.id).or_insert(0);
+                    if p.seq <= *last {
+                        return (QueueReply::Duplicate, Vec::new());
+                    }
+                    *last = p.seq;
                 }
                 self.enqueue(meta, now_ms, &mut fx)
             }
@@ -552,7 +533,6 @@ impl QueueState {
             }
             QueueCmd::ChannelDown { channel } => {
                 self.publishers.remove(&PublisherId::Channel(channel));
-                self.late_taken.remove(&PublisherId::Channel(channel));
                 if self.channels_down(|c| *c == channel, &mut fx) {
                     fx.push(Effect::LastConsumerGone);
                 }
@@ -564,12 +544,10 @@ impl QueueState {
                 let gone = |c: &ChannelRef| {
                     c.conn.run.node == run.node && c.conn.run.incarnation < run.incarnation
                 };
-                let kept = |p: &PublisherId| match p {
+                self.publishers.retain(|p, _| match p {
                     PublisherId::Channel(c) => !gone(c),
                     PublisherId::Queue(_) => true,
-                };
-                self.publishers.retain(|p, _| kept(p));
-                self.late_taken.retain(|p, _| kept(p));
+                });
                 self.channels_down(gone, &mut fx);
                 QueueReply::Done
             }
@@ -630,29 +608,6 @@ impl QueueState {
             out.push(Effect::Timer { at });
         }
         (reply, out)
-    }
-
-    /// Takes a publish's number, or says it was taken before (a resend: a duplicate).
-    fn take_publish_number(&mut self, p: Publisher) -> bool {
-        let last = self.publishers.entry(p.id).or_insert(0);
-        if !p.late {
-            if p.seq <= *last {
-                return false;
-            }
-            *last = p.seq;
-            return true;
-        }
-        // A late publish was refused unlogged at least once, so no earlier copy of it was
-        // taken unless a late one was: the late numbers taken decide, whatever `last` says.
-        let taken = self.late_taken.entry(p.id).or_default();
-        if !taken.insert(p.seq) {
-            return false;
-        }
-        if taken.len() > LATE_REMEMBERED {
-            taken.pop_first();
-        }
-        *last = (*last).max(p.seq);
-        true
     }
 
     fn enqueue(&mut self, meta: MessageMeta, now_ms: u64, fx: &mut Vec<Effect>) -> QueueReply {

@@ -1253,8 +1253,10 @@ impl Connection {
                 self.check(Access::Read, "queue", &queue, &method)?;
                 let handle = self.accessible_queue(&queue, &method)?;
                 let nowait = m.nowait;
+                // Submitted here, in the order of the channel's methods (see `call`).
+                let purged = handle.call(QueueCmd::Purge, None);
                 self.spawn_op(channel, async move {
-                    match handle.call(QueueCmd::Purge, None).await {
+                    match purged.await {
                         Ok(QueueOutcome {
                             reply: QueueReply::Purged { count },
                             ..
@@ -1307,15 +1309,14 @@ impl Connection {
                     channel: self.channel(channel).chref,
                     tag: tag.as_str().to_owned(),
                 };
+                let cancelled = handle.call(
+                    QueueCmd::Cancel {
+                        consumer: key.clone(),
+                    },
+                    None,
+                );
                 self.spawn_op(channel, async move {
-                    let _ = handle
-                        .call(
-                            QueueCmd::Cancel {
-                                consumer: key.clone(),
-                            },
-                            None,
-                        )
-                        .await;
+                    let _ = cancelled.await;
                     handle.detach(&key);
                     OpOutcome::Cancelled { tag, nowait }
                 });
@@ -1339,17 +1340,15 @@ impl Connection {
                 let chref = self.channel(channel).chref;
                 let no_ack = m.no_ack;
                 self.channel(channel).touch(&handle);
+                let got = handle.call(
+                    QueueCmd::Get {
+                        channel: chref,
+                        no_ack,
+                    },
+                    None,
+                );
                 self.spawn_op(channel, async move {
-                    match handle
-                        .call(
-                            QueueCmd::Get {
-                                channel: chref,
-                                no_ack,
-                            },
-                            None,
-                        )
-                        .await
-                    {
+                    match got.await {
                         Ok(QueueOutcome {
                             reply:
                                 QueueReply::GetOk {
@@ -1728,19 +1727,20 @@ impl Connection {
             handle.detach(&key);
             Failure::Channel(MethodError::new(e, &method))
         })?;
+        // Submitted here, before any `ChannelDown` of this channel (see `call`): a consumer
+        // taken after its channel closed would hold messages for nobody.
+        let consumed = handle.call(
+            QueueCmd::Consume {
+                consumer: key.clone(),
+                prefetch,
+                no_ack,
+                exclusive,
+                priority,
+            },
+            None,
+        );
         self.spawn_op(channel, async move {
-            let result = handle
-                .call(
-                    QueueCmd::Consume {
-                        consumer: key.clone(),
-                        prefetch,
-                        no_ack,
-                        exclusive,
-                        priority,
-                    },
-                    None,
-                )
-                .await;
+            let result = consumed.await;
             match result {
                 Ok(QueueOutcome {
                     reply: QueueReply::Done,
@@ -1998,7 +1998,10 @@ impl Connection {
         let publisher = h.is_replicated().then(|| {
             let ch = self.channel(channel);
             ch.touch(h);
-            Publisher::new(PublisherId::Channel(ch.chref), ch.next_publish_seq(h.id()))
+            Publisher {
+                id: PublisherId::Channel(ch.chref),
+                seq: ch.next_publish_seq(h.id()),
+            }
         });
         h.submit(
             QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content),
