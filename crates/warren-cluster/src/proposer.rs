@@ -6,8 +6,8 @@
 //! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
 //! answered by `Node::handle_submit` with `write_local`). Nothing else of the queue is sent
 //! until the batch is answered (see `MAX_IN_FLIGHT`), which keeps submission order. A command
-//! whose outcome is unknown (timeout, leader change) is sent again to the next leader: enqueues carry their
-//! publisher's sequence number and every other queue command is idempotent, so a resend is
+//! whose outcome is unknown (timeout, leader change) is sent again to the next leader:
+//! enqueues carry their publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
 //! discarded, every later one is too — so resends never skip over a gap.
 
@@ -255,8 +255,8 @@ async fn forward(
 ///
 /// While this node leads the queue, up to `MAX_IN_FLIGHT` batches are in the Raft log at once,
 /// answered in submission order as they are applied, while the next batch gathers (what
-/// arrives meanwhile shares the next commit's fsync). Any other case (a forward, no leader known, a failed batch) goes one batch at
-/// a time through `settle`, after everything in flight has been answered, which keeps
+/// arrives meanwhile shares the next commit's fsync). Any other case (a forward, no leader
+/// known, a failed batch) goes one batch at a time through `settle`, after everything in flight has been answered, which keeps
 /// submission order across resends.
 pub(crate) async fn run(
     handle: Weak<QueueHandle>,
@@ -323,17 +323,13 @@ pub(crate) async fn run(
         };
         // The slow path keeps order: what is still in flight was submitted before `batch`, so
         // whatever of it must be sent again goes first.
-        let mut batch = batch;
         let mut earlier = VecDeque::new();
         while let Some((pending, results)) = in_flight.next().await {
             let Some(h) = handle.upgrade() else { break };
             earlier.extend(answer(&h, ctx.node, pending, results, Some(ctx.node)).0);
         }
-        if !earlier.is_empty() {
-            earlier.extend(batch);
-            batch = earlier;
-        }
-        if !settle(&handle, &mut rx, &ctx, batch).await {
+        earlier.extend(batch);
+        if !settle(&handle, &mut rx, &ctx, earlier).await {
             return;
         }
     }

@@ -184,10 +184,10 @@ impl Registry {
     /// `fresh`: the queue was just declared (not a replica change), so its first replicas may
     /// create its group.
     fn create(self: &Arc<Self>, vhost: &str, def: &QueueDef, fresh: bool) {
-        self.bump_generation();
         if let Some(existing) = self.by_id(def.id) {
             existing.set_def(def.clone());
             self.reconcile_group(&existing);
+            self.bump_generation();
             return;
         }
         // Every queue gets the hook: auto-delete queues use it when their last consumer
@@ -233,6 +233,7 @@ impl Registry {
         write(&self.queues).insert((vhost.to_owned(), def.name.clone()), handle.clone());
         write(&self.by_id).insert(def.id, handle.clone());
         self.reconcile_group(&handle);
+        self.bump_generation();
     }
 
     /// Runs the queue's group here if this node is one of its replicas.
@@ -269,9 +270,9 @@ impl Registry {
     }
 
     fn remove(&self, vhost: &str, def: &QueueDef) {
-        self.bump_generation();
         let handle = write(&self.queues).remove(&(vhost.to_owned(), def.name.clone()));
         write(&self.by_id).remove(&def.id);
+        self.bump_generation();
         if let Some(handle) = handle {
             handle.close();
             handle.set_raft(None);

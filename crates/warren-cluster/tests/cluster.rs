@@ -243,6 +243,17 @@ impl Recorder {
     }
 }
 
+/// A consumer with manual acks and no priority, as a channel's basic.consume makes it.
+fn consume(consumer: ConsumerKey, prefetch: u32) -> QueueCmd {
+    QueueCmd::Consume {
+        consumer,
+        prefetch,
+        no_ack: false,
+        exclusive: false,
+        priority: 0,
+    }
+}
+
 async fn ready_count(handle: &QueueHandle) -> u64 {
     // A basic.get-style probe would take a message; the stats of the serving node are exact
     // once the commands before this call have applied, which a no-op purge-free command shows.
@@ -290,16 +301,7 @@ async fn publish_on_one_node_consume_on_another() {
     };
     consumer_handle.attach(key.clone(), rec.clone());
     let consumed = consumer_handle
-        .call(
-            QueueCmd::Consume {
-                consumer: key,
-                prefetch: 10,
-                no_ack: false,
-                exclusive: false,
-                priority: 0,
-            },
-            None,
-        )
+        .call(consume(key, 10), None)
         .await
         .expect("consume");
     assert_eq!(consumed.reply, QueueReply::Done);
@@ -400,16 +402,7 @@ async fn a_lost_leader_is_replaced_and_consumers_elsewhere_keep_receiving() {
     };
     consumer_handle.attach(key.clone(), rec.clone());
     consumer_handle
-        .call(
-            QueueCmd::Consume {
-                consumer: key,
-                prefetch: 5,
-                no_ack: false,
-                exclusive: false,
-                priority: 0,
-            },
-            None,
-        )
+        .call(consume(key, 5), None)
         .await
         .expect("consume");
     let publisher = c.node(2).queue("/", "q").unwrap();
@@ -469,19 +462,7 @@ async fn a_down_node_gives_back_what_its_consumers_held() {
         tag: "doomed".into(),
     };
     on_one.attach(key.clone(), held.clone());
-    on_one
-        .call(
-            QueueCmd::Consume {
-                consumer: key,
-                prefetch: 10,
-                no_ack: false,
-                exclusive: false,
-                priority: 0,
-            },
-            None,
-        )
-        .await
-        .expect("consume");
+    on_one.call(consume(key, 10), None).await.expect("consume");
     let rec = Arc::new(Recorder::default());
     let publisher = c.node(2).queue("/", "q").unwrap();
     for seq in 1..=3 {
@@ -510,16 +491,7 @@ async fn a_down_node_gives_back_what_its_consumers_held() {
     };
     on_three.attach(key3.clone(), rec.clone());
     on_three
-        .call(
-            QueueCmd::Consume {
-                consumer: key3,
-                prefetch: 10,
-                no_ack: false,
-                exclusive: false,
-                priority: 0,
-            },
-            None,
-        )
+        .call(consume(key3, 10), None)
         .await
         .expect("consume");
     rec.wait_for("redelivery to node 3", WAIT, |r| {
@@ -666,16 +638,7 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
         tag: "reader".into(),
     };
     consumer.attach(key.clone(), rec.clone());
-    let consumed = consumer.call(
-        QueueCmd::Consume {
-            consumer: key,
-            prefetch: 100,
-            no_ack: false,
-            exclusive: false,
-            priority: 0,
-        },
-        None,
-    );
+    let consumed = consumer.call(consume(key, 100), None);
     tokio::time::timeout(WAIT, consumed)
         .await
         .expect("node 2 alone serves the queue")
@@ -712,16 +675,7 @@ async fn a_call_is_submitted_when_made_not_when_first_awaited() {
         tag: "c".into(),
     };
     handle.attach(key.clone(), rec.clone());
-    let consumed = handle.call(
-        QueueCmd::Consume {
-            consumer: key,
-            prefetch: 10,
-            no_ack: false,
-            exclusive: false,
-            priority: 0,
-        },
-        None,
-    );
+    let consumed = handle.call(consume(key, 10), None);
     let closed = handle.call(QueueCmd::ChannelDown { channel: ch }, None);
     closed.await.expect("channel down");
     assert_eq!(consumed.await.expect("consume").reply, QueueReply::Done);
