@@ -1,5 +1,6 @@
-"""Virtual hosts, users, permissions and policies set up the way RabbitMQ operators do it,
-through the management HTTP API, then checked with pika; and resource alarms seen by pika as
+"""Virtual hosts, users, permissions, policies, topology and definitions set up the way
+RabbitMQ operators do it, through the management HTTP API, then checked with pika; an
+operator closing a pika connection; and resource alarms seen by pika as
 connection.blocked / unblocked. Needs the session's own broker (its HTTP and cluster ports);
 against an external broker these tests are skipped."""
 
@@ -24,10 +25,12 @@ class Api:
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         self.auth = f"Basic {token}"
 
-    def call(self, method, path, body=None):
+    def call(self, method, path, body=None, headers=None):
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.base + path, data=data, method=method)
         request.add_header("Authorization", self.auth)
+        for name, value in (headers or {}).items():
+            request.add_header(name, value)
         request.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(request, timeout=WAIT) as response:
             text = response.read()
@@ -152,3 +155,47 @@ def test_publishers_see_connection_blocked_while_a_disk_alarm_is_on(broker, conn
         method, _, _ = ch.basic_get(name, auto_ack=True)
         return method is not None
     pump(connection, arrived, "the publish made while blocked")
+
+
+def test_a_vhost_topology_comes_back_from_its_exported_definitions(broker, api):
+    vhost = unique("defs")
+    assert api.call("PUT", f"/vhosts/{q(vhost)}")[0] in (201, 204)
+    assert api.call("PUT", f"/exchanges/{q(vhost)}/orders", {"type": "direct"})[0] == 201
+    assert api.call("PUT", f"/queues/{q(vhost)}/paid", {"durable": True})[0] == 201
+    assert api.call("POST", f"/bindings/{q(vhost)}/e/orders/q/paid", {"routing_key": "paid"})[0] == 201
+    _, exported = api.call("GET", f"/definitions/{q(vhost)}")
+    assert [x["name"] for x in exported["exchanges"]] == ["orders"]
+    assert [x["name"] for x in exported["queues"]] == ["paid"]
+    assert api.call("DELETE", f"/queues/{q(vhost)}/paid")[0] == 204
+    assert api.call("DELETE", f"/exchanges/{q(vhost)}/orders")[0] == 204
+
+    assert api.call("POST", f"/definitions/{q(vhost)}", exported)[0] == 204
+    conn = pika.BlockingConnection(broker.params(virtual_host=vhost))
+    try:
+        ch = conn.channel()
+        ch.confirm_delivery()
+        ch.basic_publish(exchange="orders", routing_key="paid", body=b"invoice-1")
+        method, _, body = ch.basic_get("paid", auto_ack=True)
+        assert method is not None and body == b"invoice-1"
+    finally:
+        conn.close()
+    assert api.call("DELETE", f"/vhosts/{q(vhost)}")[0] == 204
+
+
+def test_an_operator_closes_a_connection_and_the_client_hears_why(broker, api):
+    name = unique("app")
+    conn = pika.BlockingConnection(broker.params(client_properties={"connection_name": name}))
+    try:
+        _, listed = api.call("GET", "/connections")
+        mine = [c for c in listed if c["client_properties"].get("connection_name") == name]
+        assert len(mine) == 1, listed
+        status, _ = api.call("DELETE", f"/connections/{q(mine[0]['name'])}",
+                             headers={"X-Reason": "moving to another node"})
+        assert status == 204
+        with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as closed:
+            pump(conn, lambda: False, "the forced close")
+        assert closed.value.reply_code == 320
+        assert "moving to another node" in closed.value.reply_text
+    finally:
+        if conn.is_open:
+            conn.close()

@@ -1,5 +1,5 @@
-//! What every connection of a node shares: configuration, users, the cluster node, metrics
-//! and the shutdown signal.
+//! What every connection of a node shares: configuration, users, the cluster node, metrics,
+//! the table of open connections and the shutdown signal.
 //!
 //! `main` builds one `Broker`; `connection` reads it for limits and the connection.start
 //! properties, and `http` for readiness and metrics.
@@ -10,9 +10,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::watch;
 use warren_cluster::Node;
 use warren_codec::{ConnectionStart, FieldTable, FieldValue, LongStr, ShortStr};
+use warren_core::AmqpError;
+use warren_core::ConnectionRef;
+use warren_core::meta::{MetaCmd, QueueDecl};
+use warren_core::queue::QueueConfig;
 
 use crate::auth::{Authenticator, MECHANISMS};
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::metrics::Metrics;
 
 pub struct Broker {
@@ -20,10 +25,30 @@ pub struct Broker {
     pub auth: Authenticator,
     pub node: Arc<Node>,
     pub metrics: Arc<Metrics>,
+    /// The client connections open on this node (management API).
+    pub connections: Arc<Connections>,
     /// Flips to true once: every connection then closes with 320 CONNECTION_FORCED.
     pub shutdown: watch::Sender<bool>,
     pub ready: AtomicBool,
     next_conn: AtomicU64,
+}
+
+/// How a queue is declared, apart from its name and arguments.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueueOptions {
+    pub durable: bool,
+    pub auto_delete: bool,
+    pub exclusive_owner: Option<ConnectionRef>,
+}
+
+/// How many replicas a new replicated queue gets: RabbitMQ's `x-quorum-initial-group-size`,
+/// else the configured default.
+fn replica_count(arguments: &FieldTable, default: usize) -> usize {
+    arguments
+        .get("x-quorum-initial-group-size")
+        .and_then(FieldValue::as_i64)
+        .filter(|n| *n > 0)
+        .map_or(default, |n| usize::try_from(n).unwrap_or(default))
 }
 
 fn key(s: &'static str) -> ShortStr {
@@ -39,10 +64,41 @@ impl Broker {
             auth,
             node,
             metrics: Arc::new(Metrics::default()),
+            connections: Arc::new(Connections::default()),
             shutdown,
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),
         })
+    }
+
+    /// The metadata command that declares a queue as asked, by AMQP or the management API.
+    /// Arguments RabbitMQ refuses (a negative TTL, an unknown overflow mode...) are refused
+    /// here, with its 406, before anything is created.
+    pub fn queue_declaration(
+        &self,
+        vhost: &str,
+        name: &str,
+        options: QueueOptions,
+        arguments: FieldTable,
+    ) -> Result<MetaCmd, AmqpError> {
+        QueueConfig::from_arguments(&arguments)?;
+        let replicas = self.node.replica_set(
+            replica_count(&arguments, self.config.default_replicas),
+            arguments
+                .get("x-queue-leader-locator")
+                .and_then(FieldValue::as_str)
+                == Some("balanced"),
+        );
+        Ok(MetaCmd::DeclareQueue(QueueDecl {
+            vhost: vhost.to_owned(),
+            name: name.to_owned(),
+            durable: options.durable,
+            exclusive_owner: options.exclusive_owner,
+            auto_delete: options.auto_delete,
+            arguments,
+            declared_by: self.node.run(),
+            replicas,
+        }))
     }
 
     pub fn next_connection_id(&self) -> u64 {

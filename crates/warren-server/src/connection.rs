@@ -31,17 +31,16 @@ use warren_codec::{
     class_id, decode_frame, decode_protocol_header, encode_body, encode_content_header,
     encode_heartbeat, encode_method, reply_code,
 };
-use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{
-    MessageMeta, Publisher, PublisherId, QueueCmd, QueueConfig, QueueReply, QueueStats,
-};
+use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply};
+use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply, QueueStats};
 use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
 
 use crate::access::{Access, VhostAccess};
-use crate::broker::Broker;
+use crate::broker::{Broker, QueueOptions};
 use crate::channel::{
     Channel, ChannelState, ConsumerEntry, PendingPublish, Settlement, TxBuffer, TxPublish, Unacked,
 };
+use crate::connections::ConnectionInfo;
 use crate::tls::ClientStream;
 
 /// Outgoing bytes queued for the writer above which reading from the client pauses.
@@ -68,6 +67,10 @@ pub enum ConnEvent {
         channel: u16,
         opened: u32,
         outcome: OpOutcome,
+    },
+    /// An operator closed the connection (management API): 320 CONNECTION_FORCED.
+    ForceClose {
+        reason: String,
     },
 }
 
@@ -283,14 +286,6 @@ fn parse_expiration(text: &str) -> Option<u64> {
 
 /// Replica count of a new replicated queue: `x-quorum-initial-group-size` (as RabbitMQ quorum
 /// queues take it) or the configured default.
-fn replica_count(arguments: &FieldTable, default: usize) -> usize {
-    arguments
-        .get("x-quorum-initial-group-size")
-        .and_then(FieldValue::as_i64)
-        .filter(|n| *n > 0)
-        .map_or(default, |n| usize::try_from(n).unwrap_or(default))
-}
-
 /// Server-generated names: RabbitMQ's shape (`amq.gen-` + 22 base64url characters).
 pub fn generated_name(prefix: &str) -> String {
     use base64::Engine;
@@ -342,25 +337,37 @@ pub struct Connection {
     client_properties: FieldTable,
     /// Set while a method runs a second time after a metadata read barrier.
     retrying: bool,
+    /// This connection's entry in the node's connection table, once through the handshake.
+    listed: Option<Arc<ConnectionInfo>>,
 }
 
 /// Handles a freshly accepted socket until the connection ends. Never panics on input:
 /// every protocol problem becomes a close with the right reply code.
-pub async fn serve<S: ClientStream>(broker: Arc<Broker>, stream: S, peer: SocketAddr) {
+pub async fn serve<S: ClientStream>(broker: Arc<Broker>, stream: S, addrs: Addresses) {
     let metrics = broker.metrics.clone();
     metrics.connections_opened.fetch_add(1, Ordering::Relaxed);
     metrics.connections.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = run(broker, stream, peer).await {
+    let peer = addrs.peer;
+    if let Err(e) = run(broker, stream, addrs).await {
         debug!(%peer, error = %e, "connection ended with an I/O error");
     }
     metrics.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
+/// Where a client connection comes from and arrives, and whether it is TLS.
+#[derive(Clone, Copy, Debug)]
+pub struct Addresses {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+}
+
 async fn run<S: ClientStream>(
     broker: Arc<Broker>,
     mut stream: S,
-    peer: SocketAddr,
+    addrs: Addresses,
 ) -> std::io::Result<()> {
+    let peer = addrs.peer;
     let handshake_deadline = Instant::now() + broker.config.amqp.handshake_timeout();
     let mut rbuf = BytesMut::with_capacity(64 * 1024);
 
@@ -414,6 +421,7 @@ async fn run<S: ClientStream>(
         has_exclusive_queues: false,
         client_properties: FieldTable::new(),
         retrying: false,
+        listed: None,
     };
 
     match conn
@@ -424,7 +432,22 @@ async fn run<S: ClientStream>(
         None => return Ok(()),
     }
     info!(peer = %conn.peer, user = %conn.user, vhost = %conn.vhost, "connection opened");
+    let registration = broker.connections.register(
+        conn_ref.conn,
+        ConnectionInfo::new(
+            peer,
+            addrs.local,
+            conn.user.clone(),
+            conn.vhost.clone(),
+            addrs.tls,
+            conn.client_properties.clone(),
+            warren_cluster::types::now_ms(),
+            conn.events_tx.clone(),
+        ),
+    );
+    conn.listed = Some(registration.info.clone());
     let result = conn.main_loop(stream, rbuf, events_rx).await;
+    drop(registration);
     conn.cleanup().await;
     info!(peer = %conn.peer, "connection closed");
     result
@@ -738,6 +761,11 @@ impl Connection {
         let mut stop = self.process_buffer(&mut rbuf);
 
         while stop.is_none() {
+            if let Some(listed) = &self.listed {
+                listed
+                    .channels
+                    .store(self.channels.len(), Ordering::Relaxed);
+            }
             if !self.out.is_empty() {
                 sent_since_tick = true;
                 queued.fetch_add(self.out.len(), Ordering::Relaxed);
@@ -1551,28 +1579,16 @@ impl Connection {
             return Ok(());
         }
         self.check(Access::Configure, "queue", &name, &method)?;
-        // Invalid queue arguments (a negative TTL, an unknown overflow mode...) are refused
-        // before anything is created, with the 406 RabbitMQ answers.
-        if let Err(e) = QueueConfig::from_arguments(&m.arguments) {
-            return Err(Failure::Channel(MethodError::new(e, &method)));
-        }
         let exclusive = m.exclusive;
-        let cmd = MetaCmd::DeclareQueue(QueueDecl {
-            vhost: self.vhost.clone(),
-            name: name.clone(),
+        let options = QueueOptions {
             durable: m.durable,
-            exclusive_owner: exclusive.then_some(self.conn),
             auto_delete: m.auto_delete,
-            arguments: m.arguments.clone(),
-            declared_by: self.conn.run,
-            replicas: self.node.replica_set(
-                replica_count(&m.arguments, self.broker.config.default_replicas),
-                m.arguments
-                    .get("x-queue-leader-locator")
-                    .and_then(FieldValue::as_str)
-                    == Some("balanced"),
-            ),
-        });
+            exclusive_owner: exclusive.then_some(self.conn),
+        };
+        let cmd = self
+            .broker
+            .queue_declaration(&self.vhost, &name, options, m.arguments.clone())
+            .map_err(|e| Failure::Channel(MethodError::new(e, &method)))?;
         if exclusive {
             self.has_exclusive_queues = true;
         }
@@ -2176,6 +2192,13 @@ impl Connection {
 
     fn on_event(&mut self, event: ConnEvent) -> Option<Stop> {
         match event {
+            ConnEvent::ForceClose { reason } => {
+                info!(peer = %self.peer, %reason, "connection closed by an operator");
+                Some(Stop::Close(MethodError::bare(
+                    reply_code::CONNECTION_FORCED,
+                    reason,
+                )))
+            }
             ConnEvent::Deliver(d) => {
                 self.deliver(d);
                 None

@@ -10,6 +10,8 @@ mod broker;
 mod channel;
 mod config;
 mod connection;
+mod connections;
+mod definitions;
 mod http;
 mod management;
 mod metrics;
@@ -255,9 +257,14 @@ async fn accept_loop(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let addrs = connection::Addresses {
+                    peer,
+                    local: stream.local_addr().unwrap_or(peer),
+                    tls: tls.is_some(),
+                };
                 match &tls {
                     None => {
-                        tokio::spawn(connection::serve(broker.clone(), stream, peer));
+                        tokio::spawn(connection::serve(broker.clone(), stream, addrs));
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
@@ -266,7 +273,7 @@ async fn accept_loop(
                             let limit = broker.config.amqp.handshake_timeout();
                             match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                                 Ok(Ok(tls_stream)) => {
-                                    connection::serve(broker, tls_stream, peer).await;
+                                    connection::serve(broker, tls_stream, addrs).await;
                                 }
                                 Ok(Err(e)) => {
                                     info!(%peer, error = %e, "TLS handshake failed");

@@ -6,7 +6,8 @@
 //! metadata (`warren_core::meta`) and its queue counters; changes are metadata commands
 //! written through the node (`warren_cluster::Node::meta_write`), so they hold cluster-wide.
 //! Users tagged `administrator` may change things; `monitoring` and `management` may read.
-//! Users from the configuration file authenticate as in AMQP (`auth`).
+//! Users from the configuration file authenticate as in AMQP (`auth`). Connections are this
+//! node's (`connections`); definitions export and import live in `definitions`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,15 +21,20 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use serde_json::{Value, json};
+use warren_cluster::ClusterError;
+use warren_codec::FieldTable;
 use warren_core::json::{table_from_json, table_to_json};
 use warren_core::meta::{
-    Destination, MetaCmd, MetaReply, MetaState, Permissions, Placement, Policy, QueueDef,
+    Binding, BindingDecl, Destination, ExchangeDecl, ExchangeDef, MetaCmd, MetaReply, MetaState,
+    Permissions, Placement, Policy, QueueDef,
 };
+use warren_core::queue::QueueCmd;
 
 use crate::auth::Principal;
-use crate::broker::Broker;
+use crate::broker::{Broker, QueueOptions};
+use crate::connections::ConnectionInfo;
 
-type Reply = Result<Response, ApiError>;
+pub(crate) type Reply = Result<Response, ApiError>;
 
 pub fn router() -> Router<Arc<Broker>> {
     Router::new()
@@ -62,15 +68,57 @@ pub fn router() -> Router<Arc<Broker>> {
         .route("/api/queues/{vhost}", get(queues_in))
         .route(
             "/api/queues/{vhost}/{name}",
-            get(queue).delete(delete_queue),
+            get(queue).put(put_queue).delete(delete_queue),
         )
+        .route(
+            "/api/queues/{vhost}/{name}/contents",
+            axum::routing::delete(purge_queue),
+        )
+        .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
+        .route(
+            "/api/exchanges/{vhost}/{name}",
+            get(exchange).put(put_exchange).delete(delete_exchange),
+        )
         .route("/api/bindings", get(bindings))
         .route("/api/bindings/{vhost}", get(bindings_in))
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}",
+            get(bindings_between).post(post_binding),
+        )
+        .route(
+            "/api/bindings/{vhost}/e/{source}/{kind}/{destination}/{props}",
+            get(binding).delete(delete_binding),
+        )
+        .route("/api/connections", get(connections))
+        .route("/api/vhosts/{vhost}/connections", get(connections_in))
+        .route(
+            "/api/connections/{name}",
+            get(connection).delete(close_connection),
+        )
+        .route(
+            "/api/definitions",
+            get(crate::definitions::export_all).post(crate::definitions::import_all),
+        )
+        .route(
+            "/api/definitions/{vhost}",
+            get(crate::definitions::export_vhost).post(crate::definitions::import_vhost),
+        )
 }
 
 pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
+        ApiError(StatusCode::NOT_FOUND, what.into())
+    }
+
+    /// The same error, its text prefixed with what it was about.
+    pub(crate) fn context(self, what: &str) -> Self {
+        ApiError(self.0, format!("{what}: {}", self.1))
+    }
+}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -98,12 +146,12 @@ fn error_name(code: StatusCode) -> &'static str {
     }
 }
 
-fn bad(why: impl Into<String>) -> ApiError {
+pub(crate) fn bad(why: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, why.into())
 }
 
 fn not_found(what: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, what.into())
+    ApiError::not_found(what)
 }
 
 /// Checks HTTP basic credentials; changes need the `administrator` tag, reads any
@@ -154,7 +202,7 @@ fn authorise(
 
 /// The authorised caller of a request: reads need a management tag, changes
 /// `administrator`.
-struct Auth(Principal);
+pub(crate) struct Auth(Principal);
 
 impl FromRequestParts<Arc<Broker>> for Auth {
     type Rejection = ApiError;
@@ -173,7 +221,7 @@ impl FromRequestParts<Arc<Broker>> for Auth {
     }
 }
 
-async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
+pub(crate) async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
     match broker.node.meta_write(cmd).await {
         Ok(MetaReply::Error(e)) => Err(match e.code {
             404 => not_found(e.text),
@@ -184,7 +232,7 @@ async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
     }
 }
 
-fn ok(v: Value) -> Reply {
+pub(crate) fn ok(v: Value) -> Reply {
     Ok(Json(v).into_response())
 }
 
@@ -298,7 +346,7 @@ async fn user(State(broker): State<Arc<Broker>>, _auth: Auth, Path(name): Path<S
 }
 
 /// Tags as RabbitMQ takes them: a comma-separated string or a list.
-fn tags_of(body: &Value) -> Vec<String> {
+pub(crate) fn tags_of(body: &Value) -> Vec<String> {
     match body.get("tags") {
         Some(Value::String(s)) => s
             .split(',')
@@ -352,7 +400,7 @@ async fn delete_user(
     write(&broker, MetaCmd::DeleteUser { name }).await
 }
 
-fn permission_json(user: &str, vhost: &str, p: &Permissions) -> Value {
+pub(crate) fn permission_json(user: &str, vhost: &str, p: &Permissions) -> Value {
     json!({"user": user, "vhost": vhost, "configure": p.configure, "write": p.write, "read": p.read})
 }
 
@@ -423,7 +471,7 @@ async fn delete_permission(
     write(&broker, MetaCmd::ClearPermissions { user, vhost }).await
 }
 
-fn policy_json(vhost: &str, p: &Policy) -> Value {
+pub(crate) fn policy_json(vhost: &str, p: &Policy) -> Value {
     json!({
         "vhost": vhost,
         "name": p.name,
@@ -600,17 +648,7 @@ fn exchange_list(broker: &Broker, only: Option<&str>) -> Value {
     Value::Array(
         meta.exchanges()
             .filter(|(v, _)| only.is_none_or(|o| o == *v))
-            .map(|(v, e)| {
-                json!({
-                    "name": e.name,
-                    "vhost": v,
-                    "type": e.kind.as_str(),
-                    "durable": e.durable,
-                    "auto_delete": e.auto_delete,
-                    "internal": e.internal,
-                    "arguments": table_to_json(&e.arguments),
-                })
-            })
+            .map(|(v, e)| exchange_json(v, e))
             .collect(),
     )
 }
@@ -627,25 +665,28 @@ async fn exchanges_in(
     ok(exchange_list(&broker, Some(&vhost)))
 }
 
+pub(crate) fn binding_json(vhost: &str, b: &Binding) -> Value {
+    let (destination, kind) = match &b.destination {
+        Destination::Queue(q) => (q.as_str(), "queue"),
+        Destination::Exchange(e) => (e.as_str(), "exchange"),
+    };
+    json!({
+        "source": b.source,
+        "vhost": vhost,
+        "destination": destination,
+        "destination_type": kind,
+        "routing_key": b.routing_key,
+        "arguments": table_to_json(&b.arguments),
+        "properties_key": properties_key(&b.routing_key, &b.arguments),
+    })
+}
+
 fn binding_list(broker: &Broker, only: Option<&str>) -> Value {
     let meta = broker.node.meta();
     Value::Array(
         meta.bindings()
             .filter(|(v, _)| only.is_none_or(|o| o == *v))
-            .map(|(v, b)| {
-                let (destination, kind) = match &b.destination {
-                    Destination::Queue(q) => (q.as_str(), "queue"),
-                    Destination::Exchange(e) => (e.as_str(), "exchange"),
-                };
-                json!({
-                    "source": b.source,
-                    "vhost": v,
-                    "destination": destination,
-                    "destination_type": kind,
-                    "routing_key": b.routing_key,
-                    "arguments": table_to_json(&b.arguments),
-                })
-            })
+            .map(|(v, b)| binding_json(v, b))
             .collect(),
     )
 }
@@ -660,4 +701,436 @@ async fn bindings_in(
     Path(vhost): Path<String>,
 ) -> Reply {
     ok(binding_list(&broker, Some(&vhost)))
+}
+
+/// A request body as JSON; an empty body is an empty object (RabbitMQ's defaults apply).
+pub(crate) fn json_body(bytes: &[u8]) -> Result<Value, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("body is not JSON: {e}")))?;
+    if value.is_object() {
+        Ok(value)
+    } else {
+        Err(bad("body must be a JSON object"))
+    }
+}
+
+fn flag(body: &Value, key: &str, default: bool) -> Result<bool, ApiError> {
+    match body.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(Value::String(s)) if s == "true" || s == "false" => Ok(s == "true"),
+        Some(other) => Err(bad(format!("'{key}' must be true or false, not {other}"))),
+    }
+}
+
+pub(crate) fn arguments_of(body: &Value) -> Result<FieldTable, ApiError> {
+    match body.get("arguments") {
+        None | Some(Value::Null) => Ok(FieldTable::new()),
+        Some(v) => table_from_json(v).map_err(|e| bad(format!("arguments: {e}"))),
+    }
+}
+
+/// Declares a queue (RabbitMQ's `PUT /api/queues/{vhost}/{name}`): 201 when created, 204
+/// when an equivalent queue was there already, 400 when one with other settings is.
+async fn put_queue(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Reply {
+    let body = json_body(&body)?;
+    if name.is_empty() || name.starts_with("amq.") {
+        return Err(bad(format!("queue name '{name}' is reserved")));
+    }
+    let existed = broker.node.meta().queue(&vhost, &name).is_some();
+    let options = QueueOptions {
+        durable: flag(&body, "durable", true)?,
+        auto_delete: flag(&body, "auto_delete", false)?,
+        exclusive_owner: None,
+    };
+    let cmd = broker
+        .queue_declaration(&vhost, &name, options, arguments_of(&body)?)
+        .map_err(|e| bad(e.text))?;
+    write(&broker, cmd).await?;
+    if let Some(handle) = broker.node.queue(&vhost, &name)
+        && handle.arguments().get("x-expires").is_some()
+    {
+        // A declaration is a use: it restarts the queue's `x-expires` clock.
+        let _ = handle.call(QueueCmd::Touch, None).await;
+    }
+    Ok(if existed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::CREATED
+    }
+    .into_response())
+}
+
+/// Purges a queue (`DELETE /api/queues/{vhost}/{name}/contents`).
+async fn purge_queue(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let handle = broker
+        .node
+        .queue(&vhost, &name)
+        .ok_or_else(|| not_found(format!("no queue '{name}' in vhost '{vhost}'")))?;
+    match handle.call(QueueCmd::Purge, None).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e @ (ClusterError::QueueGone(_) | ClusterError::QueueUnavailable(_))) => {
+            Err(not_found(e.to_string()))
+        }
+        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+/// The bindings whose destination is the queue, the default exchange's implicit one first,
+/// as RabbitMQ lists them.
+async fn queue_bindings(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let meta = broker.node.meta();
+    if meta.queue(&vhost, &name).is_none() {
+        return Err(not_found(format!("no queue '{name}' in vhost '{vhost}'")));
+    }
+    let implicit = Binding {
+        source: String::new(),
+        destination: Destination::Queue(name.clone()),
+        routing_key: name.clone(),
+        arguments: FieldTable::new(),
+    };
+    let mut list = vec![binding_json(&vhost, &implicit)];
+    list.extend(
+        meta.bindings()
+            .filter(|(v, b)| *v == vhost && b.destination == Destination::Queue(name.clone()))
+            .map(|(v, b)| binding_json(v, b)),
+    );
+    ok(Value::Array(list))
+}
+
+pub(crate) fn exchange_json(vhost: &str, e: &ExchangeDef) -> Value {
+    json!({
+        "name": e.name,
+        "vhost": vhost,
+        "type": e.kind.as_str(),
+        "durable": e.durable,
+        "auto_delete": e.auto_delete,
+        "internal": e.internal,
+        "arguments": table_to_json(&e.arguments),
+    })
+}
+
+async fn exchange(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    let meta = broker.node.meta();
+    match meta.exchange(&vhost, &name) {
+        Some(e) => ok(exchange_json(&vhost, e)),
+        None => Err(not_found(format!(
+            "no exchange '{name}' in vhost '{vhost}'"
+        ))),
+    }
+}
+
+/// The declaration of an exchange from a management request body (`type` is required).
+pub(crate) fn exchange_declaration(
+    broker: &Broker,
+    vhost: &str,
+    name: &str,
+    body: &Value,
+) -> Result<MetaCmd, ApiError> {
+    let kind = body
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("'type' is required"))?;
+    Ok(MetaCmd::DeclareExchange(ExchangeDecl {
+        vhost: vhost.to_owned(),
+        name: name.to_owned(),
+        kind: kind.to_owned(),
+        durable: flag(body, "durable", true)?,
+        auto_delete: flag(body, "auto_delete", false)?,
+        internal: flag(body, "internal", false)?,
+        arguments: arguments_of(body)?,
+        declared_by: broker.node.run(),
+    }))
+}
+
+/// Declares an exchange (`PUT /api/exchanges/{vhost}/{name}`): 201 when created, 204 when an
+/// equivalent one was there.
+async fn put_exchange(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Reply {
+    let body = json_body(&body)?;
+    let existed = broker.node.meta().exchange(&vhost, &name).is_some();
+    write(
+        &broker,
+        exchange_declaration(&broker, &vhost, &name, &body)?,
+    )
+    .await?;
+    Ok(if existed {
+        StatusCode::NO_CONTENT
+    } else {
+        StatusCode::CREATED
+    }
+    .into_response())
+}
+
+async fn delete_exchange(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+) -> Reply {
+    if broker.node.meta().exchange(&vhost, &name).is_none() {
+        return Err(not_found(format!(
+            "no exchange '{name}' in vhost '{vhost}'"
+        )));
+    }
+    write(
+        &broker,
+        MetaCmd::DeleteExchange {
+            vhost,
+            name,
+            if_unused: false,
+        },
+    )
+    .await
+}
+
+/// What identifies a binding in the API's paths, among the bindings between the same
+/// source and destination: the routing key (`~` when empty), and with arguments a digest of
+/// them after a `~`.
+pub(crate) fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
+    use sha2::Digest;
+    if arguments.is_empty() {
+        return if routing_key.is_empty() {
+            "~".to_owned()
+        } else {
+            routing_key.to_owned()
+        };
+    }
+    // serde_json's objects are sorted maps, so equal tables give equal text.
+    let digest = sha2::Sha256::digest(table_to_json(arguments).to_string().as_bytes());
+    format!(
+        "{routing_key}~{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&digest[..6])
+    )
+}
+
+fn binding_destination(kind: &str, name: String) -> Result<Destination, ApiError> {
+    match kind {
+        "q" => Ok(Destination::Queue(name)),
+        "e" => Ok(Destination::Exchange(name)),
+        other => Err(not_found(format!(
+            "'{other}': a binding's destination is 'q' (queue) or 'e' (exchange)"
+        ))),
+    }
+}
+
+fn bindings_from_to(
+    broker: &Broker,
+    vhost: &str,
+    source: &str,
+    destination: &Destination,
+) -> Vec<Binding> {
+    broker
+        .node
+        .meta()
+        .bindings()
+        .filter(|(v, b)| *v == vhost && b.source == source && b.destination == *destination)
+        .map(|(_, b)| b.clone())
+        .collect()
+}
+
+async fn bindings_between(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, source, kind, destination)): Path<(String, String, String, String)>,
+) -> Reply {
+    let destination = binding_destination(&kind, destination)?;
+    ok(Value::Array(
+        bindings_from_to(&broker, &vhost, &source, &destination)
+            .iter()
+            .map(|b| binding_json(&vhost, b))
+            .collect(),
+    ))
+}
+
+/// Binds (`POST /api/bindings/{vhost}/e/{source}/q|e/{destination}`): 201 with the new
+/// binding's path in `Location`.
+async fn post_binding(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, source, kind, destination)): Path<(String, String, String, String)>,
+    body: axum::body::Bytes,
+) -> Reply {
+    let body = json_body(&body)?;
+    let destination = binding_destination(&kind, destination)?;
+    let routing_key = body
+        .get("routing_key")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_owned();
+    let arguments = arguments_of(&body)?;
+    let props = properties_key(&routing_key, &arguments);
+    write(
+        &broker,
+        MetaCmd::Bind(BindingDecl {
+            vhost,
+            source,
+            destination,
+            routing_key,
+            arguments,
+            by: None,
+        }),
+    )
+    .await?;
+    let mut response = StatusCode::CREATED.into_response();
+    if let Ok(location) = header::HeaderValue::from_str(&percent_encode(&props)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+/// Percent-encodes what is not unreserved in a path segment.
+fn percent_encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+fn find_binding(
+    broker: &Broker,
+    vhost: &str,
+    source: &str,
+    destination: &Destination,
+    props: &str,
+) -> Result<Binding, ApiError> {
+    bindings_from_to(broker, vhost, source, destination)
+        .into_iter()
+        .find(|b| properties_key(&b.routing_key, &b.arguments) == props)
+        .ok_or_else(|| not_found(format!("no binding '{props}' from '{source}'")))
+}
+
+async fn binding(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, source, kind, destination, props)): Path<(String, String, String, String, String)>,
+) -> Reply {
+    let destination = binding_destination(&kind, destination)?;
+    let b = find_binding(&broker, &vhost, &source, &destination, &props)?;
+    ok(binding_json(&vhost, &b))
+}
+
+async fn delete_binding(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, source, kind, destination, props)): Path<(String, String, String, String, String)>,
+) -> Reply {
+    let destination = binding_destination(&kind, destination)?;
+    let b = find_binding(&broker, &vhost, &source, &destination, &props)?;
+    write(
+        &broker,
+        MetaCmd::Unbind(BindingDecl {
+            vhost,
+            source: b.source,
+            destination: b.destination,
+            routing_key: b.routing_key,
+            arguments: b.arguments,
+            by: None,
+        }),
+    )
+    .await
+}
+
+fn connection_json(broker: &Broker, c: &ConnectionInfo) -> Value {
+    json!({
+        "name": c.name,
+        "node": node_name(broker.node.id()),
+        "vhost": c.vhost,
+        "user": c.user,
+        "peer_host": c.peer.ip().to_string(),
+        "peer_port": c.peer.port(),
+        "host": c.local.ip().to_string(),
+        "port": c.local.port(),
+        "ssl": c.tls,
+        "protocol": "AMQP 0-9-1",
+        "type": "network",
+        "state": "running",
+        "channels": c.channel_count(),
+        "connected_at": c.connected_at,
+        "client_properties": table_to_json(&c.client_properties),
+    })
+}
+
+fn connection_list(broker: &Broker, only: Option<&str>) -> Value {
+    Value::Array(
+        broker
+            .connections
+            .list()
+            .iter()
+            .filter(|c| only.is_none_or(|v| v == c.vhost))
+            .map(|c| connection_json(broker, c))
+            .collect(),
+    )
+}
+
+/// The client connections of this node (RabbitMQ lists the whole cluster's; ask each node).
+async fn connections(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(connection_list(&broker, None))
+}
+
+async fn connections_in(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    ok(connection_list(&broker, Some(&vhost)))
+}
+
+async fn connection(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path(name): Path<String>,
+) -> Reply {
+    match broker.connections.find(&name) {
+        Some(c) => ok(connection_json(&broker, &c)),
+        None => Err(not_found(format!("no connection '{name}' on this node"))),
+    }
+}
+
+/// Closes a client connection with 320 CONNECTION_FORCED; the `X-Reason` header, if any,
+/// is the text the client gets, as in RabbitMQ.
+async fn close_connection(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Reply {
+    let reason = headers
+        .get("x-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("Closed via management plugin")
+        .to_owned();
+    if broker.connections.close(&name, reason) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(not_found(format!("no connection '{name}' on this node")))
+    }
 }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use futures::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use serde_json::Value;
@@ -174,5 +175,283 @@ fn the_management_api_reads_and_changes_the_cluster() {
         assert_eq!(call(&cluster, 1, "GET", &path, None).0, 404);
         assert_eq!(call(&cluster, 1, "DELETE", "/api/users/clerk", None).0, 204);
         assert_eq!(call(&cluster, 1, "DELETE", "/api/vhosts/shop", None).0, 204);
+    });
+}
+
+/// Percent-encodes a path segment (connection names hold spaces and `>`).
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn connections_are_listed_and_an_operator_can_close_one() {
+    let Some(cluster) = support::cluster::cluster("management_connections", 2) else {
+        return;
+    };
+    run(async {
+        let (conn, _ch) = support::open(&cluster.url(1)).await;
+        let (_ch2, _ch3) = (support::channel(&conn).await, support::channel(&conn).await);
+        let (status, list) = call(&cluster, 1, "GET", "/api/connections", None);
+        assert_eq!(status, 200, "{list}");
+        let ours: Vec<&Value> = list
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|c| c["user"] == "guest" && c["vhost"] == "/")
+            .collect();
+        assert_eq!(ours.len(), 1, "{list}");
+        let c = ours[0];
+        assert_eq!(c["channels"], Value::from(3), "{c}");
+        assert_eq!(c["protocol"], Value::from("AMQP 0-9-1"));
+        assert_eq!(c["ssl"], Value::from(false));
+        assert!(
+            c["client_properties"]["product"].is_string(),
+            "the client's own properties: {c}"
+        );
+        let name = c["name"].as_str().expect("a name").to_owned();
+        assert!(name.contains(" -> "), "{name}");
+        // Connections are per node: node 2 has none of ours.
+        let (_, other) = call(&cluster, 2, "GET", "/api/connections", None);
+        assert_eq!(other.as_array().map(Vec::len), Some(0), "{other}");
+        let path = format!("/api/connections/{}", segment(&name));
+        let (status, one) = call(&cluster, 1, "GET", &path, None);
+        assert_eq!((status, &one["name"]), (200, &Value::from(name.as_str())));
+
+        // An operator closes it: the client hears 320 with the reason given.
+        let mut events = conn.events_listener();
+        let (status, _, body) = support::http_request_with_headers(
+            cluster.http_addr(1),
+            "DELETE",
+            &path,
+            ADMIN,
+            None,
+            &[("X-Reason", "maintenance window")],
+        );
+        assert_eq!(status, 204, "{body}");
+        let err = support::within("the forced close", async {
+            loop {
+                match events.next().await {
+                    Some(lapin::Event::Error(e)) => return e,
+                    Some(_) => {}
+                    None => panic!("the connection's events ended without an error"),
+                }
+            }
+        })
+        .await;
+        assert_eq!(support::reply_code(&err), Some(320), "{err}");
+        assert!(err.to_string().contains("maintenance window"), "{err}");
+        support::eventually(
+            "the closed connection leaves the list",
+            std::time::Duration::from_secs(10),
+            || async { call(&cluster, 1, "GET", &path, None).0 == 404 },
+        )
+        .await;
+        assert_eq!(call(&cluster, 1, "DELETE", &path, None).0, 404);
+    });
+}
+
+#[test]
+fn topology_made_over_http_survives_export_and_import() {
+    let Some(cluster) = support::cluster::cluster("management_definitions", 2) else {
+        return;
+    };
+    run(async {
+        let q = support::unique("defs-q");
+        let x = support::unique("defs-x");
+        let queue_path = format!("/api/queues/%2F/{q}");
+        let exchange_path = format!("/api/exchanges/%2F/{x}");
+        // Queue and exchange declared over HTTP: created, then already there.
+        let queue_body = r#"{"durable": true, "arguments": {"x-max-length": 100}}"#;
+        assert_eq!(
+            call(&cluster, 1, "PUT", &queue_path, Some(queue_body)).0,
+            201
+        );
+        assert_eq!(
+            call(&cluster, 2, "PUT", &queue_path, Some(queue_body)).0,
+            204
+        );
+        let (status, body) = call(
+            &cluster,
+            1,
+            "PUT",
+            &queue_path,
+            Some(r#"{"arguments": {"x-max-length": 5}}"#),
+        );
+        assert_eq!(status, 400, "other arguments are refused: {body}");
+        let (status, body) = call(
+            &cluster,
+            1,
+            "PUT",
+            "/api/queues/%2F/bad-ttl",
+            Some(r#"{"arguments": {"x-message-ttl": -1}}"#),
+        );
+        assert_eq!(status, 400, "{body}");
+        let (status, body) = call(&cluster, 1, "PUT", &exchange_path, Some("{}"));
+        assert_eq!(status, 400, "an exchange needs a type: {body}");
+        let exchange_body = r#"{"type": "topic", "durable": true}"#;
+        assert_eq!(
+            call(&cluster, 1, "PUT", &exchange_path, Some(exchange_body)).0,
+            201
+        );
+        let (_, exchange) = call(&cluster, 2, "GET", &exchange_path, None);
+        assert_eq!(exchange["type"], Value::from("topic"), "{exchange}");
+
+        // A binding, found again by the key in its Location.
+        let bindings = format!("/api/bindings/%2F/e/{x}/q/{q}");
+        let (status, head, body) = support::http_request(
+            cluster.http_addr(1),
+            "POST",
+            &bindings,
+            ADMIN,
+            Some(r#"{"routing_key": "orders.*", "arguments": {}}"#),
+        );
+        assert_eq!(status, 201, "{body}");
+        let location = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_owned())
+            })
+            .expect("a Location header");
+        let (status, binding) = call(&cluster, 2, "GET", &format!("{bindings}/{location}"), None);
+        assert_eq!(status, 200, "{binding}");
+        assert_eq!(binding["routing_key"], Value::from("orders.*"));
+        let (_, of_queue) = call(&cluster, 2, "GET", &format!("{queue_path}/bindings"), None);
+        assert_eq!(
+            of_queue.as_array().map(Vec::len),
+            Some(2),
+            "the default exchange's and ours: {of_queue}"
+        );
+
+        // Messages routed through it; a purge over HTTP empties the queue.
+        let (conn, ch) = support::open(&cluster.url(2)).await;
+        support::publish_confirmed(&ch, &x, "orders.new", b"one").await;
+        assert_eq!(
+            call(
+                &cluster,
+                1,
+                "DELETE",
+                &format!("{queue_path}/contents"),
+                None
+            )
+            .0,
+            204
+        );
+        assert!(support::get_body(&ch, &q).await.is_none(), "purged");
+
+        // A user and a policy, then the whole export; everything goes, and comes back from it.
+        let (status, _) = call(
+            &cluster,
+            1,
+            "PUT",
+            "/api/users/importer",
+            Some(r#"{"password": "pw", "tags": "management"}"#),
+        );
+        assert_eq!(status, 204);
+        let (status, _) = call(
+            &cluster,
+            1,
+            "PUT",
+            "/api/permissions/%2F/importer",
+            Some(r#"{"configure": "", "write": "", "read": ".*"}"#),
+        );
+        assert_eq!(status, 204);
+        let (status, _) = call(
+            &cluster,
+            1,
+            "PUT",
+            "/api/policies/%2F/short",
+            Some(
+                r#"{"pattern": "defs-q-", "definition": {"message-ttl": 60000}, "apply-to": "queues"}"#,
+            ),
+        );
+        assert_eq!(status, 204);
+        let (status, defs) = call(&cluster, 1, "GET", "/api/definitions", None);
+        assert_eq!(status, 200, "{defs}");
+        for section in [
+            "vhosts",
+            "users",
+            "permissions",
+            "policies",
+            "queues",
+            "exchanges",
+            "bindings",
+        ] {
+            assert!(defs[section].is_array(), "{section} in {defs}");
+        }
+        assert!(
+            !defs["exchanges"]
+                .as_array()
+                .expect("a list")
+                .iter()
+                .any(|e| e["name"]
+                    .as_str()
+                    .is_some_and(|n| n.is_empty() || n.starts_with("amq."))),
+            "built-in exchanges are not exported"
+        );
+        let user = defs["users"]
+            .as_array()
+            .and_then(|u| u.iter().find(|u| u["name"] == "importer"))
+            .expect("the user is exported");
+        assert_eq!(user["hashing_algorithm"], "rabbit_password_hashing_sha256");
+        let _ = conn.close(200, "bye".into()).await;
+
+        assert_eq!(call(&cluster, 1, "DELETE", &queue_path, None).0, 204);
+        assert_eq!(call(&cluster, 1, "DELETE", &exchange_path, None).0, 204);
+        assert_eq!(
+            call(&cluster, 1, "DELETE", "/api/users/importer", None).0,
+            204
+        );
+        assert_eq!(
+            call(&cluster, 1, "DELETE", "/api/policies/%2F/short", None).0,
+            204
+        );
+        assert_eq!(call(&cluster, 2, "GET", &exchange_path, None).0, 404);
+
+        let text = defs.to_string();
+        let (status, body) = call(&cluster, 2, "POST", "/api/definitions", Some(&text));
+        assert_eq!(status, 204, "{body}");
+        // Importing the same file again changes nothing and succeeds.
+        assert_eq!(
+            call(&cluster, 1, "POST", "/api/definitions", Some(&text)).0,
+            204
+        );
+        let (_, queue) = call(&cluster, 1, "GET", &queue_path, None);
+        assert_eq!(
+            queue["arguments"]["x-max-length"],
+            Value::from(100),
+            "{queue}"
+        );
+        assert_eq!(queue["policy"], Value::from("short"), "{queue}");
+        // The imported user logs in with the exported hash; the imported binding routes.
+        let url = support::with_credentials(&cluster.url(1), "importer", "pw");
+        let importer = support::connect(&url).await;
+        let _ = importer.close(200, "bye".into()).await;
+        let (conn, ch) = support::open(&cluster.url(1)).await;
+        support::publish_confirmed(&ch, &x, "orders.old", b"two").await;
+        assert_eq!(
+            support::get_body(&ch, &q).await.as_deref(),
+            Some(&b"two"[..])
+        );
+
+        // A file that conflicts with what is there names the item.
+        let conflicting = format!(
+            r#"{{"queues": [{{"name": "{q}", "vhost": "/", "durable": true, "arguments": {{"x-max-length": 7}}}}]}}"#
+        );
+        let (status, body) = call(&cluster, 1, "POST", "/api/definitions", Some(&conflicting));
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body["reason"].as_str().is_some_and(|r| r.contains(&q)),
+            "{body}"
+        );
+        let _ = conn.close(200, "bye".into()).await;
     });
 }

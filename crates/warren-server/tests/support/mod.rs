@@ -647,6 +647,18 @@ pub fn http_request(
     basic: Option<(&str, &str)>,
     json: Option<&str>,
 ) -> (u16, String, String) {
+    http_request_with_headers(addr, method, path, basic, json, &[])
+}
+
+/// `http_request` with extra request headers.
+pub fn http_request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    basic: Option<(&str, &str)>,
+    json: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     use base64::Engine;
     use std::io::Write;
     let mut s = TcpStream::connect_timeout(&addr, WAIT).expect("connect http");
@@ -657,6 +669,9 @@ pub fn http_request(
     if let Some((user, pass)) = basic {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
         head.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
     }
     let body = json.unwrap_or("");
     if json.is_some() {
@@ -919,4 +934,48 @@ where
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// Publishes one message and waits for the broker's confirm (the channel is put in confirm
+/// mode first if it is not already); panics on a nack.
+pub async fn publish_confirmed(ch: &Channel, exchange: &str, routing_key: &str, body: &[u8]) {
+    if !ch.status().confirm() {
+        within(
+            "confirm.select",
+            ch.confirm_select(lapin::options::ConfirmSelectOptions::default()),
+        )
+        .await
+        .expect("confirm.select");
+    }
+    let confirm = within(
+        "basic.publish",
+        ch.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        ),
+    )
+    .await
+    .expect("basic.publish");
+    let confirmation = within("the publish confirm", confirm)
+        .await
+        .expect("the publish confirm");
+    assert!(confirmation.is_ack(), "publish to '{exchange}' was nacked");
+}
+
+/// The body of the next message of a queue by basic.get (acknowledged), or None when the
+/// queue is empty.
+pub async fn get_body(ch: &Channel, queue: &str) -> Option<Vec<u8>> {
+    within(
+        "basic.get",
+        ch.basic_get(
+            queue.into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        ),
+    )
+    .await
+    .expect("basic.get")
+    .map(|m| m.delivery.data)
 }
