@@ -188,6 +188,21 @@ impl Transport for GrpcTransport {
                         reply.known.then_some((reply.leader, reply.voters)),
                     ))
                 }
+                PeerRequest::Service { payload } => {
+                    let mut client = pb::peer_client::PeerClient::new(channel)
+                        .max_decoding_message_size(MAX_MESSAGE);
+                    let reply = client
+                        .service(with_timeout(pb::Blob { data: payload }, timeout))
+                        .await
+                        .map_err(fail)?
+                        .into_inner();
+                    use pb::service_reply::Result as R;
+                    Ok(PeerResponse::Service(match reply.result {
+                        Some(R::Payload(p)) => Ok(p),
+                        Some(R::Error(e)) => Err(e),
+                        None => Err("empty reply".into()),
+                    }))
+                }
                 PeerRequest::MetaIndex => {
                     let mut client = pb::peer_client::PeerClient::new(channel);
                     let reply = client
@@ -436,6 +451,22 @@ impl pb::peer_server::Peer for PeerService {
             }
             other => Err(Status::internal(format!("unexpected response {other:?}"))),
         }
+    }
+
+    async fn service(
+        &self,
+        request: Request<pb::Blob>,
+    ) -> Result<Response<pb::ServiceReply>, Status> {
+        use pb::service_reply::Result as R;
+        let payload = request.into_inner().data;
+        let result = match self.0.handle(PeerRequest::Service { payload }).await {
+            PeerResponse::Service(Ok(p)) => R::Payload(p),
+            PeerResponse::Service(Err(e)) => R::Error(e),
+            other => R::Error(format!("unexpected response {other:?}")),
+        };
+        Ok(Response::new(pb::ServiceReply {
+            result: Some(result),
+        }))
     }
 
     async fn meta_index(

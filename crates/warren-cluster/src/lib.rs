@@ -38,7 +38,7 @@ pub mod supervisor;
 pub mod transport;
 pub mod types;
 
-pub use node::{Node, NodeConfig, NodeError, NodeHandler, NodeSlot};
+pub use node::{Node, NodeConfig, NodeError, NodeHandler, NodeService, NodeSlot, ServiceFuture};
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 

@@ -76,9 +76,21 @@ fn raft_err(e: impl std::fmt::Display) -> NodeError {
     NodeError::Raft(e.to_string())
 }
 
+/// What the program hosting a node answers to other nodes' `Service` requests (the AMQP
+/// server lists and closes its client connections this way); the cluster layer only
+/// carries the bytes.
+pub trait NodeService: Send + Sync {
+    fn handle(&self, payload: Vec<u8>) -> ServiceFuture;
+}
+
+/// A `NodeService`'s answer to come.
+pub type ServiceFuture = BoxFuture<'static, Result<Vec<u8>, String>>;
+
 pub struct Node {
     /// Memory and disk alarms, when the server runs them (set once after start).
     resources: std::sync::OnceLock<Arc<crate::resources::ResourceMonitor>>,
+    /// The hosting program's answers to `Service` requests (set once after start).
+    service: std::sync::OnceLock<Arc<dyn NodeService>>,
     id: NodeId,
     run: NodeRun,
     advertise: String,
@@ -260,6 +272,7 @@ impl Node {
 
         let node = Arc::new(Node {
             resources: std::sync::OnceLock::new(),
+            service: std::sync::OnceLock::new(),
             id: cfg.node_id,
             run,
             advertise: cfg.advertise.clone(),
@@ -350,6 +363,38 @@ impl Node {
 
     pub fn resource_monitor(&self) -> Option<&Arc<crate::resources::ResourceMonitor>> {
         self.resources.get()
+    }
+
+    pub fn set_service(&self, service: Arc<dyn NodeService>) {
+        let _ = self.service.set(service);
+    }
+
+    /// Asks the hosting program of node `to` (this one included) and returns its answer.
+    pub async fn ask_service(
+        &self,
+        to: NodeId,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, String> {
+        if to == self.id {
+            return self.answer_service(payload).await;
+        }
+        match self
+            .transport
+            .call(to, PeerRequest::Service { payload }, timeout)
+            .await
+        {
+            Ok(PeerResponse::Service(answer)) => answer,
+            Ok(other) => Err(format!("unexpected response {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn answer_service(&self, payload: Vec<u8>) -> Result<Vec<u8>, String> {
+        match self.service.get() {
+            Some(service) => service.handle(payload).await,
+            None => Err(format!("node {} serves no requests yet", self.id)),
+        }
     }
 
     pub fn id(&self) -> NodeId {
@@ -855,6 +900,9 @@ impl PeerHandler for NodeHandler {
                 }
                 PeerRequest::GroupVoters { group } => {
                     PeerResponse::GroupVoters(node.group_voters(group))
+                }
+                PeerRequest::Service { payload } => {
+                    PeerResponse::Service(node.answer_service(payload).await)
                 }
                 PeerRequest::MetaIndex => PeerResponse::MetaIndex(
                     node.meta_raft

@@ -50,6 +50,8 @@ pub enum PeerRequest {
     },
     /// A queue group's voters as the receiver's replica sees them.
     GroupVoters { group: GroupId },
+    /// For the program hosting the receiver (`node::NodeService`), carried unread.
+    Service { payload: Vec<u8> },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,6 +70,7 @@ pub enum PeerResponse {
     MetaIndex(u64),
     /// None: the receiver runs no replica of the group; else (leads it, voters).
     GroupVoters(Option<(bool, Vec<NodeId>)>),
+    Service(Result<Vec<u8>, String>),
     Delivered,
     Hello {
         node: NodeId,

@@ -39,6 +39,11 @@ pub struct ConsumerEntry {
     pub pending: Vec<Delivery>,
     /// How long its deliveries may stay unacknowledged (None: no limit).
     pub timeout: Option<std::time::Duration>,
+    /// As basic.consume asked, for the management API's consumer listing.
+    pub no_ack: bool,
+    pub exclusive: bool,
+    pub prefetch: u32,
+    pub arguments: warren_codec::FieldTable,
 }
 
 /// Deliveries this channel settled lately, by (queue, message): a new queue leader resends

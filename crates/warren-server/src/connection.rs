@@ -72,6 +72,18 @@ pub enum ConnEvent {
     ForceClose {
         reason: String,
     },
+    /// The management API asks for the connection's channels and consumers.
+    Describe {
+        reply: tokio::sync::oneshot::Sender<ConnectionDetails>,
+    },
+}
+
+/// A connection's channels and consumers as the management API shows them (RabbitMQ's
+/// `/api/channels` and `/api/consumers` objects).
+#[derive(Default)]
+pub struct ConnectionDetails {
+    pub channels: Vec<serde_json::Value>,
+    pub consumers: Vec<serde_json::Value>,
 }
 
 /// Result of a channel command that ran on a task.
@@ -1728,6 +1740,10 @@ impl Connection {
                 ready: false,
                 pending: Vec::new(),
                 timeout,
+                no_ack: m.no_ack,
+                exclusive: m.exclusive,
+                prefetch,
+                arguments: m.arguments.clone(),
             },
         );
         ch.touch(&handle);
@@ -2190,8 +2206,71 @@ impl Connection {
         });
     }
 
+    /// The channels and consumers of this connection, for the management API.
+    fn details(&self) -> ConnectionDetails {
+        use serde_json::json;
+        let Some(listed) = &self.listed else {
+            return ConnectionDetails::default();
+        };
+        let node = crate::management::node_name(self.node.id());
+        let mut out = ConnectionDetails::default();
+        let mut numbers: Vec<u16> = self.channels.keys().copied().collect();
+        numbers.sort_unstable();
+        for number in numbers {
+            let ch = &self.channels[&number];
+            let channel_details = json!({
+                "name": format!("{} ({number})", listed.name),
+                "number": number,
+                "connection_name": listed.name,
+                "peer_host": listed.peer.ip().to_string(),
+                "peer_port": listed.peer.port(),
+                "user": self.user,
+                "node": node,
+            });
+            out.channels.push(json!({
+                "name": format!("{} ({number})", listed.name),
+                "number": number,
+                "connection_details": {
+                    "name": listed.name,
+                    "peer_host": listed.peer.ip().to_string(),
+                    "peer_port": listed.peer.port(),
+                },
+                "node": node,
+                "user": self.user,
+                "vhost": self.vhost,
+                "state": if ch.flow_active { "running" } else { "flow" },
+                "confirm": ch.confirm.is_some(),
+                "transactional": ch.tx.is_some(),
+                "prefetch_count": ch.prefetch,
+                "global_prefetch_count": ch.global_prefetch,
+                "consumer_count": ch.consumers.len(),
+                "messages_unacknowledged": ch.unacked.len(),
+            }));
+            let mut tags: Vec<&String> = ch.consumers.keys().collect();
+            tags.sort();
+            for tag in tags {
+                let c = &ch.consumers[tag];
+                out.consumers.push(json!({
+                    "consumer_tag": tag,
+                    "queue": {"name": c.handle.name(), "vhost": c.handle.vhost()},
+                    "channel_details": channel_details,
+                    "ack_required": !c.no_ack,
+                    "exclusive": c.exclusive,
+                    "prefetch_count": c.prefetch,
+                    "arguments": warren_core::json::table_to_json(&c.arguments),
+                    "active": c.ready,
+                }));
+            }
+        }
+        out
+    }
+
     fn on_event(&mut self, event: ConnEvent) -> Option<Stop> {
         match event {
+            ConnEvent::Describe { reply } => {
+                let _ = reply.send(self.details());
+                None
+            }
             ConnEvent::ForceClose { reason } => {
                 info!(peer = %self.peer, %reason, "connection closed by an operator");
                 Some(Stop::Close(MethodError::bare(

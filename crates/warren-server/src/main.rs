@@ -197,6 +197,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let broker = Broker::new(config, node.clone());
+    node.set_service(Arc::new(connections::ConnectionService {
+        table: broker.connections.clone(),
+        node_name: management::node_name(node.id()),
+    }));
     for listener in &amqp {
         println!("warren: listening amqp {}", listener.local_addr()?);
     }

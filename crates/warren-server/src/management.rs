@@ -6,11 +6,13 @@
 //! metadata (`warren_core::meta`) and its queue counters; changes are metadata commands
 //! written through the node (`warren_cluster::Node::meta_write`), so they hold cluster-wide.
 //! Users tagged `administrator` may change things; `monitoring` and `management` may read.
-//! Users from the configuration file authenticate as in AMQP (`auth`). Connections are this
-//! node's (`connections`); definitions export and import live in `definitions`.
+//! Users from the configuration file authenticate as in AMQP (`auth`). Connections are
+//! gathered from every reachable node (`connections`); definitions export and import live
+//! in `definitions`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Json;
 use axum::Router;
@@ -21,6 +23,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use base64::Engine;
 use serde_json::{Value, json};
+use tracing::debug;
 use warren_cluster::ClusterError;
 use warren_codec::FieldTable;
 use warren_core::json::{table_from_json, table_to_json};
@@ -32,7 +35,7 @@ use warren_core::queue::QueueCmd;
 
 use crate::auth::Principal;
 use crate::broker::{Broker, QueueOptions};
-use crate::connections::ConnectionInfo;
+use crate::connections::ServiceRequest;
 
 pub(crate) type Reply = Result<Response, ApiError>;
 
@@ -92,6 +95,11 @@ pub fn router() -> Router<Arc<Broker>> {
             get(binding).delete(delete_binding),
         )
         .route("/api/connections", get(connections))
+        .route("/api/channels", get(channels))
+        .route("/api/vhosts/{vhost}/channels", get(channels_in))
+        .route("/api/connections/{name}/channels", get(channels_of))
+        .route("/api/consumers", get(consumers))
+        .route("/api/consumers/{vhost}", get(consumers_in))
         .route("/api/vhosts/{vhost}/connections", get(connections_in))
         .route(
             "/api/connections/{name}",
@@ -284,7 +292,7 @@ async fn nodes(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
     ok(Value::Array(list))
 }
 
-fn node_name(id: u64) -> String {
+pub(crate) fn node_name(id: u64) -> String {
     format!("warren@{id}")
 }
 
@@ -1059,41 +1067,114 @@ async fn delete_binding(
     .await
 }
 
-fn connection_json(broker: &Broker, c: &ConnectionInfo) -> Value {
-    json!({
-        "name": c.name,
-        "node": node_name(broker.node.id()),
-        "vhost": c.vhost,
-        "user": c.user,
-        "peer_host": c.peer.ip().to_string(),
-        "peer_port": c.peer.port(),
-        "host": c.local.ip().to_string(),
-        "port": c.local.port(),
-        "ssl": c.tls,
-        "protocol": "AMQP 0-9-1",
-        "type": "network",
-        "state": "running",
-        "channels": c.channel_count(),
-        "connected_at": c.connected_at,
-        "client_properties": table_to_json(&c.client_properties),
-    })
+/// How long the API waits for another node's answer about its connections.
+const PEER_ANSWER: Duration = Duration::from_secs(2);
+
+/// Asks every running member (this node directly) and returns the answers that came.
+async fn ask_every_node(broker: &Broker, request: &ServiceRequest) -> Vec<Value> {
+    let Ok(payload) = serde_json::to_vec(request) else {
+        return Vec::new();
+    };
+    let down = broker.node.down_nodes();
+    let asks = broker
+        .node
+        .members()
+        .into_keys()
+        .filter(|n| !down.contains(n))
+        .map(|n| {
+            let payload = payload.clone();
+            async move {
+                match broker.node.ask_service(n, payload, PEER_ANSWER).await {
+                    Ok(bytes) => serde_json::from_slice::<Value>(&bytes).ok(),
+                    Err(e) => {
+                        debug!(node = n, error = %e, "no connection list from a node");
+                        None
+                    }
+                }
+            }
+        });
+    futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
-fn connection_list(broker: &Broker, only: Option<&str>) -> Value {
-    Value::Array(
-        broker
-            .connections
-            .list()
-            .iter()
-            .filter(|c| only.is_none_or(|v| v == c.vhost))
-            .map(|c| connection_json(broker, c))
+/// The client connections of every reachable node, as RabbitMQ lists its cluster's.
+async fn cluster_connections(broker: &Broker, only: Option<&str>) -> Vec<Value> {
+    cluster_list(broker, ServiceRequest::ListConnections)
+        .await
+        .into_iter()
+        .filter(|c| only.is_none_or(|v| c["vhost"] == v))
+        .collect()
+}
+
+/// The items of every reachable node's answer to a listing request.
+async fn cluster_list(broker: &Broker, request: ServiceRequest) -> Vec<Value> {
+    ask_every_node(broker, &request)
+        .await
+        .into_iter()
+        .filter_map(|answer| match answer {
+            Value::Array(list) => Some(list),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+async fn channels(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(Value::Array(
+        cluster_list(&broker, ServiceRequest::ListChannels).await,
+    ))
+}
+
+async fn channels_in(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let list = cluster_list(&broker, ServiceRequest::ListChannels).await;
+    ok(Value::Array(
+        list.into_iter()
+            .filter(|c| c["vhost"] == vhost.as_str())
             .collect(),
-    )
+    ))
 }
 
-/// The client connections of this node (RabbitMQ lists the whole cluster's; ask each node).
+async fn channels_of(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path(name): Path<String>,
+) -> Reply {
+    let list = cluster_list(&broker, ServiceRequest::ListChannels).await;
+    ok(Value::Array(
+        list.into_iter()
+            .filter(|c| c["connection_details"]["name"] == name.as_str())
+            .collect(),
+    ))
+}
+
+async fn consumers(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    ok(Value::Array(
+        cluster_list(&broker, ServiceRequest::ListConsumers).await,
+    ))
+}
+
+async fn consumers_in(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path(vhost): Path<String>,
+) -> Reply {
+    let list = cluster_list(&broker, ServiceRequest::ListConsumers).await;
+    ok(Value::Array(
+        list.into_iter()
+            .filter(|c| c["queue"]["vhost"] == vhost.as_str())
+            .collect(),
+    ))
+}
+
 async fn connections(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
-    ok(connection_list(&broker, None))
+    ok(Value::Array(cluster_connections(&broker, None).await))
 }
 
 async fn connections_in(
@@ -1101,7 +1182,9 @@ async fn connections_in(
     _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    ok(connection_list(&broker, Some(&vhost)))
+    ok(Value::Array(
+        cluster_connections(&broker, Some(&vhost)).await,
+    ))
 }
 
 async fn connection(
@@ -1109,10 +1192,11 @@ async fn connection(
     _auth: Auth,
     Path(name): Path<String>,
 ) -> Reply {
-    match broker.connections.find(&name) {
-        Some(c) => ok(connection_json(&broker, &c)),
-        None => Err(not_found(format!("no connection '{name}' on this node"))),
-    }
+    cluster_connections(&broker, None)
+        .await
+        .into_iter()
+        .find(|c| c["name"] == name.as_str())
+        .map_or_else(|| Err(not_found(format!("no connection '{name}'"))), ok)
 }
 
 /// Closes a client connection with 320 CONNECTION_FORCED; the `X-Reason` header, if any,
@@ -1128,9 +1212,16 @@ async fn close_connection(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("Closed via management plugin")
         .to_owned();
-    if broker.connections.close(&name, reason) {
+    let request = ServiceRequest::CloseConnection {
+        name: name.clone(),
+        reason,
+    };
+    let closed = ask_every_node(&broker, &request)
+        .await
+        .contains(&Value::Bool(true));
+    if closed {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
-        Err(not_found(format!("no connection '{name}' on this node")))
+        Err(not_found(format!("no connection '{name}'")))
     }
 }

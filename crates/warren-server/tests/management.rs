@@ -191,13 +191,26 @@ fn segment(s: &str) -> String {
 }
 
 #[test]
-fn connections_are_listed_and_an_operator_can_close_one() {
+fn any_node_lists_the_clusters_connections_and_closes_one() {
     let Some(cluster) = support::cluster::cluster("management_connections", 2) else {
         return;
     };
     run(async {
         let (conn, _ch) = support::open(&cluster.url(1)).await;
-        let (_ch2, _ch3) = (support::channel(&conn).await, support::channel(&conn).await);
+        let (_ch2, ch3) = (support::channel(&conn).await, support::channel(&conn).await);
+        let q = support::temp_queue(&ch3, "mgmt-consumed").await;
+        ch3.basic_qos(7, lapin::options::BasicQosOptions::default())
+            .await
+            .expect("basic.qos");
+        let _consumer = ch3
+            .basic_consume(
+                q.as_str().into(),
+                "watcher".into(),
+                lapin::options::BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .expect("basic.consume");
         let (status, list) = call(&cluster, 1, "GET", "/api/connections", None);
         assert_eq!(status, 200, "{list}");
         let ours: Vec<&Value> = list
@@ -217,17 +230,42 @@ fn connections_are_listed_and_an_operator_can_close_one() {
         );
         let name = c["name"].as_str().expect("a name").to_owned();
         assert!(name.contains(" -> "), "{name}");
-        // Connections are per node: node 2 has none of ours.
+        // Its channels and its consumer, as RabbitMQ lists them, from the other node.
+        let (status, channels) = call(&cluster, 2, "GET", "/api/channels", None);
+        assert_eq!(status, 200, "{channels}");
+        let numbers: Vec<&Value> = channels
+            .as_array()
+            .expect("a list")
+            .iter()
+            .filter(|c| c["connection_details"]["name"] == name.as_str())
+            .map(|c| &c["number"])
+            .collect();
+        assert_eq!(numbers, [1, 2, 3], "{channels}");
+        let of_conn = format!("/api/connections/{}/channels", segment(&name));
+        let (_, same) = call(&cluster, 2, "GET", &of_conn, None);
+        assert_eq!(same.as_array().map(Vec::len), Some(3), "{same}");
+        let (_, consumers) = call(&cluster, 2, "GET", "/api/consumers/%2F", None);
+        let watcher = consumers
+            .as_array()
+            .and_then(|l| l.iter().find(|c| c["consumer_tag"] == "watcher"))
+            .unwrap_or_else(|| panic!("the consumer is listed: {consumers}"));
+        assert_eq!(watcher["queue"]["name"], Value::from(q.as_str()));
+        assert_eq!(watcher["prefetch_count"], Value::from(7));
+        assert_eq!(watcher["ack_required"], Value::from(true));
+        assert_eq!(watcher["channel_details"]["number"], Value::from(3));
+        // Any node lists the whole cluster's connections, each with the node it is on.
         let (_, other) = call(&cluster, 2, "GET", "/api/connections", None);
-        assert_eq!(other.as_array().map(Vec::len), Some(0), "{other}");
+        assert_eq!(other, list, "node 2 sees node 1's connection");
+        assert_eq!(c["node"], Value::from("warren@1"));
         let path = format!("/api/connections/{}", segment(&name));
-        let (status, one) = call(&cluster, 1, "GET", &path, None);
+        let (status, one) = call(&cluster, 2, "GET", &path, None);
         assert_eq!((status, &one["name"]), (200, &Value::from(name.as_str())));
 
         // An operator closes it: the client hears 320 with the reason given.
         let mut events = conn.events_listener();
+        // Closed through the other node.
         let (status, _, body) = support::http_request_with_headers(
-            cluster.http_addr(1),
+            cluster.http_addr(2),
             "DELETE",
             &path,
             ADMIN,
@@ -253,7 +291,7 @@ fn connections_are_listed_and_an_operator_can_close_one() {
             || async { call(&cluster, 1, "GET", &path, None).0 == 404 },
         )
         .await;
-        assert_eq!(call(&cluster, 1, "DELETE", &path, None).0, 404);
+        assert_eq!(call(&cluster, 2, "DELETE", &path, None).0, 404);
     });
 }
 
