@@ -199,3 +199,26 @@ def test_an_operator_closes_a_connection_and_the_client_hears_why(broker, api):
     finally:
         if conn.is_open:
             conn.close()
+
+
+def test_messages_published_and_fetched_over_http_meet_pika(connection, api):
+    ch = connection.channel()
+    queue = unique("http")
+    ch.queue_declare(queue=queue, durable=True)
+    status, routed = api.call("POST", "/exchanges/%2F/amq.default/publish", {
+        "routing_key": queue, "payload": "from-http", "payload_encoding": "string",
+        "properties": {"message_id": "m-1", "delivery_mode": 2}})
+    assert status == 200 and routed == {"routed": True}
+    method, props, body = ch.basic_get(queue, auto_ack=True)
+    assert method is not None and body == b"from-http" and props.message_id == "m-1"
+
+    ch.confirm_delivery()
+    ch.basic_publish(exchange="", routing_key=queue, body=b"from-pika",
+                     properties=pika.BasicProperties(headers={"k": "v"}))
+    _, peek = api.call("POST", f"/queues/%2F/{q(queue)}/get",
+                       {"count": 1, "ackmode": "ack_requeue_true", "encoding": "auto"})
+    assert peek[0]["payload"] == "from-pika" and peek[0]["properties"]["headers"] == {"k": "v"}
+    # Requeued: pika still gets it.
+    method, _, body = ch.basic_get(queue, auto_ack=True)
+    assert method is not None and body == b"from-pika"
+    ch.queue_delete(queue)

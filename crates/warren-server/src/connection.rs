@@ -289,15 +289,13 @@ fn consumer_priority(args: &FieldTable) -> Result<i32, AmqpError> {
 }
 
 /// A message's `expiration` property: a non-negative integer of milliseconds, as text.
-fn parse_expiration(text: &str) -> Option<u64> {
+pub(crate) fn parse_expiration(text: &str) -> Option<u64> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     text.parse().ok()
 }
 
-/// Replica count of a new replicated queue: `x-quorum-initial-group-size` (as RabbitMQ quorum
-/// queues take it) or the configured default.
 /// Server-generated names: RabbitMQ's shape (`amq.gen-` + 22 base64url characters).
 pub fn generated_name(prefix: &str) -> String {
     use base64::Engine;

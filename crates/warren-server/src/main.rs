@@ -14,6 +14,7 @@ mod connections;
 mod definitions;
 mod http;
 mod management;
+mod messages_api;
 mod metrics;
 mod telemetry;
 mod tls;

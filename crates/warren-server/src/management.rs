@@ -78,6 +78,14 @@ pub fn router() -> Router<Arc<Broker>> {
             axum::routing::delete(purge_queue),
         )
         .route("/api/queues/{vhost}/{name}/bindings", get(queue_bindings))
+        .route(
+            "/api/queues/{vhost}/{name}/get",
+            axum::routing::post(crate::messages_api::get),
+        )
+        .route(
+            "/api/exchanges/{vhost}/{name}/publish",
+            axum::routing::post(crate::messages_api::publish),
+        )
         .route("/api/exchanges", get(exchanges))
         .route("/api/exchanges/{vhost}", get(exchanges_in))
         .route(
@@ -115,11 +123,17 @@ pub fn router() -> Router<Arc<Broker>> {
         )
 }
 
-pub struct ApiError(StatusCode, String);
+#[derive(Debug)]
+pub struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl ApiError {
     pub(crate) fn not_found(what: impl Into<String>) -> Self {
         ApiError(StatusCode::NOT_FOUND, what.into())
+    }
+
+    /// The cluster could not do it now (no leader, a node unreachable): try again.
+    pub(crate) fn unavailable(why: impl Into<String>) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, why.into())
     }
 
     /// The same error, its text prefixed with what it was about.

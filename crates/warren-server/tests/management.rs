@@ -493,3 +493,93 @@ fn topology_made_over_http_survives_export_and_import() {
         let _ = conn.close(200, "bye".into()).await;
     });
 }
+
+#[test]
+fn operators_publish_and_fetch_messages_over_http() {
+    let Some(cluster) = support::cluster::cluster("management_messages", 2) else {
+        return;
+    };
+    run(async {
+        let q = support::unique("http-msgs");
+        let queue_path = format!("/api/queues/%2F/{q}");
+        assert_eq!(call(&cluster, 1, "PUT", &queue_path, Some("{}")).0, 201);
+        let publish = "/api/exchanges/%2F/amq.default/publish";
+        // amq.default is the API's name for the default exchange; published through node 2.
+        let body = format!(
+            r#"{{"routing_key": "{q}", "payload": "hello", "payload_encoding": "string",
+                "properties": {{"content_type": "text/plain", "headers": {{"tenant": "acme"}}}}}}"#
+        );
+        let (status, routed) = call(&cluster, 2, "POST", publish, Some(&body));
+        assert_eq!(
+            (status, &routed["routed"]),
+            (200, &Value::from(true)),
+            "{routed}"
+        );
+        let binary = format!(
+            r#"{{"routing_key": "{q}", "payload": "AAEC/w==", "payload_encoding": "base64"}}"#
+        );
+        assert_eq!(
+            call(&cluster, 1, "POST", publish, Some(&binary)).1["routed"],
+            true
+        );
+        let (_, nowhere) = call(
+            &cluster,
+            1,
+            "POST",
+            publish,
+            Some(r#"{"routing_key": "no-such-queue", "payload": "x"}"#),
+        );
+        assert_eq!(nowhere["routed"], Value::from(false));
+        let (status, _) = call(
+            &cluster,
+            1,
+            "POST",
+            "/api/exchanges/%2F/no-such-exchange/publish",
+            Some(r#"{"routing_key": "k", "payload": "x"}"#),
+        );
+        assert_eq!(status, 404);
+
+        // Looked at and put back: both messages, in order, with their properties.
+        let get = format!("{queue_path}/get");
+        let (status, peek) = call(
+            &cluster,
+            2,
+            "POST",
+            &get,
+            Some(r#"{"count": 5, "ackmode": "ack_requeue_true", "encoding": "auto"}"#),
+        );
+        assert_eq!(status, 200, "{peek}");
+        let peek = peek.as_array().expect("a list").clone();
+        assert_eq!(peek.len(), 2, "{peek:?}");
+        assert_eq!(peek[0]["payload"], Value::from("hello"));
+        assert_eq!(peek[0]["payload_encoding"], Value::from("string"));
+        assert_eq!(
+            peek[0]["properties"]["headers"]["tenant"],
+            Value::from("acme")
+        );
+        assert_eq!(peek[0]["message_count"], Value::from(1));
+        assert_eq!(peek[1]["payload"], Value::from("AAEC/w=="));
+        assert_eq!(peek[1]["payload_encoding"], Value::from("base64"));
+        assert_eq!(peek[1]["payload_bytes"], Value::from(4));
+
+        // Taken for good: the first once more (now redelivered), then the queue holds one.
+        let (_, taken) = call(
+            &cluster,
+            1,
+            "POST",
+            &get,
+            Some(r#"{"count": 1, "ackmode": "ack_requeue_false"}"#),
+        );
+        assert_eq!(taken[0]["payload"], Value::from("hello"), "{taken}");
+        assert_eq!(taken[0]["redelivered"], Value::from(true), "{taken}");
+        let (conn, ch) = support::open(&cluster.url(1)).await;
+        assert_eq!(
+            support::get_body(&ch, &q).await.as_deref(),
+            Some(&[0u8, 1, 2, 255][..])
+        );
+        assert!(support::get_body(&ch, &q).await.is_none());
+        let (status, _) = call(&cluster, 1, "POST", &get, Some(r#"{"count": 1}"#));
+        assert_eq!(status, 400, "ackmode is required");
+        let _ = conn.close(200, "bye".into()).await;
+    });
+}
