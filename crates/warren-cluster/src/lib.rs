@@ -39,7 +39,7 @@ pub mod transport;
 pub mod types;
 
 pub use node::{Node, NodeConfig, NodeError, NodeHandler, NodeService, NodeSlot, ServiceFuture};
-pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo};
+pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo, Traffic};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
 pub use db::DbError;

@@ -142,8 +142,35 @@ fn config_of(def: &QueueDef) -> QueueConfig {
     QueueConfig::from_arguments(&def.arguments).unwrap_or_default()
 }
 
+/// Messages that went through one node's clients for a queue (publishes from them,
+/// deliveries and gets to them, their acks), counted by the AMQP server for the management
+/// API's message rates; the whole queue's figures are the sum over nodes.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub published: AtomicU64,
+    pub delivered: AtomicU64,
+    pub acked: AtomicU64,
+}
+
+impl Traffic {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// (published, delivered, acked) now.
+    pub fn read(&self) -> (u64, u64, u64) {
+        (
+            self.published.load(Ordering::Relaxed),
+            self.delivered.load(Ordering::Relaxed),
+            self.acked.load(Ordering::Relaxed),
+        )
+    }
+}
+
 pub struct QueueHandle {
     node: NodeId,
+    /// See `Traffic`.
+    pub traffic: Traffic,
     /// The queue's id (its Raft group), which never changes: read on every delivery and by
     /// every supervisor round, so kept out of the lock around `def`.
     id: u64,
@@ -191,6 +218,7 @@ impl QueueHandle {
         };
         let handle = Arc::new(QueueHandle {
             node,
+            traffic: Traffic::default(),
             id: def.id,
             vhost,
             def: Mutex::new(def),

@@ -19,6 +19,7 @@ use crate::auth::{Authenticator, MECHANISMS};
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::metrics::Metrics;
+use crate::rates::Rates;
 
 pub struct Broker {
     pub config: Config,
@@ -27,6 +28,8 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     /// The client connections open on this node (management API).
     pub connections: Arc<Connections>,
+    /// Message rates as last sampled (management API).
+    pub rates: Arc<Rates>,
     /// Flips to true once: every connection then closes with 320 CONNECTION_FORCED.
     pub shutdown: watch::Sender<bool>,
     pub ready: AtomicBool,
@@ -65,6 +68,7 @@ impl Broker {
             node,
             metrics: Arc::new(Metrics::default()),
             connections: Arc::new(Connections::default()),
+            rates: Arc::new(Rates::default()),
             shutdown,
             ready: AtomicBool::new(false),
             next_conn: AtomicU64::new(1),

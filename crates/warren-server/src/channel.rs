@@ -76,7 +76,7 @@ impl RecentlySettled {
 }
 
 /// How a client settled deliveries.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Settlement {
     Ack,
     Requeue,

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use warren_cluster::{
     ClusterError, Completion, Delivery, DeliverySink, Node, QueueHandle, QueueOutcome,
-    QueueRequest, ReplyTo,
+    QueueRequest, ReplyTo, Traffic,
 };
 use warren_codec::{
     BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, FrameError, Method, ShortStr,
@@ -2033,6 +2033,7 @@ impl Connection {
                 seq: ch.next_publish_seq(h.id()),
             }
         });
+        Traffic::add(&h.traffic.published, 1);
         h.submit(
             QueueRequest::with_content(QueueCmd::Enqueue { meta, publisher }, content),
             reply,
@@ -2153,6 +2154,9 @@ impl Connection {
                 .fetch_add(entries.len() as u64, Ordering::Relaxed),
         };
         for (handle, msgs) in self.group_by_queue(entries) {
+            if how == Settlement::Ack {
+                Traffic::add(&handle.traffic.acked, msgs.len() as u64);
+            }
             let cmd = match how {
                 Settlement::Ack => QueueCmd::Settle {
                     channel: chref,
@@ -2401,6 +2405,7 @@ impl Connection {
                     self.broker.config.amqp.consumer_timeout_ms,
                 )
                 .map(|t| Instant::now() + t);
+                Traffic::add(&handle.traffic.delivered, 1);
                 let ch = self.channel(channel);
                 let tag = ch.next_delivery_tag();
                 if !no_ack {
@@ -2645,6 +2650,7 @@ impl Connection {
                 },
             );
         }
+        Traffic::add(&d.handle.traffic.delivered, 1);
         self.broker
             .metrics
             .delivered

@@ -169,6 +169,8 @@ pub enum ServiceRequest {
     ListChannels,
     /// Answered with the JSON list of the consumers on the node's connections.
     ListConsumers,
+    /// Answered with the node's message figures (`rates::NodeFigures`).
+    MessageStats,
     /// Answered with `true` when the node had the connection and asked it to close.
     CloseConnection { name: String, reason: String },
 }
@@ -176,12 +178,16 @@ pub enum ServiceRequest {
 /// Answers other nodes' `ServiceRequest`s from this node's table.
 pub struct ConnectionService {
     pub table: Arc<Connections>,
+    pub rates: Arc<crate::rates::Rates>,
     pub node_name: String,
 }
 
 impl ConnectionService {
     pub async fn answer(&self, request: ServiceRequest) -> Value {
         match request {
+            ServiceRequest::MessageStats => {
+                serde_json::to_value(self.rates.snapshot()).unwrap_or(Value::Null)
+            }
             ServiceRequest::ListChannels | ServiceRequest::ListConsumers => {
                 let connections = self.table.list();
                 let details =
@@ -210,6 +216,7 @@ impl NodeService for ConnectionService {
     fn handle(&self, payload: Vec<u8>) -> ServiceFuture {
         let service = ConnectionService {
             table: self.table.clone(),
+            rates: self.rates.clone(),
             node_name: self.node_name.clone(),
         };
         Box::pin(async move {
@@ -279,6 +286,7 @@ mod tests {
         let _a = table.register(1, info(40001, tx));
         let service = ConnectionService {
             table,
+            rates: Arc::default(),
             node_name: "warren@3".into(),
         };
         let ask = |request: &ServiceRequest| service.handle(serde_json::to_vec(request).unwrap());

@@ -16,6 +16,7 @@ mod http;
 mod management;
 mod messages_api;
 mod metrics;
+mod rates;
 mod telemetry;
 mod tls;
 
@@ -198,8 +199,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let broker = Broker::new(config, node.clone());
+    rates::start(&broker.rates, &node, &broker.metrics);
     node.set_service(Arc::new(connections::ConnectionService {
         table: broker.connections.clone(),
+        rates: broker.rates.clone(),
         node_name: management::node_name(node.id()),
     }));
     for listener in &amqp {

@@ -36,6 +36,7 @@ use warren_core::queue::QueueCmd;
 use crate::auth::Principal;
 use crate::broker::{Broker, QueueOptions};
 use crate::connections::ServiceRequest;
+use crate::rates::NodeFigures;
 
 pub(crate) type Reply = Result<Response, ApiError>;
 
@@ -258,7 +259,23 @@ pub(crate) fn ok(v: Value) -> Reply {
     Ok(Json(v).into_response())
 }
 
+/// Every reachable node's message figures, added up: the cluster's totals and per queue id.
+async fn cluster_figures(broker: &Broker) -> NodeFigures {
+    let mut sum = NodeFigures::default();
+    for answer in ask_every_node(broker, &ServiceRequest::MessageStats).await {
+        let Ok(node) = serde_json::from_value::<NodeFigures>(answer) else {
+            continue;
+        };
+        sum.total.add(&node.total);
+        for (queue, figures) in node.queues {
+            sum.queues.entry(queue).or_default().add(&figures);
+        }
+    }
+    sum
+}
+
 async fn overview(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
+    let figures = cluster_figures(&broker).await;
     let meta = broker.node.meta();
     let handles = broker.node.queue_handles();
     let (mut ready, mut unacked, mut consumers) = (0u64, 0u64, 0u64);
@@ -281,6 +298,7 @@ async fn overview(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
             "queues": meta.queues().count(),
             "consumers": consumers,
         },
+        "message_stats": figures.total.to_json(),
         "queue_totals": {
             "messages": ready + unacked,
             "messages_ready": ready,
@@ -575,7 +593,13 @@ async fn delete_policy(
     write(&broker, MetaCmd::ClearPolicy { vhost, name }).await
 }
 
-fn queue_json(broker: &Broker, meta: &MetaState, vhost: &str, q: &QueueDef) -> Value {
+fn queue_json(
+    broker: &Broker,
+    meta: &MetaState,
+    vhost: &str,
+    q: &QueueDef,
+    figures: &NodeFigures,
+) -> Value {
     let stats = broker
         .node
         .queue(vhost, &q.name)
@@ -609,21 +633,23 @@ fn queue_json(broker: &Broker, meta: &MetaState, vhost: &str, q: &QueueDef) -> V
         "messages_unacknowledged": stats.unacked,
         "consumers": stats.consumers,
         "policy": meta.policy_for(vhost, &q.name).map(|p| p.name.clone()),
+        "message_stats": figures.queues.get(&q.id).copied().unwrap_or_default().to_json(),
     })
 }
 
-fn queue_list(broker: &Broker, only: Option<&str>) -> Value {
+async fn queue_list(broker: &Broker, only: Option<&str>) -> Value {
+    let figures = cluster_figures(broker).await;
     let meta = broker.node.meta();
     Value::Array(
         meta.queues()
             .filter(|(v, _)| only.is_none_or(|o| o == *v))
-            .map(|(v, q)| queue_json(broker, &meta, v, q))
+            .map(|(v, q)| queue_json(broker, &meta, v, q, &figures))
             .collect(),
     )
 }
 
 async fn queues(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
-    ok(queue_list(&broker, None))
+    ok(queue_list(&broker, None).await)
 }
 
 async fn queues_in(
@@ -631,7 +657,7 @@ async fn queues_in(
     _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    ok(queue_list(&broker, Some(&vhost)))
+    ok(queue_list(&broker, Some(&vhost)).await)
 }
 
 async fn queue(
@@ -640,8 +666,15 @@ async fn queue(
     Path((vhost, name)): Path<(String, String)>,
 ) -> Reply {
     let def = broker.node.meta().queue(&vhost, &name).cloned();
+    let figures = cluster_figures(&broker).await;
     match def {
-        Some(q) => ok(queue_json(&broker, &broker.node.meta(), &vhost, &q)),
+        Some(q) => ok(queue_json(
+            &broker,
+            &broker.node.meta(),
+            &vhost,
+            &q,
+            &figures,
+        )),
         None => Err(not_found(format!("no queue '{name}' in vhost '{vhost}'"))),
     }
 }

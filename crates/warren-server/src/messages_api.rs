@@ -16,7 +16,9 @@ use axum::extract::{Path, State};
 use base64::Engine;
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
-use warren_cluster::{ClusterError, QueueHandle, QueueOutcome};
+use std::sync::atomic::Ordering;
+
+use warren_cluster::{ClusterError, QueueHandle, QueueOutcome, Traffic};
 use warren_codec::{BasicProperties, ShortStr};
 use warren_core::json::{table_from_json, table_to_json};
 use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply};
@@ -219,8 +221,10 @@ pub(crate) async fn publish(
         body: payload,
     };
     let channel = request_channel(&broker);
+    broker.metrics.published.fetch_add(1, Ordering::Relaxed);
     let task = tokio::spawn(async move {
         let calls = handles.iter().map(|h| {
+            Traffic::add(&h.traffic.published, 1);
             let publisher = h.is_replicated().then_some(Publisher {
                 id: PublisherId::Channel(channel),
                 seq: 1,
@@ -378,6 +382,7 @@ pub(crate) async fn get(
                         delivery_count,
                         remaining,
                     } => {
+                        Traffic::add(&handle.traffic.delivered, 1);
                         let shown =
                             message_json(&outcome, delivery_count, remaining, encoding, truncate);
                         fetched.push((msg, shown));
@@ -395,11 +400,13 @@ pub(crate) async fn get(
             }
         }
         let msgs: Vec<MsgId> = fetched.iter().map(|(m, _)| *m).collect();
-        if failure.is_none()
-            && !msgs.is_empty()
-            && let Err(e) = handle.call(mode.settle(channel, msgs), None).await
-        {
-            failure = Some(unavailable(e));
+        let fetched_count = msgs.len() as u64;
+        if failure.is_none() && !msgs.is_empty() {
+            match handle.call(mode.settle(channel, msgs), None).await {
+                Ok(_) if mode == AckMode::Ack => Traffic::add(&handle.traffic.acked, fetched_count),
+                Ok(_) => {}
+                Err(e) => failure = Some(unavailable(e)),
+            }
         }
         // Whatever was fetched and not settled above comes back to the queue.
         let _ = handle.call(QueueCmd::ChannelDown { channel }, None).await;

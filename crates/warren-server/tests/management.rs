@@ -580,6 +580,25 @@ fn operators_publish_and_fetch_messages_over_http() {
         assert!(support::get_body(&ch, &q).await.is_none());
         let (status, _) = call(&cluster, 1, "POST", &get, Some(r#"{"count": 1}"#));
         assert_eq!(status, 400, "ackmode is required");
+
+        // The queue's message figures add up what went through both nodes: 2 publishes,
+        // 3 fetched over HTTP and 1 by basic.get, 1 acknowledged (sampled every 5 s).
+        support::eventually(
+            "the queue's message_stats",
+            std::time::Duration::from_secs(20),
+            || async {
+                let (_, queue) = call(&cluster, 2, "GET", &queue_path, None);
+                let stats = &queue["message_stats"];
+                stats["publish"] == 2 && stats["deliver_get"] == 4 && stats["ack"] == 1
+            },
+        )
+        .await;
+        let (_, overview) = call(&cluster, 1, "GET", "/api/overview", None);
+        assert!(
+            overview["message_stats"]["publish"].as_u64() >= Some(2),
+            "{overview}"
+        );
+        assert!(overview["message_stats"]["publish_details"]["rate"].is_number());
         let _ = conn.close(200, "bye".into()).await;
     });
 }
