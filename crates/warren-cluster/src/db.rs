@@ -17,7 +17,9 @@
 //! [`crate::flusher`] builds group commit on that, and [`Storage::when_durable`] /
 //! [`Storage::sync`] let the state-machine side share it.
 //!
-//! Values are encoded by [`encode`] / [`decode`]: one format byte, then postcard.
+//! Values are encoded by [`encode`] / [`decode`]: one format byte, then postcard. The
+//! database records the [`STORAGE_FORMAT`] it was written in, and a database of another
+//! format is refused at open rather than misread.
 
 use std::fmt;
 use std::io;
@@ -52,9 +54,19 @@ pub const CF_SNAPSHOT: &str = "snapshot";
 /// Every column family this crate creates, in creation order.
 pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
 
-/// The first byte of every value written by [`encode`]: the format it is in. A later format
-/// change can then read old values instead of misreading them.
-const FORMAT_POSTCARD_V1: u8 = 1;
+/// The first byte of every value written by [`encode`] (on disk and between nodes): the
+/// format it is in, so that a value of another format is refused, never misread. Bumped with
+/// every change to the shape of an encoded value (2: queue `Configure` carries a version).
+const FORMAT_POSTCARD: u8 = 2;
+
+/// The version of everything this build keeps in the database; recorded in it when it is
+/// created and checked at every open. There is no in-place upgrade between versions yet.
+pub const STORAGE_FORMAT: u8 = FORMAT_POSTCARD;
+
+/// Where the database records its format: CF_META, under a group id no group ever has.
+fn format_key() -> Vec<u8> {
+    keys::group_key(u64::MAX, b"storage_format")
+}
 
 /// Errors from opening or reading the node database outside of the openraft traits (which
 /// speak [`io::Error`]; this converts into it).
@@ -68,8 +80,14 @@ pub enum DbError {
     Encode(#[source] postcard::Error),
     #[error("cannot decode value: {0}")]
     Decode(#[source] postcard::Error),
-    #[error("unknown value format {0} (written by a newer version?)")]
+    #[error("value in format {0}, this build reads format {FORMAT_POSTCARD} (another version?)")]
     UnknownFormat(u8),
+    #[error(
+        "the data directory {path} holds storage format {found}, this build reads format \
+         {STORAGE_FORMAT}: there is no in-place upgrade yet; start this node on an empty \
+         data_dir (it catches up from its peers) or with the version that wrote it"
+    )]
+    IncompatibleFormat { path: String, found: u8 },
     #[error("empty value where an encoded one was expected")]
     EmptyValue,
     #[error("cannot start the WAL flusher thread: {0}")]
@@ -87,7 +105,9 @@ impl From<DbError> for io::Error {
             DbError::Encode(_) => io::ErrorKind::InvalidInput,
             DbError::Closed => io::ErrorKind::BrokenPipe,
             DbError::Flusher(inner) => inner.kind(),
-            DbError::RocksDb(_) | DbError::MissingColumnFamily(_) => io::ErrorKind::Other,
+            DbError::RocksDb(_)
+            | DbError::MissingColumnFamily(_)
+            | DbError::IncompatibleFormat { .. } => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)
     }
@@ -159,13 +179,13 @@ pub mod keys {
 
 /// Encodes `value` in the on-disk format of this crate: one format byte, then postcard.
 pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, DbError> {
-    postcard::to_extend(value, vec![FORMAT_POSTCARD_V1]).map_err(DbError::Encode)
+    postcard::to_extend(value, vec![FORMAT_POSTCARD]).map_err(DbError::Encode)
 }
 
 /// Decodes a value written by [`encode`].
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DbError> {
     match bytes.split_first() {
-        Some((&FORMAT_POSTCARD_V1, rest)) => postcard::from_bytes(rest).map_err(DbError::Decode),
+        Some((&FORMAT_POSTCARD, rest)) => postcard::from_bytes(rest).map_err(DbError::Decode),
         Some((&other, _)) => Err(DbError::UnknownFormat(other)),
         None => Err(DbError::EmptyValue),
     }
@@ -212,6 +232,7 @@ impl Storage {
                 return Err(DbError::MissingColumnFamily(name));
             }
         }
+        check_format(&db, &path)?;
         let flusher = Flusher::start(db.clone()).map_err(DbError::Flusher)?;
         Ok(Storage {
             inner: Arc::new(Inner { db, flusher, path }),
@@ -333,6 +354,42 @@ impl Storage {
     }
 }
 
+/// Records the format in a new database; refuses one written in another format (one with
+/// data but no record is from before formats were recorded: format 1).
+fn check_format(db: &DB, path: &Path) -> Result<(), DbError> {
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or(DbError::MissingColumnFamily(CF_META))?;
+    let found = match db.get_cf(meta, format_key())? {
+        Some(v) => v.first().copied().unwrap_or(0),
+        None => {
+            let has_data = COLUMN_FAMILIES.iter().any(|name| {
+                db.cf_handle(name).is_some_and(|cf| {
+                    db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+                        .next()
+                        .is_some()
+                })
+            });
+            if has_data {
+                1
+            } else {
+                let mut sync = rocksdb::WriteOptions::default();
+                sync.set_sync(true);
+                db.put_cf_opt(meta, format_key(), [STORAGE_FORMAT], &sync)?;
+                STORAGE_FORMAT
+            }
+        }
+    };
+    if found == STORAGE_FORMAT {
+        Ok(())
+    } else {
+        Err(DbError::IncompatibleFormat {
+            path: path.display().to_string(),
+            found,
+        })
+    }
+}
+
 impl fmt::Debug for Storage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Storage")
@@ -386,12 +443,52 @@ mod tests {
     fn values_round_trip_and_reject_unknown_formats() {
         let v = (7u64, String::from("x"), Some(3u32));
         let bytes = encode(&v).unwrap();
-        assert_eq!(bytes[0], FORMAT_POSTCARD_V1);
+        assert_eq!(bytes[0], FORMAT_POSTCARD);
         assert_eq!(decode::<(u64, String, Option<u32>)>(&bytes).unwrap(), v);
         assert!(matches!(
             decode::<u64>(&[9, 1]),
             Err(DbError::UnknownFormat(9))
         ));
         assert!(matches!(decode::<u64>(&[]), Err(DbError::EmptyValue)));
+        assert!(matches!(
+            decode::<u64>(&[1, 1]),
+            Err(DbError::UnknownFormat(1))
+        ));
+    }
+
+    #[test]
+    fn a_database_of_another_format_is_refused_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let storage = Storage::open(&path).expect("a new database opens");
+        drop(storage);
+        Storage::open(&path).expect("and opens again");
+        // Written by a build of another format.
+        {
+            let db = DB::open_cf(&Options::default(), &path, COLUMN_FAMILIES).unwrap();
+            db.put_cf(
+                db.cf_handle(CF_META).unwrap(),
+                format_key(),
+                [STORAGE_FORMAT + 1],
+            )
+            .unwrap();
+        }
+        let err = Storage::open(&path).expect_err("another format is refused");
+        assert!(matches!(err, DbError::IncompatibleFormat { .. }), "{err}");
+        assert!(err.to_string().contains("data_dir"), "{err}");
+        // Written before formats were recorded: data, no record.
+        let old = dir.path().join("old");
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let db = DB::open_cf(&opts, &old, COLUMN_FAMILIES).unwrap();
+            db.put_cf(db.cf_handle(CF_LOG).unwrap(), log_key(1, 1), [1, 0])
+                .unwrap();
+        }
+        assert!(matches!(
+            Storage::open(&old),
+            Err(DbError::IncompatibleFormat { found: 1, .. })
+        ));
     }
 }

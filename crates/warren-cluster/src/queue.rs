@@ -193,9 +193,9 @@ pub struct QueueHandle {
     may_initialize: AtomicBool,
     self_ref: OnceLock<Weak<QueueHandle>>,
     on_dead_letter: OnceLock<DeadLetterHook>,
-    /// The arguments in force when a policy applies (the queue's own over the policy's);
-    /// None: only the queue's own.
-    policy_arguments: Mutex<Option<FieldTable>>,
+    /// The arguments in force when a policy applies (the queue's own over the policy's),
+    /// with the metadata's policy version they were decided at; None: only the queue's own.
+    policy_arguments: Mutex<Option<(FieldTable, u64)>>,
     /// See `set_leader_term`.
     leader_term: AtomicU64,
     /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
@@ -307,30 +307,41 @@ impl QueueHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        policy.unwrap_or_else(|| self.def().arguments)
+        policy.map_or_else(|| self.def().arguments, |(arguments, _)| arguments)
     }
 
     /// A policy changed what is in force: remembered for the dead-letter service and for
     /// the next leader, and applied now by the leader through the queue's log (replicas
     /// take behaviours from the log only, so they all agree).
-    pub(crate) fn set_policy_arguments(&self, arguments: FieldTable) {
-        *self
-            .policy_arguments
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(arguments);
+    pub(crate) fn set_policy_arguments(&self, arguments: FieldTable, version: u64) {
+        {
+            let mut current = self
+                .policy_arguments
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if current.as_ref().is_some_and(|(_, v)| *v > version) {
+                return;
+            }
+            *current = Some((arguments, version));
+        }
         if self.is_leader() {
-            self.submit(
-                QueueRequest::new(QueueCmd::Configure {
-                    config: self.effective_config(),
-                }),
-                ReplyTo::None,
-            );
+            self.submit(QueueRequest::new(self.configure_cmd()), ReplyTo::None);
         }
     }
 
-    /// The behaviours in force, policy included.
-    pub(crate) fn effective_config(&self) -> QueueConfig {
-        QueueConfig::from_arguments(&self.arguments()).unwrap_or_default()
+    /// The command that puts the behaviours in force, policy included, under the policy
+    /// version they come from (the queue ignores one older than what it has).
+    pub(crate) fn configure_cmd(&self) -> QueueCmd {
+        let version = self
+            .policy_arguments
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map_or(0, |(_, v)| *v);
+        QueueCmd::Configure {
+            config: QueueConfig::from_arguments(&self.arguments()).unwrap_or_default(),
+            version,
+        }
     }
 
     /// Whether a policy ever applied to this queue (its leader then re-applies it on taking

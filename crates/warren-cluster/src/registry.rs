@@ -397,9 +397,10 @@ impl MetaEffects for EffectsSink {
                 vhost,
                 name,
                 arguments,
+                version,
             } => {
                 if let Some(h) = registry.queue(&vhost, &name) {
-                    h.set_policy_arguments(arguments);
+                    h.set_policy_arguments(arguments, version);
                 }
             }
         }
@@ -425,6 +426,17 @@ impl MetaEffects for EffectsSink {
         // Queues restored from a snapshot existed before: their groups exist somewhere.
         for (_, (vhost, def)) in wanted {
             registry.create(&vhost, &def, false);
+            // The snapshot holds the policies but not the log entries that announced them:
+            // the arguments in force are taken from it (the dead-letter service and a new
+            // leader read them from the handle).
+            if let Some(h) = registry.queue(&vhost, &def.name)
+                && (state.policy_for(&vhost, &def.name).is_some() || h.has_policy())
+            {
+                h.set_policy_arguments(
+                    state.effective_arguments(&vhost, &def),
+                    state.policy_version(),
+                );
+            }
         }
     }
 }
@@ -565,9 +577,7 @@ async fn watch_leadership(
                         down,
                     })];
                 if let Some(h) = policy_of.upgrade().filter(|h| h.has_policy()) {
-                    requests.push(crate::types::QueueRequest::new(QueueCmd::Configure {
-                        config: h.effective_config(),
-                    }));
+                    requests.push(crate::types::QueueRequest::new(h.configure_cmd()));
                 }
                 let _ = crate::proposer::write_local(&raft, &requests).await;
             });

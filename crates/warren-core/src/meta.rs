@@ -397,6 +397,9 @@ pub enum MetaEffect {
         vhost: String,
         name: String,
         arguments: FieldTable,
+        /// `MetaState::policy_version` when this was decided: a queue applies a later
+        /// version over an earlier one, never the other way round.
+        version: u64,
     },
 }
 
@@ -410,6 +413,11 @@ pub struct MetaState {
     /// Keyed by (vhost, policy name).
     #[serde(default)]
     policies: BTreeMap<(String, String), Policy>,
+    /// Grows with every change of the arguments policies put in force, so that queues can
+    /// tell a newer `Configure` from an older one that arrives late (two leaders, one after
+    /// the other, may each send one).
+    #[serde(default)]
+    policy_version: u64,
 }
 
 impl Default for MetaState {
@@ -528,6 +536,7 @@ impl MetaState {
             users: BTreeMap::new(),
             permissions: BTreeMap::new(),
             policies: BTreeMap::new(),
+            policy_version: 0,
         };
         state.add_vhost(DEFAULT_VHOST);
         state
@@ -1144,10 +1153,12 @@ impl MetaState {
             queue: queue.clone(),
         });
         if self.policy_for(&vhost_name, &queue.name).is_some() {
+            self.policy_version += 1;
             effects.push(MetaEffect::QueueArguments {
                 arguments: self.effective_arguments(&vhost_name, &queue),
                 vhost: vhost_name,
                 name: queue.name.clone(),
+                version: self.policy_version,
             });
         }
         Ok(MetaReply::QueueDeclared {
@@ -1189,7 +1200,8 @@ impl MetaState {
     }
 
     /// Tells the adapter the arguments in force for every queue of a vhost.
-    fn announce_arguments(&self, vhost: &str, effects: &mut Vec<MetaEffect>) {
+    fn announce_arguments(&mut self, vhost: &str, effects: &mut Vec<MetaEffect>) {
+        self.policy_version += 1;
         let Some(vh) = self.vhosts.get(vhost) else {
             return;
         };
@@ -1198,8 +1210,14 @@ impl MetaState {
                 vhost: vhost.to_owned(),
                 name: queue.name.clone(),
                 arguments: self.effective_arguments(vhost, queue),
+                version: self.policy_version,
             });
         }
+    }
+
+    /// The version of the arguments policies put in force now (see `MetaEffect::QueueArguments`).
+    pub fn policy_version(&self) -> u64 {
+        self.policy_version
     }
 
     fn remove_queues_where_in(&mut self, vhost: &str, effects: &mut Vec<MetaEffect>) {

@@ -677,6 +677,14 @@ fn policies_apply_by_pattern_and_priority_under_queue_arguments() {
             _ => None,
         })
     };
+    let version_of = |effects: &[MetaEffect]| {
+        effects.iter().find_map(|e| match e {
+            MetaEffect::QueueArguments { version, .. } => Some(*version),
+            _ => None,
+        })
+    };
+    let first_version = version_of(&effects).expect("a version");
+    assert_eq!(first_version, m.policy_version());
     let orders = args_of(&effects, "orders-eu").expect("announced");
     assert_eq!(orders.get("x-message-ttl"), Some(&FieldValue::I64(1000)));
     assert_eq!(
@@ -713,6 +721,13 @@ fn policies_apply_by_pattern_and_priority_under_queue_arguments() {
     });
     let orders = args_of(&effects, "orders-eu").expect("announced");
     assert_eq!(orders.get("x-message-ttl"), Some(&FieldValue::I64(1000)));
+    // Every change is announced under a later version than the ones before it.
+    let last_version = version_of(&effects).expect("a version");
+    assert!(
+        last_version > first_version + 2,
+        "{first_version} then {last_version}"
+    );
+    assert_eq!(last_version, m.policy_version());
 }
 
 #[test]

@@ -287,9 +287,12 @@ pub enum QueueCmd {
     LeaderRecovery {
         down: Vec<NodeId>,
     },
-    /// Sets the queue's behaviours (declaration arguments, then policy changes).
+    /// Sets the queue's behaviours (declaration arguments, then policy changes). `version`
+    /// is the metadata's policy version the config was computed at: one older than the
+    /// config in force arrived late (from a previous leader) and is ignored.
     Configure {
         config: QueueConfig,
+        version: u64,
     },
     /// Time passed: messages at the head whose TTL ran out expire, an unused queue with
     /// `x-expires` may expire.
@@ -394,6 +397,8 @@ pub struct QueueState {
     last_used_ms: u64,
     /// `QueueExpired` was emitted: the deletion is under way.
     expired: bool,
+    /// The policy version of the config in force (0: from the declaration).
+    config_version: u64,
     /// No-ack deliveries of the dispatch in progress; empty between commands.
     #[serde(skip)]
     pending_release: Vec<MsgId>,
@@ -563,8 +568,11 @@ impl QueueState {
                 fx.extend(self.resend_dead_letters());
                 QueueReply::Done
             }
-            QueueCmd::Configure { config } => {
-                self.config = config;
+            QueueCmd::Configure { config, version } => {
+                if version >= self.config_version {
+                    self.config = config;
+                    self.config_version = version;
+                }
                 QueueReply::Done
             }
             QueueCmd::Tick | QueueCmd::Touch => QueueReply::Done,

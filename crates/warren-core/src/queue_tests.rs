@@ -480,6 +480,7 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
         Op::LeaderRecovery => QueueCmd::LeaderRecovery { down: vec![] },
         Op::Configure(config) => QueueCmd::Configure {
             config: config.clone(),
+            version: 1,
         },
         Op::Tick(_) => QueueCmd::Tick,
         Op::DeadLettered { pick } => {
@@ -1167,4 +1168,45 @@ fn a_publish_numbered_below_the_highest_taken_is_a_resend() {
     assert!(!publish(&mut q, 3));
     assert!(publish(&mut q, 4));
     assert_eq!(q.message_ids().count(), 3);
+}
+
+#[test]
+fn a_configure_older_than_the_config_in_force_is_ignored() {
+    let mut q = QueueState::new();
+    let limited = |n| QueueConfig {
+        max_length: Some(n),
+        ..QueueConfig::default()
+    };
+    q.apply(
+        QueueCmd::Configure {
+            config: limited(10),
+            version: 7,
+        },
+        0,
+    );
+    // A previous leader's Configure, computed from an older policy, arrives late.
+    q.apply(
+        QueueCmd::Configure {
+            config: limited(3),
+            version: 5,
+        },
+        0,
+    );
+    assert_eq!(q.config().max_length, Some(10));
+    // The same version again (a new leader re-applying it) and newer ones apply.
+    q.apply(
+        QueueCmd::Configure {
+            config: limited(10),
+            version: 7,
+        },
+        0,
+    );
+    q.apply(
+        QueueCmd::Configure {
+            config: limited(20),
+            version: 8,
+        },
+        0,
+    );
+    assert_eq!(q.config().max_length, Some(20));
 }

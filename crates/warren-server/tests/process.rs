@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeBindOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
@@ -661,6 +661,91 @@ fn start_in_a_given_data_dir() {
         let conn = support::connect(&b.amqp_url()).await;
         let ch = support::channel(&conn).await;
         assert_eq!(support::ready_count(&ch, &q).await, 3);
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
+/// A policy's dead-letter exchange still applies to a queue after a restart that loads the
+/// metadata from a snapshot taken after the policy was set (the node then never replays the
+/// policy's own log entry, so it must take the arguments in force from the snapshot).
+#[test]
+fn a_policy_from_before_the_metadata_snapshot_still_applies_after_a_restart() {
+    if support::external_amqp().is_some() {
+        eprintln!("skipped: this test restarts the broker process");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("warren.toml");
+    std::fs::write(&config, "[raft]\nsnapshot_every = 4\n").expect("write config");
+    let config = config.to_str().expect("utf-8 path").to_owned();
+    let mut b = Broker::start_with_args(&["--config", &config]);
+    let (source, dead) = (unique("pol-src"), unique("pol-dead"));
+    let admin = Some(("guest", "guest"));
+    let (status, _, body) = support::http_request(
+        b.http_addr(),
+        "PUT",
+        "/api/policies/%2F/dlx",
+        admin,
+        Some(r#"{"pattern": "pol-src", "definition": {"dead-letter-exchange": "pol-dlx"}}"#),
+    );
+    assert_eq!(status, 204, "{body}");
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let ch = confirm_channel(&conn).await;
+        ch.exchange_declare(
+            "pol-dlx".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the dead-letter exchange");
+        for q in [&source, &dead] {
+            ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
+                .await
+                .expect("declare");
+        }
+        ch.queue_bind(
+            dead.as_str().into(),
+            "pol-dlx".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+        // More metadata entries than `snapshot_every`, so a snapshot covers the policy.
+        for i in 0..8 {
+            let filler = format!("{source}-filler-{i}");
+            ch.queue_declare(filler.as_str().into(), DURABLE, FieldTable::default())
+                .await
+                .expect("declare a filler");
+        }
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+    assert!(b.sigterm().success());
+    b.restart();
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let ch = confirm_channel(&conn).await;
+        publish_range(&ch, "", &source, 0, 1).await;
+        let got = ch
+            .basic_get(source.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("get")
+            .expect("the message");
+        got.reject(BasicRejectOptions { requeue: false })
+            .await
+            .expect("reject");
+        support::eventually(
+            "the rejected message is dead-lettered",
+            support::WAIT,
+            || async { support::ready_count(&ch, &dead).await == 1 },
+        )
+        .await;
         conn.close(200, "bye".into()).await.expect("close");
     });
 }
