@@ -37,3 +37,29 @@ fn warren_perf_loses_nothing_against_a_real_broker() {
     assert!(report.confirm_latency_us.p50 > 0 && report.end_to_end_latency_us.max > 0);
     assert!(report.publish_rate > 0.0 && report.consume_rate > 0.0);
 }
+
+/// The backlog scenarios fill a queue in one run and drain it in another: the filling run
+/// has nothing to check for loss, the draining one counts what it expects.
+#[test]
+fn a_backlog_filled_by_one_run_is_drained_by_the_next() {
+    let b = support::broker();
+    let queue = support::unique("perf-backlog");
+    let args = |extra: &[&str]| {
+        let mut all = vec!["warren-perf", "--uri", b.url(), "--queue", &queue];
+        all.extend_from_slice(&["--duration", "60", "--confirm", "32"]);
+        all.extend_from_slice(extra);
+        warren_perf::Options::parse_from(all)
+    };
+    let fill = args(&["--producers", "2", "--consumers", "0", "--count", "500"]);
+    let report = run(async { warren_perf::run(&fill).await.expect("fill") });
+    assert_eq!(
+        (report.confirmed, report.lost),
+        (1000, 0),
+        "{}",
+        report.text()
+    );
+    let drain = args(&["--producers", "0", "--consumers", "1", "--expect", "1000"]);
+    let report = run(async { warren_perf::run(&drain).await.expect("drain") });
+    assert_eq!(report.consumed, 1000, "{}", report.text());
+    assert_eq!(report.duplicates, 0, "{}", report.text());
+}
