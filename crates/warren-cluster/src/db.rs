@@ -63,9 +63,9 @@ const FORMAT_POSTCARD: u8 = 2;
 /// created and checked at every open. There is no in-place upgrade between versions yet.
 pub const STORAGE_FORMAT: u8 = FORMAT_POSTCARD;
 
-/// Where the database records its format: CF_META, under a group id no group ever has.
+/// Where the database records its format, among the node's own keys.
 fn format_key() -> Vec<u8> {
-    keys::group_key(u64::MAX, b"storage_format")
+    keys::group_key(keys::NODE_KEYS, b"storage_format")
 }
 
 /// Errors from opening or reading the node database outside of the openraft traits (which
@@ -121,6 +121,10 @@ pub mod keys {
 
     /// Length of the group prefix.
     pub const PREFIX_LEN: usize = 8;
+
+    /// The prefix of keys in the `meta` column family that belong to the node, not to a
+    /// group (its id, its incarnation, the storage format); no group has this id.
+    pub const NODE_KEYS: GroupId = u64::MAX;
 
     /// Meta tag of the saved vote.
     pub const TAG_VOTE: &[u8] = b"vote";
@@ -463,7 +467,7 @@ mod tests {
         let storage = Storage::open(&path).expect("a new database opens");
         drop(storage);
         Storage::open(&path).expect("and opens again");
-        // Written by a build of another format.
+        // A database whose record names another format, as a build of that format leaves it.
         {
             let db = DB::open_cf(&Options::default(), &path, COLUMN_FAMILIES).unwrap();
             db.put_cf(

@@ -35,8 +35,7 @@ use crate::supervisor::{self, LivenessTable};
 use crate::transport::{Forwarded, PeerHandler, PeerRequest, PeerResponse, RaftRpc, Transport};
 use crate::types::{GroupRequest, GroupResponse, QueueRequest, Raft, TypeConfig};
 
-/// Keys in the `meta` column family that belong to the node, not to a group.
-const NODE_KEYS: GroupId = u64::MAX;
+use crate::db::keys::NODE_KEYS;
 const META_FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const META_WRITE_DEADLINE: Duration = Duration::from_secs(30);
 /// How long a metadata write waits for the other members to apply it.
@@ -83,7 +82,7 @@ pub trait NodeService: Send + Sync {
     fn handle(&self, payload: Vec<u8>) -> ServiceFuture;
 }
 
-/// A `NodeService`'s answer to come.
+/// A `NodeService`'s answer: boxed, since the trait is used as an object.
 pub type ServiceFuture = BoxFuture<'static, Result<Vec<u8>, String>>;
 
 pub struct Node {

@@ -169,7 +169,7 @@ impl Traffic {
 
 pub struct QueueHandle {
     node: NodeId,
-    /// See `Traffic`.
+    /// Counted by the AMQP server on the hot path, hence atomics outside every lock.
     pub traffic: Traffic,
     /// The queue's id (its Raft group), which never changes: read on every delivery and by
     /// every supervisor round, so kept out of the lock around `def`.
@@ -514,8 +514,7 @@ impl QueueHandle {
         &self,
         cmd: QueueCmd,
         content: Option<MessageContent>,
-    ) -> impl std::future::Future<Output = Result<QueueOutcome, ClusterError>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = Result<QueueOutcome, ClusterError>> + Send + use<> {
         let (tx, rx) = oneshot::channel();
         self.submit(
             QueueRequest {

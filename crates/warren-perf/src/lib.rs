@@ -126,7 +126,8 @@ pub struct Report {
     pub consume_rate: f64,
     pub confirm_latency_us: Percentiles,
     pub end_to_end_latency_us: Percentiles,
-    /// Confirmed messages never consumed (0 in a run without consumers).
+    /// Confirmed messages never consumed (0 in a run without consumers; in a run without
+    /// producers, how many of `--expect` did not come).
     pub lost: u64,
     /// Deliveries of a message already consumed.
     pub duplicates: u64,
@@ -486,8 +487,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     report.duplicates = c.duplicates;
     // A publish-only run (filling a backlog for a later run to drain) consumes nothing: its
     // messages are not lost, they are the next run's to check.
+    // A run that only consumes (draining a backlog) expects `--expect` messages.
     report.lost = if opts.consumers == 0 {
         0
+    } else if opts.producers == 0 {
+        opts.expect.saturating_sub(report.consumed)
     } else {
         expected.iter().filter(|k| !c.seen.contains(k)).count() as u64
     };

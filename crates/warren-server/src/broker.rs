@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::watch;
-use warren_cluster::Node;
+use warren_cluster::{ClusterError, Node, QueueOutcome};
 use warren_codec::{ConnectionStart, FieldTable, FieldValue, LongStr, ShortStr};
 use warren_core::AmqpError;
 use warren_core::ConnectionRef;
 use warren_core::meta::{MetaCmd, QueueDecl};
-use warren_core::queue::QueueConfig;
+use warren_core::queue::{QueueCmd, QueueConfig};
 
 use crate::auth::{Authenticator, MECHANISMS};
 use crate::config::Config;
@@ -103,6 +103,22 @@ impl Broker {
             declared_by: self.node.run(),
             replicas,
         }))
+    }
+
+    /// A declaration is a use: it starts (or restarts) the queue's `x-expires` clock, whether
+    /// the queue or its policy sets one. The command is submitted now; waiting for its answer
+    /// (the returned future) is up to the caller.
+    pub fn touch_on_declare(
+        &self,
+        vhost: &str,
+        name: &str,
+    ) -> Option<impl std::future::Future<Output = Result<QueueOutcome, ClusterError>> + use<>> {
+        let handle = self.node.queue(vhost, name)?;
+        handle
+            .arguments()
+            .get("x-expires")
+            .is_some()
+            .then(|| handle.call(QueueCmd::Touch, None))
     }
 
     pub fn next_connection_id(&self) -> u64 {

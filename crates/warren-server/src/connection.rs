@@ -1605,16 +1605,13 @@ impl Connection {
         self.channel(channel).last_queue = Some(name.clone());
         let nowait = m.nowait;
         let node = self.node.clone();
+        let broker = self.broker.clone();
         let vhost = self.vhost.clone();
         self.spawn_op(channel, async move {
             match node.meta_write(cmd).await {
                 Ok(MetaReply::QueueDeclared { .. }) => {
-                    // A declaration is a use: it starts (or restarts) the `x-expires` clock,
-                    // whether the queue or its policy sets one.
-                    if let Some(handle) = node.queue(&vhost, &name)
-                        && handle.arguments().get("x-expires").is_some()
-                    {
-                        let _ = handle.call(QueueCmd::Touch, None).await;
+                    if let Some(touched) = broker.touch_on_declare(&vhost, &name) {
+                        let _ = touched.await;
                     }
                     if nowait {
                         return OpOutcome::NoReply;
@@ -2215,28 +2212,31 @@ impl Connection {
             return ConnectionDetails::default();
         };
         let node = crate::management::node_name(self.node.id());
+        let connection_details = json!({
+            "name": listed.name,
+            "peer_host": listed.peer.ip().to_string(),
+            "peer_port": listed.peer.port(),
+        });
         let mut out = ConnectionDetails::default();
         let mut numbers: Vec<u16> = self.channels.keys().copied().collect();
         numbers.sort_unstable();
         for number in numbers {
             let ch = &self.channels[&number];
-            let channel_details = json!({
-                "name": format!("{} ({number})", listed.name),
-                "number": number,
-                "connection_name": listed.name,
-                "peer_host": listed.peer.ip().to_string(),
-                "peer_port": listed.peer.port(),
-                "user": self.user,
-                "node": node,
-            });
+            let name = format!("{} ({number})", listed.name);
+            // RabbitMQ's consumer objects name their channel with the connection's fields
+            // flattened in.
+            let mut channel_details = connection_details.clone();
+            if let Some(d) = channel_details.as_object_mut() {
+                d.insert("connection_name".into(), listed.name.clone().into());
+                d.insert("name".into(), name.clone().into());
+                d.insert("number".into(), number.into());
+                d.insert("user".into(), self.user.clone().into());
+                d.insert("node".into(), node.clone().into());
+            }
             out.channels.push(json!({
-                "name": format!("{} ({number})", listed.name),
+                "name": name,
                 "number": number,
-                "connection_details": {
-                    "name": listed.name,
-                    "peer_host": listed.peer.ip().to_string(),
-                    "peer_port": listed.peer.port(),
-                },
+                "connection_details": connection_details,
                 "node": node,
                 "user": self.user,
                 "vhost": self.vhost,

@@ -21,7 +21,7 @@ use warren_core::meta::{BindingDecl, Destination, MetaCmd, MetaState, Permission
 use crate::broker::{Broker, QueueOptions};
 use crate::management::{
     ApiError, Auth, Reply, arguments_of, bad, binding_json, exchange_declaration, exchange_json,
-    json_body, ok, permission_json, policy_json, tags_of, write,
+    flag, json_body, ok, permission_json, policy_json, tags_of, write,
 };
 
 /// What a definitions file names RabbitMQ's password hashing; the only one Warren stores.
@@ -288,10 +288,9 @@ async fn import(broker: &Broker, body: &Value, only: Option<&str>) -> Reply {
         let name = text(item, "name", "queue")?;
         let vhost = vhost_of(item, only, "queue")?;
         let what = format!("queue '{name}' in vhost '{vhost}'");
-        let flag = |k: &str, default: bool| item.get(k).and_then(Value::as_bool).unwrap_or(default);
         let options = QueueOptions {
-            durable: flag("durable", true),
-            auto_delete: flag("auto_delete", false),
+            durable: flag(item, "durable", true).map_err(|e| e.context(&what))?,
+            auto_delete: flag(item, "auto_delete", false).map_err(|e| e.context(&what))?,
             exclusive_owner: None,
         };
         let arguments = arguments_of(item).map_err(|e| e.context(&what))?;

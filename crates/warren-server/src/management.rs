@@ -244,14 +244,35 @@ impl FromRequestParts<Arc<Broker>> for Auth {
     }
 }
 
-pub(crate) async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
+/// Writes a metadata command; a refusal is 404 or 400, no answer from the cluster 503.
+pub(crate) async fn write_reply(broker: &Broker, cmd: MetaCmd) -> Result<MetaReply, ApiError> {
     match broker.node.meta_write(cmd).await {
         Ok(MetaReply::Error(e)) => Err(match e.code {
             404 => not_found(e.text),
             _ => bad(e.text),
         }),
-        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(ApiError::unavailable(e.to_string())),
+    }
+}
+
+pub(crate) async fn write(broker: &Broker, cmd: MetaCmd) -> Reply {
+    write_reply(broker, cmd)
+        .await
+        .map(|_| StatusCode::NO_CONTENT.into_response())
+}
+
+/// How long a request waits for a queue (a purge, a publish, a get): a queue without a
+/// leader (a minority, its replicas down) would otherwise hold it for as long as that lasts.
+pub(crate) const QUEUE_ANSWER: Duration = Duration::from_secs(15);
+
+/// The HTTP answer to a queue command that failed.
+pub(crate) fn queue_failure(e: ClusterError) -> ApiError {
+    match e {
+        ClusterError::QueueGone(_) | ClusterError::QueueUnavailable(_) => {
+            ApiError::not_found(e.to_string())
+        }
+        other => ApiError::unavailable(other.to_string()),
     }
 }
 
@@ -262,7 +283,10 @@ pub(crate) fn ok(v: Value) -> Reply {
 /// Every reachable node's message figures, added up: the cluster's totals and per queue id.
 async fn cluster_figures(broker: &Broker) -> NodeFigures {
     let mut sum = NodeFigures::default();
-    for answer in ask_every_node(broker, &ServiceRequest::MessageStats).await {
+    for answer in ask_every_node(broker, &ServiceRequest::MessageStats)
+        .await
+        .0
+    {
         let Ok(node) = serde_json::from_value::<NodeFigures>(answer) else {
             continue;
         };
@@ -772,7 +796,7 @@ pub(crate) fn json_body(bytes: &[u8]) -> Result<Value, ApiError> {
     }
 }
 
-fn flag(body: &Value, key: &str, default: bool) -> Result<bool, ApiError> {
+pub(crate) fn flag(body: &Value, key: &str, default: bool) -> Result<bool, ApiError> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
@@ -800,7 +824,6 @@ async fn put_queue(
     if name.is_empty() || name.starts_with("amq.") {
         return Err(bad(format!("queue name '{name}' is reserved")));
     }
-    let existed = broker.node.meta().queue(&vhost, &name).is_some();
     let options = QueueOptions {
         durable: flag(&body, "durable", true)?,
         auto_delete: flag(&body, "auto_delete", false)?,
@@ -809,17 +832,16 @@ async fn put_queue(
     let cmd = broker
         .queue_declaration(&vhost, &name, options, arguments_of(&body)?)
         .map_err(|e| bad(e.text))?;
-    write(&broker, cmd).await?;
-    if let Some(handle) = broker.node.queue(&vhost, &name)
-        && handle.arguments().get("x-expires").is_some()
-    {
-        // A declaration is a use: it restarts the queue's `x-expires` clock.
-        let _ = handle.call(QueueCmd::Touch, None).await;
-    }
-    Ok(if existed {
-        StatusCode::NO_CONTENT
-    } else {
+    let created = match write_reply(&broker, cmd).await? {
+        MetaReply::QueueDeclared { created, .. } => created,
+        _ => false,
+    };
+    // Submitted with the declaration's answer; its own answer is not waited for.
+    drop(broker.touch_on_declare(&vhost, &name));
+    Ok(if created {
         StatusCode::CREATED
+    } else {
+        StatusCode::NO_CONTENT
     }
     .into_response())
 }
@@ -834,12 +856,12 @@ async fn purge_queue(
         .node
         .queue(&vhost, &name)
         .ok_or_else(|| not_found(format!("no queue '{name}' in vhost '{vhost}'")))?;
-    match handle.call(QueueCmd::Purge, None).await {
-        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Err(e @ (ClusterError::QueueGone(_) | ClusterError::QueueUnavailable(_))) => {
-            Err(not_found(e.to_string()))
-        }
-        Err(e) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    match tokio::time::timeout(QUEUE_ANSWER, handle.call(QueueCmd::Purge, None)).await {
+        Ok(Ok(_)) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Ok(Err(e)) => Err(queue_failure(e)),
+        Err(_) => Err(ApiError::unavailable(format!(
+            "queue '{name}' did not answer within {QUEUE_ANSWER:?} (no leader?)"
+        ))),
     }
 }
 
@@ -967,11 +989,14 @@ async fn delete_exchange(
 /// them after a `~`.
 pub(crate) fn properties_key(routing_key: &str, arguments: &FieldTable) -> String {
     use sha2::Digest;
+    // `~` separates the parts, so the routing key's own `%` and `~` are escaped (as
+    // RabbitMQ does): the empty key (`~`) and a key `~` (`%7E`) stay apart.
+    let routing_key = routing_key.replace('%', "%25").replace('~', "%7E");
     if arguments.is_empty() {
         return if routing_key.is_empty() {
             "~".to_owned()
         } else {
-            routing_key.to_owned()
+            routing_key
         };
     }
     // serde_json's objects are sorted maps, so equal tables give equal text.
@@ -1030,6 +1055,7 @@ async fn post_binding(
     body: axum::body::Bytes,
 ) -> Reply {
     let body = json_body(&body)?;
+    let destination_name = destination.clone();
     let destination = binding_destination(&kind, destination)?;
     let routing_key = body
         .get("routing_key")
@@ -1051,7 +1077,13 @@ async fn post_binding(
     )
     .await?;
     let mut response = StatusCode::CREATED.into_response();
-    if let Ok(location) = header::HeaderValue::from_str(&percent_encode(&props)) {
+    // Relative to the request's path, whose last segment is the destination.
+    let location = format!(
+        "{}/{}",
+        percent_encode(&destination_name),
+        percent_encode(&props)
+    );
+    if let Ok(location) = header::HeaderValue::from_str(&location) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)
@@ -1117,10 +1149,11 @@ async fn delete_binding(
 /// How long the API waits for another node's answer about its connections.
 const PEER_ANSWER: Duration = Duration::from_secs(2);
 
-/// Asks every running member (this node directly) and returns the answers that came.
-async fn ask_every_node(broker: &Broker, request: &ServiceRequest) -> Vec<Value> {
+/// Asks every running member (this node directly) and returns the answers that came, and
+/// how many nodes did not answer.
+async fn ask_every_node(broker: &Broker, request: &ServiceRequest) -> (Vec<Value>, usize) {
     let Ok(payload) = serde_json::to_vec(request) else {
-        return Vec::new();
+        return (Vec::new(), 0);
     };
     let down = broker.node.down_nodes();
     let asks = broker
@@ -1131,20 +1164,23 @@ async fn ask_every_node(broker: &Broker, request: &ServiceRequest) -> Vec<Value>
         .map(|n| {
             let payload = payload.clone();
             async move {
-                match broker.node.ask_service(n, payload, PEER_ANSWER).await {
-                    Ok(bytes) => serde_json::from_slice::<Value>(&bytes).ok(),
-                    Err(e) => {
-                        debug!(node = n, error = %e, "no connection list from a node");
+                let ask = broker.node.ask_service(n, payload, PEER_ANSWER);
+                match tokio::time::timeout(PEER_ANSWER, ask).await {
+                    Ok(Ok(bytes)) => serde_json::from_slice::<Value>(&bytes).ok(),
+                    Ok(Err(e)) => {
+                        debug!(node = n, error = %e, "no answer from a node");
+                        None
+                    }
+                    Err(_) => {
+                        debug!(node = n, "no answer from a node in time");
                         None
                     }
                 }
             }
         });
-    futures::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
+    let answers: Vec<Option<Value>> = futures::future::join_all(asks).await;
+    let missing = answers.iter().filter(|a| a.is_none()).count();
+    (answers.into_iter().flatten().collect(), missing)
 }
 
 /// The client connections of every reachable node, as RabbitMQ lists its cluster's.
@@ -1160,6 +1196,7 @@ async fn cluster_connections(broker: &Broker, only: Option<&str>) -> Vec<Value> 
 async fn cluster_list(broker: &Broker, request: ServiceRequest) -> Vec<Value> {
     ask_every_node(broker, &request)
         .await
+        .0
         .into_iter()
         .filter_map(|answer| match answer {
             Value::Array(list) => Some(list),
@@ -1263,12 +1300,40 @@ async fn close_connection(
         name: name.clone(),
         reason,
     };
-    let closed = ask_every_node(&broker, &request)
-        .await
-        .contains(&Value::Bool(true));
-    if closed {
+    let (answers, missing) = ask_every_node(&broker, &request).await;
+    if answers.contains(&Value::Bool(true)) {
         Ok(StatusCode::NO_CONTENT.into_response())
+    } else if missing > 0 {
+        Err(ApiError::unavailable(format!(
+            "connection '{name}' not found, and {missing} node(s) did not answer"
+        )))
     } else {
         Err(not_found(format!("no connection '{name}'")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use warren_codec::{FieldValue, ShortStr};
+
+    #[test]
+    fn properties_keys_tell_bindings_apart() {
+        let none = FieldTable::new();
+        let mut args = FieldTable::new();
+        args.insert(ShortStr::from_static("x-match"), FieldValue::Bool(true));
+        let keys = [
+            properties_key("", &none),
+            properties_key("~", &none),
+            properties_key("a~b", &none),
+            properties_key("a", &args),
+            properties_key("a", &none),
+            properties_key("100%", &none),
+        ];
+        assert_eq!(keys[..3], ["~", "%7E", "a%7Eb"]);
+        assert_eq!(keys[5], "100%25");
+        let distinct: std::collections::BTreeSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert_eq!(keys[3], properties_key("a", &args.clone()), "stable");
     }
 }

@@ -18,23 +18,14 @@ use bytes::Bytes;
 use serde_json::{Map, Value, json};
 use std::sync::atomic::Ordering;
 
-use warren_cluster::{ClusterError, QueueHandle, QueueOutcome, Traffic};
+use warren_cluster::{QueueHandle, QueueOutcome, Traffic};
 use warren_codec::{BasicProperties, ShortStr};
 use warren_core::json::{table_from_json, table_to_json};
 use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply};
 use warren_core::{ChannelRef, ConnectionRef, MessageContent, MsgId};
 
 use crate::broker::Broker;
-use crate::management::{ApiError, Auth, Reply, bad, json_body, ok};
-
-fn unavailable(e: ClusterError) -> ApiError {
-    match e {
-        ClusterError::QueueGone(_) | ClusterError::QueueUnavailable(_) => {
-            ApiError::not_found(e.to_string())
-        }
-        other => ApiError::unavailable(other.to_string()),
-    }
-}
+use crate::management::{ApiError, Auth, QUEUE_ANSWER, Reply, bad, json_body, ok, queue_failure};
 
 /// A channel of this node's run that no client holds: the request's own.
 fn request_channel(broker: &Broker) -> ChannelRef {
@@ -238,12 +229,20 @@ pub(crate) async fn publish(
         }
         outcomes
     });
-    let outcomes = task
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))?;
+    // On a timeout the task goes on (the publish may still be taken); the client is told
+    // the outcome is unknown, as a publisher without a confirm would be.
+    let outcomes = match tokio::time::timeout(QUEUE_ANSWER, task).await {
+        Ok(joined) => joined.map_err(|e| ApiError::unavailable(e.to_string()))?,
+        Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "no answer from the queues within {QUEUE_ANSWER:?}: the message may or may \
+                 not have been taken"
+            )));
+        }
+    };
     let mut taken = false;
     for outcome in outcomes {
-        match outcome.map_err(unavailable)?.reply {
+        match outcome.map_err(queue_failure)?.reply {
             QueueReply::Enqueued { .. } | QueueReply::Duplicate => taken = true,
             QueueReply::Rejected { .. } => {}
             QueueReply::Error(e) => return Err(bad(e.text)),
@@ -357,25 +356,52 @@ pub(crate) async fn get(
         .get("truncate")
         .and_then(Value::as_u64)
         .map(|t| t as usize);
+    let exclusive = broker
+        .node
+        .meta()
+        .queue(&vhost, &name)
+        .map(|q| q.exclusive_owner.is_some());
+    match exclusive {
+        None => {
+            return Err(ApiError::not_found(format!(
+                "no queue '{name}' in vhost '{vhost}'"
+            )));
+        }
+        Some(true) => {
+            return Err(bad(format!(
+                "RESOURCE_LOCKED - queue '{name}' in vhost '{vhost}' is exclusive to a connection"
+            )));
+        }
+        Some(false) => {}
+    }
     let handle = broker
         .node
         .queue(&vhost, &name)
         .ok_or_else(|| ApiError::not_found(format!("no queue '{name}' in vhost '{vhost}'")))?;
     let channel = request_channel(&broker);
+    let metrics = broker.metrics.clone();
+    // Gets stop at the deadline; what was fetched is then neither acked nor rejected but
+    // returned by the ChannelDown, so a client told "timed out" has taken nothing.
+    let deadline = tokio::time::Instant::now() + QUEUE_ANSWER;
     let task = tokio::spawn(async move {
         let mut fetched = Vec::new();
         let mut failure = None;
         for _ in 0..count {
-            match handle
-                .call(
-                    QueueCmd::Get {
-                        channel,
-                        no_ack: false,
-                    },
-                    None,
-                )
-                .await
-            {
+            let got = handle.call(
+                QueueCmd::Get {
+                    channel,
+                    no_ack: false,
+                },
+                None,
+            );
+            let Ok(got) = tokio::time::timeout_at(deadline, got).await else {
+                failure = Some(ApiError::unavailable(format!(
+                    "queue '{}' did not answer within {QUEUE_ANSWER:?} (no leader?)",
+                    handle.name()
+                )));
+                break;
+            };
+            match got {
                 Ok(outcome) => match outcome.reply {
                     QueueReply::GetOk {
                         msg,
@@ -383,6 +409,7 @@ pub(crate) async fn get(
                         remaining,
                     } => {
                         Traffic::add(&handle.traffic.delivered, 1);
+                        metrics.delivered.fetch_add(1, Ordering::Relaxed);
                         let shown =
                             message_json(&outcome, delivery_count, remaining, encoding, truncate);
                         fetched.push((msg, shown));
@@ -394,7 +421,7 @@ pub(crate) async fn get(
                     _ => break,
                 },
                 Err(e) => {
-                    failure = Some(unavailable(e));
+                    failure = Some(queue_failure(e));
                     break;
                 }
             }
@@ -402,10 +429,15 @@ pub(crate) async fn get(
         let msgs: Vec<MsgId> = fetched.iter().map(|(m, _)| *m).collect();
         let fetched_count = msgs.len() as u64;
         if failure.is_none() && !msgs.is_empty() {
+            // Once submitted the settlement goes ahead whatever comes, so the answer waits
+            // for it: the client must learn what became of what it was shown.
             match handle.call(mode.settle(channel, msgs), None).await {
-                Ok(_) if mode == AckMode::Ack => Traffic::add(&handle.traffic.acked, fetched_count),
+                Ok(_) if mode == AckMode::Ack => {
+                    Traffic::add(&handle.traffic.acked, fetched_count);
+                    metrics.acked.fetch_add(fetched_count, Ordering::Relaxed);
+                }
                 Ok(_) => {}
-                Err(e) => failure = Some(unavailable(e)),
+                Err(e) => failure = Some(queue_failure(e)),
             }
         }
         // Whatever was fetched and not settled above comes back to the queue.
@@ -415,9 +447,20 @@ pub(crate) async fn get(
             None => Ok(fetched.into_iter().map(|(_, shown)| shown).collect()),
         }
     });
-    let shown: Vec<Value> = task
-        .await
-        .map_err(|e| ApiError::unavailable(e.to_string()))??;
+    let shown: Vec<Value> = match tokio::time::timeout(2 * QUEUE_ANSWER, task).await {
+        Ok(joined) => joined.map_err(|e| ApiError::unavailable(e.to_string()))??,
+        Err(_) => {
+            return Err(ApiError::unavailable(format!(
+                "queue '{name}' did not confirm the {} of the fetched messages in time: it \
+                 will happen when the queue has a leader again",
+                match mode {
+                    AckMode::Ack => "ack",
+                    AckMode::Reject => "reject",
+                    AckMode::AckRequeue | AckMode::RejectRequeue => "requeue",
+                }
+            )));
+        }
+    };
     ok(Value::Array(shown))
 }
 

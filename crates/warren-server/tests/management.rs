@@ -359,7 +359,9 @@ fn topology_made_over_http_survives_export_and_import() {
                     .then(|| v.trim().to_owned())
             })
             .expect("a Location header");
-        let (status, binding) = call(&cluster, 2, "GET", &format!("{bindings}/{location}"), None);
+        // Resolved as a URL reference against the POST's path, whose last segment goes.
+        let base = bindings.rsplit_once('/').expect("a path").0;
+        let (status, binding) = call(&cluster, 2, "GET", &format!("{base}/{location}"), None);
         assert_eq!(status, 200, "{binding}");
         assert_eq!(binding["routing_key"], Value::from("orders.*"));
         let (_, of_queue) = call(&cluster, 2, "GET", &format!("{queue_path}/bindings"), None);
