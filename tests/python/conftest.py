@@ -210,3 +210,16 @@ def pump(connection, until, what, timeout=WAIT):
         if left <= 0:
             pytest.fail(f"timed out after {timeout}s waiting for {what}")
         connection.process_data_events(time_limit=min(left, 0.2))
+
+
+def drain(channel, queue, limit=10_000):
+    """The bodies of every message in `queue`, fetched with basic.get (auto-ack) until it is
+    empty; bounded by `limit` fetches."""
+    bodies = []
+    for _ in range(limit):
+        method, _, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            return bodies
+        bodies.append(body)
+    pytest.fail(f"{queue} still had messages after {limit} fetches")
+

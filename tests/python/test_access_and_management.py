@@ -16,7 +16,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from conftest import WAIT, pump, unique
+from conftest import WAIT, drain, pump, unique
 
 
 class Api:
@@ -109,13 +109,7 @@ def test_a_policy_applies_queue_arguments_by_name_pattern(connection, api):
         for i in range(3):
             ch.basic_publish(exchange="", routing_key=name, body=str(i).encode())
         # max-length 2 with the default overflow drops the oldest.
-        got = []
-        while True:
-            method, _, body = ch.basic_get(name, auto_ack=True)
-            if method is None:
-                break
-            got.append(body)
-        assert got == [b"1", b"2"]
+        assert drain(ch, name) == [b"1", b"2"]
         _, queues = api.call("GET", "/queues/%2F")
         listed = [x for x in queues if x["name"] == name]
         assert listed and listed[0].get("policy") == prefix

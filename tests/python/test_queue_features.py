@@ -14,7 +14,7 @@ import pika
 import pika.exceptions
 import pytest
 
-from conftest import WAIT, pump, unique
+from conftest import WAIT, drain, pump, unique
 
 QUORUM = {"x-queue-type": "quorum"}
 
@@ -93,13 +93,7 @@ def test_max_length_drop_head_and_reject_publish(connection):
     declare(channel, head, **{"x-max-length": 2})
     for i in range(4):
         channel.basic_publish(exchange="", routing_key=head, body=f"m{i}")
-    bodies = []
-    while True:
-        method, _, body = channel.basic_get(head, auto_ack=True)
-        if method is None:
-            break
-        bodies.append(body)
-    assert bodies == [b"m2", b"m3"]
+    assert drain(channel, head) == [b"m2", b"m3"]
 
     full = unique("py-reject")
     declare_classic(channel, full, **{"x-max-length": 1, "x-overflow": "reject-publish"})
@@ -142,13 +136,7 @@ def test_priorities_and_single_active_consumer(connection):
             body=body,
             properties=pika.BasicProperties(priority=priority),
         )
-    order = []
-    while True:
-        method, _, body = channel.basic_get(prio, auto_ack=True)
-        if method is None:
-            break
-        order.append(body)
-    assert order == [b"high", b"mid", b"low"]
+    assert drain(channel, prio) == [b"high", b"mid", b"low"]
 
     sac = unique("py-sac")
     declare(channel, sac, **{"x-single-active-consumer": True})
