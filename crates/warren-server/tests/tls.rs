@@ -52,6 +52,26 @@ fn make_certs_with_client(dir: &Path) -> (String, String, String) {
     (ca.pem(), client.pem(), client_key.serialize_pem())
 }
 
+/// A broker with amqps on a free loopback port, its certificate and key from `certs` (as
+/// `make_certs` writes them), requiring client certificates signed by `ca.pem` there when
+/// `client_ca`.
+fn tls_broker(certs: &Path, client_ca: bool) -> Broker {
+    let path = |f: &str| certs.join(f).to_str().expect("utf-8 path").to_owned();
+    let mut args = vec![
+        "--tls-listen".to_owned(),
+        "127.0.0.1:0".to_owned(),
+        "--tls-cert".to_owned(),
+        path("server.pem"),
+        "--tls-key".to_owned(),
+        path("server.key"),
+    ];
+    if client_ca {
+        args.extend(["--tls-ca".to_owned(), path("ca.pem")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Broker::start_with_args(&args)
+}
+
 fn amqps_addr(b: &Broker) -> SocketAddr {
     b.stdout_text()
         .lines()
@@ -95,16 +115,7 @@ fn clients_publish_and_consume_over_tls() {
     }
     let certs = tempfile::tempdir().expect("temp dir");
     let ca = make_certs(certs.path());
-    let cert = certs.path().join("server.pem");
-    let key = certs.path().join("server.key");
-    let b = Broker::start_with_args(&[
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let b = tls_broker(certs.path(), false);
     let addr = amqps_addr(&b);
     run(async {
         let conn = within("TLS connect", connect_tls(addr, &ca))
@@ -170,17 +181,7 @@ fn with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in() {
     }
     let certs = tempfile::tempdir().expect("temp dir");
     let (ca, client_cert, client_key) = make_certs_with_client(certs.path());
-    let path = |f: &str| certs.path().join(f).to_str().unwrap().to_owned();
-    let b = Broker::start_with_args(&[
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        &path("server.pem"),
-        "--tls-key",
-        &path("server.key"),
-        "--tls-ca",
-        &path("ca.pem"),
-    ]);
+    let b = tls_broker(certs.path(), true);
     let addr = amqps_addr(&b);
     run(async {
         let conn = within(
