@@ -376,6 +376,14 @@ pub enum Effect {
 /// Ready messages in delivery order: highest priority first, then oldest.
 type ReadyKey = (Reverse<u8>, MsgId);
 
+/// The sequence number of a publisher whose channel is down: every publish is below it.
+const CLOSED: u64 = u64::MAX;
+
+/// How many closed channels' publisher entries a queue keeps (a few dozen bytes each). A late
+/// copy of a publish arrives within seconds of its channel closing; thousands of channels
+/// closing in between would be needed for it to find no entry.
+const CLOSED_PUBLISHERS_KEPT: usize = 4096;
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct QueueState {
     config: QueueConfig,
@@ -391,8 +399,11 @@ pub struct QueueState {
     rotation: VecDeque<ConsumerKey>,
     next_consumer_order: u64,
     ready_bytes: u64,
-    /// Highest sequence number taken from each publisher.
+    /// Highest sequence number taken from each publisher; `CLOSED` once its channel is down.
     publishers: BTreeMap<PublisherId, u64>,
+    /// Publishers whose channel went down, oldest first: their entries stay (as `CLOSED`) for
+    /// the last `CLOSED_PUBLISHERS_KEPT` of them, then go.
+    closed_publishers: VecDeque<PublisherId>,
     /// Last use for `x-expires` (ms since the epoch); 0 until the first use or touch.
     last_used_ms: u64,
     /// `QueueExpired` was emitted: the deletion is under way.
@@ -537,7 +548,19 @@ impl QueueState {
                 QueueReply::Purged { count }
             }
             QueueCmd::ChannelDown { channel } => {
-                self.publishers.remove(&PublisherId::Channel(channel));
+                // A publish of this channel can still arrive after its ChannelDown: a copy
+                // whose first send had an unknown outcome (a partition) and was resent, then
+                // turned up late. No new publish can come from a closed channel, so whatever
+                // comes is such a copy: the entry stays, marked closed, and refuses it.
+                let id = PublisherId::Channel(channel);
+                if self.publishers.insert(id, CLOSED) != Some(CLOSED) {
+                    self.closed_publishers.push_back(id);
+                    while self.closed_publishers.len() > CLOSED_PUBLISHERS_KEPT {
+                        if let Some(old) = self.closed_publishers.pop_front() {
+                            self.publishers.remove(&old);
+                        }
+                    }
+                }
                 if self.channels_down(|c| *c == channel, &mut fx) {
                     fx.push(Effect::LastConsumerGone);
                 }

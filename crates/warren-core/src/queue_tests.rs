@@ -1210,3 +1210,55 @@ fn a_configure_older_than_the_config_in_force_is_ignored() {
     );
     assert_eq!(q.config().max_length, Some(20));
 }
+
+/// Found by the chaos partition nemesis (seed 8): a publish whose first send had an unknown
+/// outcome was resent, its channel then closed, and a late copy arrived after the
+/// ChannelDown: the queue had forgotten the channel's numbering and enqueued it again.
+#[test]
+fn a_publish_arriving_after_its_channel_is_down_is_a_resend() {
+    let mut q = QueueState::default();
+    let publish = |q: &mut QueueState, ch: u16, seq| {
+        let cmd = QueueCmd::Enqueue {
+            meta: MessageMeta {
+                size: 10,
+                ..Default::default()
+            },
+            publisher: Some(Publisher {
+                id: PublisherId::Channel(channel(ch)),
+                seq,
+            }),
+        };
+        matches!(q.apply(cmd, 0).0, QueueReply::Enqueued { .. })
+    };
+    assert!(publish(&mut q, 1, 1));
+    q.apply(
+        QueueCmd::ChannelDown {
+            channel: channel(1),
+        },
+        0,
+    );
+    assert!(!publish(&mut q, 1, 1), "a late copy of the publish taken");
+    assert!(
+        !publish(&mut q, 1, 2),
+        "nothing new comes from a closed channel"
+    );
+    assert_eq!(q.message_ids().count(), 1);
+    // Other channels are unaffected, and only the last closed channels are remembered.
+    for ch in 2..(2 + 4200) {
+        assert!(publish(&mut q, ch, 1));
+        q.apply(
+            QueueCmd::ChannelDown {
+                channel: channel(ch),
+            },
+            0,
+        );
+    }
+    assert!(
+        !publish(&mut q, 4000, 1),
+        "a recently closed channel is still known"
+    );
+    assert!(
+        publish(&mut q, 1, 1),
+        "the oldest closed channels are forgotten"
+    );
+}
