@@ -1173,41 +1173,20 @@ fn a_publish_numbered_below_the_highest_taken_is_a_resend() {
 #[test]
 fn a_configure_older_than_the_config_in_force_is_ignored() {
     let mut q = QueueState::new();
-    let limited = |n| QueueConfig {
-        max_length: Some(n),
-        ..QueueConfig::default()
+    let configure = |q: &mut QueueState, max_length, version| {
+        let config = QueueConfig {
+            max_length: Some(max_length),
+            ..QueueConfig::default()
+        };
+        q.apply(QueueCmd::Configure { config, version }, 0);
     };
-    q.apply(
-        QueueCmd::Configure {
-            config: limited(10),
-            version: 7,
-        },
-        0,
-    );
+    configure(&mut q, 10, 7);
     // A previous leader's Configure, computed from an older policy, arrives late.
-    q.apply(
-        QueueCmd::Configure {
-            config: limited(3),
-            version: 5,
-        },
-        0,
-    );
+    configure(&mut q, 3, 5);
     assert_eq!(q.config().max_length, Some(10));
     // The same version again (a new leader re-applying it) and newer ones apply.
-    q.apply(
-        QueueCmd::Configure {
-            config: limited(10),
-            version: 7,
-        },
-        0,
-    );
-    q.apply(
-        QueueCmd::Configure {
-            config: limited(20),
-            version: 8,
-        },
-        0,
-    );
+    configure(&mut q, 10, 7);
+    configure(&mut q, 20, 8);
     assert_eq!(q.config().max_length, Some(20));
 }
 

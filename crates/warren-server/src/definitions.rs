@@ -15,13 +15,13 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
-use warren_core::json::table_from_json;
-use warren_core::meta::{BindingDecl, Destination, MetaCmd, MetaState, Permissions, Policy};
+use warren_core::meta::{BindingDecl, Destination, MetaCmd, MetaState};
 
 use crate::broker::{Broker, QueueOptions};
 use crate::management::{
     ApiError, Auth, Reply, arguments_of, bad, binding_json, exchange_declaration, exchange_json,
-    flag, json_body, ok, permission_json, policy_json, tags_of, write,
+    flag, json_body, ok, permission_json, permissions_from_json, policy_from_json, policy_json,
+    tags_of, write,
 };
 
 /// What a definitions file names RabbitMQ's password hashing; the only one Warren stores.
@@ -237,12 +237,7 @@ async fn import(broker: &Broker, body: &Value, only: Option<&str>) -> Reply {
             let user = text(item, "user", "permission")?;
             let vhost = text(item, "vhost", "permission")?;
             let what = format!("permissions of '{user}' in vhost '{vhost}'");
-            let field = |k: &str| text(item, k, &what).map(str::to_owned);
-            let permissions = Permissions {
-                configure: field("configure")?,
-                write: field("write")?,
-                read: field("read")?,
-            };
+            let permissions = permissions_from_json(item).map_err(|e| e.context(&what))?;
             let cmd = MetaCmd::SetPermissions {
                 user: user.to_owned(),
                 vhost: vhost.to_owned(),
@@ -255,19 +250,7 @@ async fn import(broker: &Broker, body: &Value, only: Option<&str>) -> Reply {
         let name = text(item, "name", "policy")?;
         let vhost = vhost_of(item, only, "policy")?;
         let what = format!("policy '{name}' in vhost '{vhost}'");
-        let definition = table_from_json(item.get("definition").unwrap_or(&Value::Null))
-            .map_err(|e| bad(format!("{what}: definition: {e}")))?;
-        let policy = Policy {
-            name: name.to_owned(),
-            pattern: text(item, "pattern", &what)?.to_owned(),
-            apply_to: item
-                .get("apply-to")
-                .and_then(Value::as_str)
-                .unwrap_or("all")
-                .to_owned(),
-            priority: item.get("priority").and_then(Value::as_i64).unwrap_or(0),
-            definition,
-        };
+        let policy = policy_from_json(name.to_owned(), item).map_err(|e| e.context(&what))?;
         let cmd = MetaCmd::SetPolicy {
             vhost: vhost.to_owned(),
             policy,

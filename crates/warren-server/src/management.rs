@@ -490,12 +490,9 @@ async fn permission(
     }
 }
 
-async fn put_permission(
-    State(broker): State<Arc<Broker>>,
-    _auth: Auth,
-    Path((vhost, user)): Path<(String, String)>,
-    Json(body): Json<Value>,
-) -> Reply {
+/// Permissions as the API (and a definitions file) gives them: three regular expressions,
+/// each checked before anything is written.
+pub(crate) fn permissions_from_json(body: &Value) -> Result<Permissions, ApiError> {
     let field = |k: &str| {
         body.get(k)
             .and_then(Value::as_str)
@@ -516,6 +513,16 @@ async fn put_permission(
             regex::Regex::new(expr).map_err(|e| bad(format!("invalid {what} permission: {e}")))?;
         }
     }
+    Ok(permissions)
+}
+
+async fn put_permission(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, user)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let permissions = permissions_from_json(&body)?;
     write(
         &broker,
         MetaCmd::SetPermissions {
@@ -582,12 +589,8 @@ async fn policy(
         )
 }
 
-async fn put_policy(
-    State(broker): State<Arc<Broker>>,
-    _auth: Auth,
-    Path((vhost, name)): Path<(String, String)>,
-    Json(body): Json<Value>,
-) -> Reply {
+/// A policy as the API (and a definitions file) gives it; the metadata checks the rest.
+pub(crate) fn policy_from_json(name: String, body: &Value) -> Result<Policy, ApiError> {
     let pattern = body
         .get("pattern")
         .and_then(Value::as_str)
@@ -595,7 +598,7 @@ async fn put_policy(
         .to_owned();
     let definition = table_from_json(body.get("definition").unwrap_or(&Value::Null))
         .map_err(|e| bad(format!("definition: {e}")))?;
-    let policy = Policy {
+    Ok(Policy {
         name,
         pattern,
         apply_to: body
@@ -605,7 +608,16 @@ async fn put_policy(
             .to_owned(),
         priority: body.get("priority").and_then(Value::as_i64).unwrap_or(0),
         definition,
-    };
+    })
+}
+
+async fn put_policy(
+    State(broker): State<Arc<Broker>>,
+    _auth: Auth,
+    Path((vhost, name)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> Reply {
+    let policy = policy_from_json(name, &body)?;
     write(&broker, MetaCmd::SetPolicy { vhost, policy }).await
 }
 
@@ -1206,10 +1218,18 @@ async fn cluster_list(broker: &Broker, request: ServiceRequest) -> Vec<Value> {
         .collect()
 }
 
+/// The items of a cluster listing that `keep` accepts, as the API's answer.
+async fn cluster_list_where(
+    broker: &Broker,
+    request: ServiceRequest,
+    keep: impl Fn(&Value) -> bool,
+) -> Reply {
+    let list = cluster_list(broker, request).await;
+    ok(Value::Array(list.into_iter().filter(|v| keep(v)).collect()))
+}
+
 async fn channels(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
-    ok(Value::Array(
-        cluster_list(&broker, ServiceRequest::ListChannels).await,
-    ))
+    cluster_list_where(&broker, ServiceRequest::ListChannels, |_| true).await
 }
 
 async fn channels_in(
@@ -1217,12 +1237,10 @@ async fn channels_in(
     _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let list = cluster_list(&broker, ServiceRequest::ListChannels).await;
-    ok(Value::Array(
-        list.into_iter()
-            .filter(|c| c["vhost"] == vhost.as_str())
-            .collect(),
-    ))
+    cluster_list_where(&broker, ServiceRequest::ListChannels, |c| {
+        c["vhost"] == vhost.as_str()
+    })
+    .await
 }
 
 async fn channels_of(
@@ -1230,18 +1248,14 @@ async fn channels_of(
     _auth: Auth,
     Path(name): Path<String>,
 ) -> Reply {
-    let list = cluster_list(&broker, ServiceRequest::ListChannels).await;
-    ok(Value::Array(
-        list.into_iter()
-            .filter(|c| c["connection_details"]["name"] == name.as_str())
-            .collect(),
-    ))
+    cluster_list_where(&broker, ServiceRequest::ListChannels, |c| {
+        c["connection_details"]["name"] == name.as_str()
+    })
+    .await
 }
 
 async fn consumers(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
-    ok(Value::Array(
-        cluster_list(&broker, ServiceRequest::ListConsumers).await,
-    ))
+    cluster_list_where(&broker, ServiceRequest::ListConsumers, |_| true).await
 }
 
 async fn consumers_in(
@@ -1249,12 +1263,10 @@ async fn consumers_in(
     _auth: Auth,
     Path(vhost): Path<String>,
 ) -> Reply {
-    let list = cluster_list(&broker, ServiceRequest::ListConsumers).await;
-    ok(Value::Array(
-        list.into_iter()
-            .filter(|c| c["queue"]["vhost"] == vhost.as_str())
-            .collect(),
-    ))
+    cluster_list_where(&broker, ServiceRequest::ListConsumers, |c| {
+        c["queue"]["vhost"] == vhost.as_str()
+    })
+    .await
 }
 
 async fn connections(State(broker): State<Arc<Broker>>, _auth: Auth) -> Reply {
