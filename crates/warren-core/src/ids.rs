@@ -46,3 +46,12 @@ pub struct ConsumerKey {
     pub channel: ChannelRef,
     pub tag: String,
 }
+
+/// A transaction's commit: the channel that committed and which of its commits. The channel
+/// names the node run whose connection coordinates the commit, so a queue holding staged work
+/// can tell when that coordinator is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxId {
+    pub channel: ChannelRef,
+    pub commit: u64,
+}

@@ -15,7 +15,7 @@ pub mod routing;
 
 pub use error::{AmqpError, AmqpResult};
 pub use ids::{
-    ChannelRef, ConnectionRef, ConsumerKey, GroupId, METADATA_GROUP, MsgId, NodeId, NodeRun,
+    ChannelRef, ConnectionRef, ConsumerKey, GroupId, METADATA_GROUP, MsgId, NodeId, NodeRun, TxId,
 };
 pub mod message;
 pub use message::MessageContent;

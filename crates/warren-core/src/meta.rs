@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use warren_codec::{FieldTable, FieldValue, ShortStr, reply_code};
 
 use crate::error::{AmqpError, AmqpResult};
-use crate::ids::{ConnectionRef, GroupId, NodeId, NodeRun};
+use crate::ids::{ConnectionRef, GroupId, NodeId, NodeRun, TxId};
 use crate::routing::{TopicPattern, headers_match, topic_words, validate_headers_binding};
 
 pub const DEFAULT_VHOST: &str = "/";
@@ -267,6 +267,17 @@ pub enum MetaCmd {
         vhost: String,
         name: String,
     },
+    /// Decides a transaction's commit (ADR 0005): the first decision for `tx` stands and
+    /// every later one is answered with it, so a commit and an abort by recovery never both
+    /// win.
+    TxDecide {
+        tx: TxId,
+        commit: bool,
+    },
+    /// Every queue of the transaction applied its decision: it is no longer needed.
+    TxForget {
+        tx: TxId,
+    },
 }
 
 /// A RabbitMQ policy: queue arguments applied to the queues whose name matches `pattern`
@@ -371,7 +382,14 @@ impl Permissions {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum MetaReply {
     Done,
-    QueueDeclared { created: bool, queue: QueueDef },
+    QueueDeclared {
+        created: bool,
+        queue: QueueDef,
+    },
+    /// The decision in force for the transaction of a `TxDecide`.
+    TxDecided {
+        commit: bool,
+    },
     Error(AmqpError),
 }
 
@@ -418,6 +436,8 @@ pub struct MetaState {
     /// the other, may each send one).
     #[serde(default)]
     policy_version: u64,
+    /// Decisions of transactions whose queues may not all have applied them yet.
+    tx_decisions: BTreeMap<TxId, bool>,
 }
 
 impl Default for MetaState {
@@ -529,6 +549,11 @@ fn args_equivalent(
 
 impl MetaState {
     /// A fresh cluster: the default vhost with the standard exchanges.
+    /// The decision taken for a transaction, if any (and not yet forgotten).
+    pub fn tx_decision(&self, tx: &TxId) -> Option<bool> {
+        self.tx_decisions.get(tx).copied()
+    }
+
     pub fn new() -> Self {
         let mut state = MetaState {
             vhosts: BTreeMap::new(),
@@ -537,6 +562,7 @@ impl MetaState {
             permissions: BTreeMap::new(),
             policies: BTreeMap::new(),
             policy_version: 0,
+            tx_decisions: BTreeMap::new(),
         };
         state.add_vhost(DEFAULT_VHOST);
         state
@@ -771,6 +797,13 @@ impl MetaState {
             }
             MetaCmd::ConnectionClosed { conn } => {
                 self.remove_queues_where(&mut effects, |q| q.exclusive_owner == Some(conn));
+                Ok(MetaReply::Done)
+            }
+            MetaCmd::TxDecide { tx, commit } => Ok(MetaReply::TxDecided {
+                commit: *self.tx_decisions.entry(tx).or_insert(commit),
+            }),
+            MetaCmd::TxForget { tx } => {
+                self.tx_decisions.remove(&tx);
                 Ok(MetaReply::Done)
             }
             MetaCmd::SetReplicas {

@@ -751,3 +751,38 @@ fn invalid_policies_are_refused() {
         assert!(matches!(reply, MetaReply::Error(_)), "{bad:?} accepted");
     }
 }
+
+#[test]
+fn the_first_decision_of_a_transaction_stands_until_it_is_forgotten() {
+    let mut state = MetaState::new();
+    let tx = crate::ids::TxId {
+        channel: crate::ids::ChannelRef {
+            conn: conn(1),
+            channel: 1,
+            opened: 1,
+        },
+        commit: 1,
+    };
+    let decide = |state: &mut MetaState, commit| state.apply(MetaCmd::TxDecide { tx, commit }).0;
+    assert_eq!(state.tx_decision(&tx), None);
+    assert_eq!(
+        decide(&mut state, true),
+        MetaReply::TxDecided { commit: true }
+    );
+    // A recovering queue that asks for an abort afterwards learns of the commit.
+    assert_eq!(
+        decide(&mut state, false),
+        MetaReply::TxDecided { commit: true }
+    );
+    assert_eq!(state.tx_decision(&tx), Some(true));
+    // The decision travels with a snapshot.
+    let restored: MetaState =
+        postcard::from_bytes(&postcard::to_allocvec(&state).expect("encode")).expect("decode");
+    assert_eq!(restored.tx_decision(&tx), Some(true));
+    assert_eq!(state.apply(MetaCmd::TxForget { tx }).0, MetaReply::Done);
+    assert_eq!(state.tx_decision(&tx), None);
+    assert_eq!(
+        decide(&mut state, false),
+        MetaReply::TxDecided { commit: false }
+    );
+}

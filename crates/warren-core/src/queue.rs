@@ -21,7 +21,12 @@ use serde::{Deserialize, Serialize};
 use warren_codec::{FieldTable, FieldValue};
 
 use crate::error::AmqpError;
-use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun};
+use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun, TxId};
+
+#[path = "queue_tx.rs"]
+mod tx;
+use tx::StagedTx;
+pub use tx::{PendingTx, TxSettle, TxWork};
 
 /// What the queue needs to know about a message; the body and properties stay outside.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,6 +309,20 @@ pub enum QueueCmd {
     DeadLettered {
         msgs: Vec<MsgId>,
     },
+    /// Part of a transaction's commit, kept aside until the transaction is resolved: not
+    /// visible to consumers, limits or TTLs. `part` numbers the transaction's stages so a
+    /// resent stage is taken once.
+    TxStage {
+        tx: TxId,
+        part: u32,
+        work: TxWork,
+    },
+    /// The transaction's outcome, as the metadata decided it: its staged work takes effect
+    /// (publishes enqueue, settlements apply) or is dropped.
+    TxResolve {
+        tx: TxId,
+        commit: bool,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -314,6 +333,10 @@ pub enum QueueReply {
     /// The publisher's sequence number was already taken: this is a resend of a message the
     /// queue has (or had) already.
     Duplicate,
+    /// A transaction's stage was kept; a publish's body is to be stored under `msg`.
+    Staged {
+        msg: Option<MsgId>,
+    },
     /// Refused by `x-overflow: reject-publish(-dlx)`: the publisher gets a nack. With
     /// reject-publish-dlx the message is kept as `msg` until its dead-letter commits, so its
     /// body must be stored like an enqueued one's.
@@ -410,6 +433,12 @@ pub struct QueueState {
     expired: bool,
     /// The policy version of the config in force (0: from the declaration).
     config_version: u64,
+    /// Transactions staged here and not yet resolved.
+    staged: BTreeMap<TxId, StagedTx>,
+    /// Transactions resolved lately (the last `RESOLVED_TXS_KEPT`, in `resolved_order`): a
+    /// stage that arrives after its transaction's resolution is a late copy and is refused.
+    resolved_txs: BTreeSet<TxId>,
+    resolved_order: VecDeque<TxId>,
     /// No-ack deliveries of the dispatch in progress; empty between commands.
     #[serde(skip)]
     pending_release: Vec<MsgId>,
@@ -466,9 +495,13 @@ impl QueueState {
             .collect()
     }
 
-    /// Every message the queue holds (ready, out or being dead-lettered), in id order.
+    /// Every message whose body the queue needs: those it holds (ready, out or being
+    /// dead-lettered) in id order, then the publishes of staged transactions.
     pub fn message_ids(&self) -> impl Iterator<Item = MsgId> + '_ {
-        self.messages.keys().copied()
+        self.messages
+            .keys()
+            .copied()
+            .chain(self.staged_message_ids())
     }
 
     pub fn is_ready(&self, msg: MsgId) -> bool {
@@ -499,6 +532,11 @@ impl QueueState {
                     *last = p.seq;
                 }
                 self.enqueue(meta, now_ms, &mut fx)
+            }
+            QueueCmd::TxStage { tx, part, work } => self.tx_stage(tx, part, work, now_ms),
+            QueueCmd::TxResolve { tx, commit } => {
+                self.tx_resolve(tx, commit, now_ms, &mut fx);
+                QueueReply::Done
             }
             QueueCmd::Consume {
                 consumer,
@@ -576,6 +614,7 @@ impl QueueState {
                     PublisherId::Channel(c) => !gone(c),
                     PublisherId::Queue(_) => true,
                 });
+                self.tx_orphaned(gone);
                 self.channels_down(gone, &mut fx);
                 QueueReply::Done
             }
@@ -642,30 +681,46 @@ impl QueueState {
     }
 
     fn enqueue(&mut self, meta: MessageMeta, now_ms: u64, fx: &mut Vec<Effect>) -> QueueReply {
-        let full = self
-            .config
+        if self.refuses(meta.size) {
+            return QueueReply::Rejected { msg: None };
+        }
+        let id = self.next_msg;
+        self.next_msg += 1;
+        self.admit(id, meta, now_ms, fx)
+    }
+
+    /// Whether the queue is full and its overflow behaviour refuses a publish of `size`
+    /// bytes outright (reject-publish; reject-publish-dlx without a dead-letter exchange).
+    fn refuses(&self, size: u64) -> bool {
+        self.is_full(size)
+            && (self.config.overflow == Overflow::RejectPublish
+                || (self.config.overflow == Overflow::RejectPublishDlx && !self.config.dead_letter))
+    }
+
+    fn is_full(&self, size: u64) -> bool {
+        self.config
             .max_length
             .is_some_and(|max| self.ready.len() as u64 >= max)
             || self
                 .config
                 .max_length_bytes
-                .is_some_and(|max| self.ready_bytes + meta.size > max);
-        let reject = full
-            && matches!(
-                self.config.overflow,
-                Overflow::RejectPublish | Overflow::RejectPublishDlx
-            );
-        let id = self.next_msg;
+                .is_some_and(|max| self.ready_bytes + size > max)
+    }
+
+    /// Takes a message the queue does not refuse under `id` (already allocated): ready, or
+    /// dead-lettered at once under reject-publish-dlx when the queue is full.
+    fn admit(
+        &mut self,
+        id: MsgId,
+        meta: MessageMeta,
+        now_ms: u64,
+        fx: &mut Vec<Effect>,
+    ) -> QueueReply {
+        let reject = self.is_full(meta.size) && self.config.overflow == Overflow::RejectPublishDlx;
         let ttl = match (meta.ttl, self.config.message_ttl) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if reject
-            && !(self.config.overflow == Overflow::RejectPublishDlx && self.config.dead_letter)
-        {
-            return QueueReply::Rejected { msg: None };
-        }
-        self.next_msg += 1;
         self.messages.insert(
             id,
             Message {
@@ -836,6 +891,7 @@ impl QueueState {
                 consumer: key.clone(),
             });
         }
+        self.tx_orphaned(|c| c.conn.run.node == node);
         self.channels_down(|c| c.conn.run.node == node, fx);
     }
 
@@ -1014,10 +1070,21 @@ impl QueueState {
     /// Returns the messages and drops the consumers of the channels `gone` matches; true when
     /// that removed the queue's last consumer.
     fn channels_down(&mut self, gone: impl Fn(&ChannelRef) -> bool, fx: &mut Vec<Effect>) -> bool {
+        // Messages a staged transaction settles wait for its outcome rather than come back.
+        let held = self.tx_channels_gone(&gone);
+        for id in &held {
+            // Its consumer goes with the channel; a consumer that comes back under the same
+            // key must not count it as its own.
+            if let Some(out) = self.checked_out.get_mut(id)
+                && gone(&out.channel)
+            {
+                out.consumer = None;
+            }
+        }
         let returned: Vec<MsgId> = self
             .checked_out
             .iter()
-            .filter(|(_, c)| gone(&c.channel))
+            .filter(|(id, c)| gone(&c.channel) && !held.contains(id))
             .map(|(id, _)| *id)
             .collect();
         for id in returned {

@@ -351,6 +351,20 @@ enum Op {
         pick: Vec<usize>,
     },
     Snapshot,
+    /// A publish staged by transaction `t` of channel 1.
+    TxPublish {
+        t: u64,
+    },
+    /// Settlements of messages out with channel 1, staged by its transaction `t`.
+    TxSettle {
+        t: u64,
+        how: TxSettle,
+        pick: Vec<usize>,
+    },
+    TxResolve {
+        t: u64,
+        commit: bool,
+    },
 }
 
 const CONSUMERS: [(u16, &str); 4] = [(1, "a"), (1, "b"), (2, "c"), (3, "d")];
@@ -417,6 +431,14 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..40).prop_map(Op::Tick),
         2 => pick.prop_map(|pick| Op::DeadLettered { pick }),
         1 => Just(Op::Snapshot),
+        2 => (0u64..2).prop_map(|t| Op::TxPublish { t }),
+        2 => (
+            0u64..2,
+            prop_oneof![Just(TxSettle::Ack), Just(TxSettle::Requeue), Just(TxSettle::Discard)],
+            proptest::collection::vec(0usize..8, 0..4),
+        )
+            .prop_map(|(t, how, pick)| Op::TxSettle { t, how, pick }),
+        2 => (0u64..2, any::<bool>()).prop_map(|(t, commit)| Op::TxResolve { t, commit }),
     ]
 }
 
@@ -490,7 +512,75 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
             }
         }
         Op::Snapshot => return None,
+        Op::TxPublish { t } => {
+            let tx = model_tx(q, *t);
+            QueueCmd::TxStage {
+                tx,
+                part: next_part(q, &tx),
+                work: TxWork::Publish {
+                    meta: MessageMeta {
+                        size: 3,
+                        ..Default::default()
+                    },
+                },
+            }
+        }
+        Op::TxSettle { t, how, pick } => {
+            let tx = model_tx(q, *t);
+            QueueCmd::TxStage {
+                tx,
+                part: next_part(q, &tx),
+                work: TxWork::Settle {
+                    how: *how,
+                    msgs: picks(1, pick),
+                },
+            }
+        }
+        Op::TxResolve { t, commit } => QueueCmd::TxResolve {
+            tx: model_tx(q, *t),
+            commit: *commit,
+        },
     })
+}
+
+/// Transaction `t` of channel 1; a resolved transaction is followed by a fresh one.
+fn model_tx(q: &QueueState, t: u64) -> TxId {
+    TxId {
+        channel: channel(1),
+        commit: q.resolved_order.len() as u64 * 2 + t,
+    }
+}
+
+fn next_part(q: &QueueState, tx: &TxId) -> u32 {
+    q.staged.get(tx).map_or(0, |s| s.parts.len() as u32)
+}
+
+/// What a transaction's resolution settles and returns, worked out before it applies: the
+/// settlements of a commit (the first naming a message wins), or on an abort after the
+/// channel went down, everything its settlements held.
+fn tx_outcome(q: &QueueState, tx: &TxId, commit: bool) -> (BTreeSet<MsgId>, BTreeSet<MsgId>) {
+    let (mut settled, mut returned) = (BTreeSet::new(), BTreeSet::new());
+    let Some(staged) = q.staged.get(tx) else {
+        return (settled, returned);
+    };
+    let mut out: BTreeSet<MsgId> = q.checked_out_to(&tx.channel).into_iter().collect();
+    for (how, msgs) in &staged.settlements {
+        for m in msgs {
+            if !out.remove(m) {
+                continue;
+            }
+            if !commit {
+                if staged.channel_gone {
+                    returned.insert(*m);
+                }
+            } else if *how == TxSettle::Requeue {
+                returned.insert(*m);
+            } else {
+                settled.insert(*m);
+            }
+        }
+    }
+    (settled, returned)
 }
 
 /// What an observer outside the state machine knows: which messages exist, which are out
@@ -501,6 +591,8 @@ struct Model {
     out: BTreeSet<MsgId>,
     dying: BTreeSet<MsgId>,
     returned: BTreeMap<MsgId, u32>,
+    /// Publishes staged by transactions not yet resolved.
+    staged: BTreeSet<MsgId>,
     now: u64,
 }
 
@@ -581,7 +673,20 @@ fn step(
             let held: BTreeSet<MsgId> = q.checked_out_to(channel).into_iter().collect();
             msgs.iter().copied().filter(|m| held.contains(m)).collect()
         }
-        QueueCmd::ChannelDown { channel } => q.checked_out_to(channel).into_iter().collect(),
+        QueueCmd::ChannelDown { channel } => {
+            // Except what a staged transaction of the channel settles: it waits for it.
+            let held: BTreeSet<MsgId> = q
+                .staged
+                .iter()
+                .filter(|(tx, _)| tx.channel == *channel)
+                .flat_map(|(_, s)| s.settlements.iter().flat_map(|(_, m)| m.iter().copied()))
+                .collect();
+            q.checked_out_to(channel)
+                .into_iter()
+                .filter(|m| !held.contains(m))
+                .collect()
+        }
+        QueueCmd::TxResolve { tx, commit } => tx_outcome(q, tx, *commit).1,
         _ => BTreeSet::new(),
     };
     let rejected_or_settled: BTreeSet<MsgId> = match &cmd {
@@ -589,6 +694,15 @@ fn step(
             let held: BTreeSet<MsgId> = q.checked_out_to(channel).into_iter().collect();
             msgs.iter().copied().filter(|m| held.contains(m)).collect()
         }
+        QueueCmd::TxResolve { tx, commit } => tx_outcome(q, tx, *commit).0,
+        _ => BTreeSet::new(),
+    };
+    let committed: BTreeSet<MsgId> = match &cmd {
+        QueueCmd::TxResolve { tx, commit: true } => q
+            .staged
+            .get(tx)
+            .map(|s| s.publishes.iter().map(|(id, _)| *id).collect())
+            .unwrap_or_default(),
         _ => BTreeSet::new(),
     };
     let next_id = q.next_msg;
@@ -607,7 +721,17 @@ fn step(
                 prop_assert!(model.live.insert(msg));
             }
         }
+        QueueReply::Staged { msg: Some(msg) } => {
+            prop_assert_eq!(msg, next_id);
+            prop_assert!(!q.messages.contains_key(&msg), "staged {msg} is visible");
+            prop_assert!(model.staged.insert(msg), "id reused");
+        }
         _ => {}
+    }
+    // Committed publishes join the queue (a refused one is released below).
+    for id in &committed {
+        prop_assert!(model.staged.remove(id));
+        prop_assert!(model.live.insert(*id), "committed {id} twice");
     }
     for id in requeued.iter().chain(&rejected_or_settled) {
         model.out.remove(id);
@@ -660,7 +784,8 @@ fn step(
             "delivered {msg} while dead-lettering"
         );
         prop_assert!(model.out.insert(*msg), "delivered {msg} twice");
-        let became_ready = Some(*msg) == enqueued || requeued.contains(msg);
+        let became_ready =
+            Some(*msg) == enqueued || requeued.contains(msg) || committed.contains(msg);
         prop_assert!(
             ready_before.contains(msg) || became_ready,
             "{msg} was not ready"
@@ -683,7 +808,10 @@ fn step(
     for e in &fx {
         if let Effect::Release { msgs } = e {
             for m in msgs {
-                prop_assert!(model.live.remove(m), "released {m} twice or unknown");
+                prop_assert!(
+                    model.live.remove(m) || model.staged.remove(m),
+                    "released {m} twice or unknown"
+                );
                 model.out.remove(m);
                 model.dying.remove(m);
                 prop_assert!(!q.messages.contains_key(m), "released {m} still held");
@@ -697,6 +825,8 @@ fn step(
     prop_assert_eq!(&out, &model.out);
     let dying: BTreeSet<MsgId> = q.dead_lettering.keys().copied().collect();
     prop_assert_eq!(&dying, &model.dying);
+    let staged: BTreeSet<MsgId> = q.staged_message_ids().collect();
+    prop_assert_eq!(&staged, &model.staged);
     check_invariants(q)?;
     Ok(fx)
 }
@@ -1240,4 +1370,186 @@ fn a_publish_arriving_after_its_channel_is_down_is_a_resend() {
         publish(&mut q, 1, 1),
         "the oldest closed channels are forgotten"
     );
+}
+
+// ---- transactions (ADR 0005) ----
+
+fn tx(ch: u16, commit: u64) -> TxId {
+    TxId {
+        channel: channel(ch),
+        commit,
+    }
+}
+
+fn stage_publish(q: &mut QueueState, t: TxId, part: u32) -> MsgId {
+    match q.apply(
+        QueueCmd::TxStage {
+            tx: t,
+            part,
+            work: TxWork::Publish { meta: sized(10) },
+        },
+        0,
+    ) {
+        (QueueReply::Staged { msg: Some(msg) }, fx) => {
+            assert!(fx.is_empty(), "a stage has no effect: {fx:?}");
+            msg
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+fn resolve(q: &mut QueueState, t: TxId, commit: bool) -> Vec<Effect> {
+    let (reply, fx) = q.apply(QueueCmd::TxResolve { tx: t, commit }, 0);
+    assert_eq!(reply, QueueReply::Done);
+    fx
+}
+
+#[test]
+fn a_staged_publish_is_invisible_until_its_commit() {
+    let mut q = QueueState::new();
+    let c = consumer(2, "c");
+    consume(&mut q, &c, 0);
+    let a = stage_publish(&mut q, tx(1, 1), 0);
+    let b = stage_publish(&mut q, tx(1, 1), 1);
+    assert_eq!(q.stats().ready + q.stats().unacked, 0);
+    // Its body must travel with a snapshot all the same.
+    assert_eq!(q.message_ids().collect::<Vec<_>>(), vec![a, b]);
+    assert_eq!(q.pending_txs().len(), 1);
+    let fx = resolve(&mut q, tx(1, 1), true);
+    assert_eq!(
+        delivered(&fx),
+        vec![("c".to_owned(), a, 0), ("c".to_owned(), b, 0)]
+    );
+    assert!(q.pending_txs().is_empty());
+}
+
+#[test]
+fn an_aborted_transaction_releases_its_staged_bodies() {
+    let mut q = QueueState::new();
+    let a = stage_publish(&mut q, tx(1, 1), 0);
+    let fx = resolve(&mut q, tx(1, 1), false);
+    assert_eq!(fx, vec![Effect::Release { msgs: vec![a] }]);
+    assert_eq!(q.message_ids().count(), 0);
+    assert_eq!(q.stats().ready, 0);
+}
+
+#[test]
+fn a_resent_stage_and_a_stage_after_resolution_are_refused() {
+    let mut q = QueueState::new();
+    stage_publish(&mut q, tx(1, 1), 0);
+    let again = QueueCmd::TxStage {
+        tx: tx(1, 1),
+        part: 0,
+        work: TxWork::Publish { meta: sized(10) },
+    };
+    assert_eq!(q.apply(again.clone(), 0).0, QueueReply::Duplicate);
+    resolve(&mut q, tx(1, 1), true);
+    assert_eq!(q.apply(again, 0).0, QueueReply::Duplicate);
+    let late = QueueCmd::TxStage {
+        tx: tx(1, 1),
+        part: 7,
+        work: TxWork::Publish { meta: sized(10) },
+    };
+    assert_eq!(q.apply(late, 0).0, QueueReply::Duplicate);
+    assert_eq!(q.stats().ready, 1);
+    // A second resolution changes nothing.
+    assert!(resolve(&mut q, tx(1, 1), false).is_empty());
+    assert_eq!(q.stats().ready, 1);
+}
+
+#[test]
+fn limits_apply_to_staged_publishes_at_commit() {
+    let mut q = configured(QueueConfig {
+        max_length: Some(1),
+        overflow: Overflow::RejectPublish,
+        ..Default::default()
+    });
+    let a = stage_publish(&mut q, tx(1, 1), 0);
+    let b = stage_publish(&mut q, tx(1, 1), 1);
+    let fx = resolve(&mut q, tx(1, 1), true);
+    assert!(q.is_ready(a));
+    assert_eq!(released(&fx), vec![b]);
+}
+
+fn stage_ack(q: &mut QueueState, t: TxId, part: u32, msgs: Vec<MsgId>) {
+    let (reply, _) = q.apply(
+        QueueCmd::TxStage {
+            tx: t,
+            part,
+            work: TxWork::Settle {
+                how: TxSettle::Ack,
+                msgs,
+            },
+        },
+        0,
+    );
+    assert_eq!(reply, QueueReply::Staged { msg: None });
+}
+
+#[test]
+fn a_committed_ack_settles_even_after_its_channel_went_down() {
+    let mut q = QueueState::new();
+    let c = consumer(1, "c");
+    consume(&mut q, &c, 0);
+    let a = enqueue(&mut q).0;
+    let b = enqueue(&mut q).0;
+    stage_ack(&mut q, tx(1, 1), 0, vec![a]);
+    // The channel closes (or its node dies) between the stage and the resolution: the
+    // message the transaction acknowledges waits; the other one comes back.
+    q.apply(
+        QueueCmd::ChannelDown {
+            channel: channel(1),
+        },
+        0,
+    );
+    assert!(!q.is_ready(a));
+    assert!(q.is_ready(b));
+    let fx = resolve(&mut q, tx(1, 1), true);
+    assert_eq!(released(&fx), vec![a]);
+    assert_eq!(q.message_ids().collect::<Vec<_>>(), vec![b]);
+}
+
+#[test]
+fn an_aborted_ack_returns_the_message_once_its_channel_is_gone() {
+    let mut q = QueueState::new();
+    let c = consumer(1, "c");
+    consume(&mut q, &c, 0);
+    let a = enqueue(&mut q).0;
+    stage_ack(&mut q, tx(1, 1), 0, vec![a]);
+    // Channel alive: a rolled-back ack leaves the message out with it.
+    resolve(&mut q, tx(1, 1), false);
+    assert_eq!(q.checked_out_to(&channel(1)), vec![a]);
+    stage_ack(&mut q, tx(1, 2), 0, vec![a]);
+    q.apply(
+        QueueCmd::NodeDown {
+            node: channel(1).conn.run.node,
+        },
+        0,
+    );
+    assert_eq!(
+        q.pending_txs(),
+        vec![PendingTx {
+            tx: tx(1, 2),
+            staged_at_ms: 0,
+            orphaned: true
+        }]
+    );
+    assert!(!q.is_ready(a));
+    resolve(&mut q, tx(1, 2), false);
+    assert!(q.is_ready(a));
+}
+
+#[test]
+fn staged_work_survives_a_snapshot() {
+    let mut q = QueueState::new();
+    let c = consumer(1, "c");
+    consume(&mut q, &c, 0);
+    let a = enqueue(&mut q).0;
+    stage_ack(&mut q, tx(1, 1), 0, vec![a]);
+    let p = stage_publish(&mut q, tx(1, 1), 1);
+    let mut restored = roundtrip(&q);
+    assert_eq!(restored, q);
+    let fx = resolve(&mut restored, tx(1, 1), true);
+    assert_eq!(released(&fx), vec![a]);
+    assert!(restored.is_ready(p) || restored.checked_out_to(&channel(1)) == vec![p]);
 }
