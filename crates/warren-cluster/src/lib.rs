@@ -16,7 +16,8 @@
 //! - [`transport`]: node-to-node calls, independent of the wire; [`grpc`] carries them over
 //!   tonic, [`mem_net`] in process for tests; [`network`] is openraft's network on top;
 //! - `registry`, `proposer`, [`supervisor`], [`outbox`]: queue handles and groups, command
-//!   routing to the serving node, failure detection and elections, remote deliveries.
+//!   routing to the serving node, failure detection and elections, remote deliveries;
+//! - [`transaction`]: atomic commits across queues, and their recovery.
 
 pub mod admin;
 pub mod db;
@@ -35,6 +36,7 @@ pub mod queue_sm;
 mod registry;
 pub mod resources;
 pub mod supervisor;
+pub mod transaction;
 pub mod transport;
 pub mod types;
 

@@ -312,7 +312,7 @@ impl Node {
     /// that were out with this node's old connections).
     pub async fn wait_ready(&self, timeout: Duration) -> Result<(), NodeError> {
         let deadline = Instant::now() + timeout;
-        self.meta_write_until(MetaCmd::NodeRestarted { run: self.run }, deadline)
+        self.meta_write_until(MetaCmd::NodeRestarted { run: self.run }, deadline, true)
             .await
             .map_err(|e| NodeError::Timeout(format!("joining the metadata group: {e}")))?;
         // Every earlier metadata entry is applied now: replica sets are final.
@@ -460,7 +460,15 @@ impl Node {
     /// Commits a metadata command (through the metadata leader, wherever it is) and waits
     /// until this node has applied it, so what it changed is visible here on return.
     pub async fn meta_write(&self, cmd: MetaCmd) -> Result<MetaReply, ClusterError> {
-        self.meta_write_until(cmd, Instant::now() + META_WRITE_DEADLINE)
+        self.meta_write_until(cmd, Instant::now() + META_WRITE_DEADLINE, true)
+            .await
+    }
+
+    /// Commits a metadata command and waits until this node applied it, not the other
+    /// members: for records no client looks up elsewhere right away (transaction
+    /// decisions), where that wait would only add a round trip.
+    pub async fn meta_commit(&self, cmd: MetaCmd) -> Result<MetaReply, ClusterError> {
+        self.meta_write_until(cmd, Instant::now() + META_WRITE_DEADLINE, false)
             .await
     }
 
@@ -468,6 +476,7 @@ impl Node {
         &self,
         cmd: MetaCmd,
         deadline: Instant,
+        wait_peers: bool,
     ) -> Result<MetaReply, ClusterError> {
         let mut backoff = Duration::from_millis(10);
         loop {
@@ -476,7 +485,9 @@ impl Node {
                 Some(l) if l == self.id => match self.meta_write_local(cmd.clone()).await {
                     Forwarded::Ok((index, reply)) => {
                         self.wait_meta_applied(index, deadline).await?;
-                        self.wait_peers_applied(index).await;
+                        if wait_peers {
+                            self.wait_peers_applied(index).await;
+                        }
                         return Ok(reply);
                     }
                     other => other.describe(),
@@ -494,7 +505,9 @@ impl Node {
                             let (index, reply): (u64, MetaReply) =
                                 decode(&bytes).map_err(|e| ClusterError::Raft(e.to_string()))?;
                             self.wait_meta_applied(index, deadline).await?;
-                            self.wait_peers_applied(index).await;
+                            if wait_peers {
+                                self.wait_peers_applied(index).await;
+                            }
                             return Ok(reply);
                         }
                         Ok(PeerResponse::MetaWrite(other)) => other.describe(),

@@ -19,7 +19,7 @@ use tracing::warn;
 use warren_codec::FieldTable;
 use warren_core::meta::{Placement, QueueDef};
 use warren_core::queue::{
-    DeadLetterReason, Effect, QueueCmd, QueueConfig, QueueReply, QueueState, QueueStats,
+    DeadLetterReason, Effect, PendingTx, QueueCmd, QueueConfig, QueueReply, QueueState, QueueStats,
 };
 use warren_core::{ConsumerKey, MessageContent, MsgId, NodeId};
 
@@ -179,6 +179,7 @@ pub struct QueueHandle {
     backend: Backend,
     consumers: Mutex<HashMap<ConsumerKey, Arc<dyn DeliverySink>>>,
     stats: Mutex<QueueStats>,
+    pending_txs: Mutex<Vec<PendingTx>>,
     /// Only the serving node delivers; replicas apply the same effects silently.
     leader: AtomicBool,
     /// The node believed to serve the queue, for forwarding (0: unknown).
@@ -225,6 +226,7 @@ impl QueueHandle {
             backend,
             consumers: Mutex::new(HashMap::new()),
             stats: Mutex::new(QueueStats::default()),
+            pending_txs: Mutex::new(Vec::new()),
             leader: AtomicBool::new(local),
             leader_hint: AtomicU64::new(hint),
             closed: AtomicBool::new(false),
@@ -409,6 +411,23 @@ impl QueueHandle {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner()) = stats;
     }
 
+    /// Transactions staged in the queue and not yet resolved, as of the last command this
+    /// node applied; the supervisor resolves those whose coordinator is gone.
+    pub fn pending_txs(&self) -> Vec<PendingTx> {
+        self.pending_txs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_pending_txs(&self, txs: Vec<PendingTx>) {
+        let mut pending = self.pending_txs.lock().unwrap_or_else(|p| p.into_inner());
+        if pending.is_empty() && txs.is_empty() {
+            return;
+        }
+        *pending = txs;
+    }
+
     /// The Raft term this node leads the queue's group in (0: not leading).
     pub(crate) fn set_leader_term(&self, term: u64) {
         self.leader_term.store(term, Ordering::Release);
@@ -547,7 +566,9 @@ impl QueueHandle {
         let QueueRequest { cmd, content, .. } = request;
         let (reply, effects) = state.apply(cmd, now_ms());
         if let (
-            QueueReply::Enqueued { msg } | QueueReply::Rejected { msg: Some(msg) },
+            QueueReply::Enqueued { msg }
+            | QueueReply::Rejected { msg: Some(msg) }
+            | QueueReply::Staged { msg: Some(msg) },
             Some(content),
         ) = (&reply, content)
         {
@@ -559,6 +580,7 @@ impl QueueHandle {
         };
         self.run_effects(effects, bodies);
         self.set_stats(state.stats());
+        self.set_pending_txs(state.pending_txs());
         QueueOutcome {
             reply,
             content: get_content,

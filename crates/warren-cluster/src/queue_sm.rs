@@ -231,6 +231,7 @@ impl QueueMachine {
             machine.membership = snap.meta.last_membership;
         }
         handle.set_stats(machine.state.stats());
+        handle.set_pending_txs(machine.state.pending_txs());
         Ok(machine)
     }
 }
@@ -294,7 +295,9 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                 EntryPayload::Normal(GroupRequest::Queue(req)) => {
                     let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
                     if let (
-                        QueueReply::Enqueued { msg } | QueueReply::Rejected { msg: Some(msg) },
+                        QueueReply::Enqueued { msg }
+                        | QueueReply::Rejected { msg: Some(msg) }
+                        | QueueReply::Staged { msg: Some(msg) },
                         Some(content),
                     ) = (&reply, req.content)
                     {
@@ -338,6 +341,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         }
         if let Some(h) = &handle {
             h.set_stats(self.state.stats());
+            h.set_pending_txs(self.state.pending_txs());
         }
         for (responder, response) in responses {
             responder.send(response);
@@ -397,6 +401,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         self.membership = meta.last_membership.clone();
         if let Some(h) = self.handle.upgrade() {
             h.set_stats(self.state.stats());
+            h.set_pending_txs(self.state.pending_txs());
         }
         Ok(())
     }

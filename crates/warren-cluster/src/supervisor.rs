@@ -224,6 +224,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
     let mut seen_down: BTreeSet<NodeId> = BTreeSet::new();
     let mut look_at_all = true;
     let mut round: u64 = 0;
+    let mut transactions = crate::transaction::Recovery::default();
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -318,6 +319,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
         )
         .await;
         reconcile(&node, &handles, &liveness, &mut changes);
+        transactions.round(&node, &handles);
     }
 }
 

@@ -108,6 +108,8 @@ fn meta_name(cmd: &MetaCmd) -> &'static str {
         MetaCmd::SetPolicy { .. } => "set-policy",
         MetaCmd::ClearPolicy { .. } => "clear-policy",
         MetaCmd::NodeDown { .. } => "node-down",
+        MetaCmd::TxDecide { .. } => "tx-decide",
+        MetaCmd::TxForget { .. } => "tx-forget",
     }
 }
 
@@ -130,5 +132,7 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::Tick => "tick",
         QueueCmd::Touch => "touch",
         QueueCmd::DeadLettered { .. } => "dead-lettered",
+        QueueCmd::TxStage { .. } => "tx-stage",
+        QueueCmd::TxResolve { .. } => "tx-resolve",
     }
 }

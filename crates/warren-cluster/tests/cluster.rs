@@ -13,14 +13,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 use warren_cluster::mem_net::MemNet;
+use warren_cluster::transaction::Staging;
 use warren_cluster::{
     ClusterError, Completion, Delivery, DeliverySink, Node, NodeConfig, NodeHandler, QueueHandle,
     QueueOutcome, QueueRequest, ReplyTo,
 };
 use warren_codec::{FieldTable, ShortStr};
 use warren_core::meta::{MetaCmd, MetaReply, QueueDecl};
-use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply};
-use warren_core::{ChannelRef, ConnectionRef, ConsumerKey, MessageContent, NodeId};
+use warren_core::queue::{
+    MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply, TxSettle, TxWork,
+};
+use warren_core::{ChannelRef, ConnectionRef, ConsumerKey, MessageContent, NodeId, TxId};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -687,4 +690,185 @@ async fn a_call_is_submitted_when_made_not_when_first_awaited() {
         0,
         "no consumer left for a closed channel"
     );
+}
+
+// ---- atomic transactions (ADR 0005) ----
+
+fn tx_of(node: &Node) -> TxId {
+    TxId {
+        channel: channel(node, 7),
+        commit: 1,
+    }
+}
+
+/// Two queues led by nodes 2 and 3; node 1's channel holds one message of `qa` unacked.
+/// Node 1 stages a transaction: a publish to each queue and the ack of that message.
+async fn stage_on_two_queues(c: &TestCluster) -> TxId {
+    c.declare(2, "qa").await;
+    c.declare(3, "qb").await;
+    assert_eq!(c.await_leader("qa", |n| n == 2).await, 2);
+    assert_eq!(c.await_leader("qb", |n| n == 3).await, 3);
+    let qa = c.node(1).queue("/", "qa").unwrap();
+    let qb = c.node(1).queue("/", "qb").unwrap();
+    let rec = Arc::new(Recorder::default());
+    qa.submit(
+        enqueue(channel(c.node(1), 1), 1, "old"),
+        ReplyTo::Sink(rec.clone(), 1),
+    );
+    rec.wait_for("the first message", WAIT, |r| r.confirmed(1))
+        .await;
+    let held = Arc::new(HoldingSink::default());
+    let key = ConsumerKey {
+        channel: channel(c.node(1), 7),
+        tag: "tx".into(),
+    };
+    qa.attach(key.clone(), held.clone());
+    qa.call(consume(key, 1), None).await.expect("consume");
+    let deadline = Instant::now() + WAIT;
+    while held.count() < 1 {
+        assert!(Instant::now() < deadline, "the message never arrived");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let tx = tx_of(c.node(1));
+    let stages = [
+        (
+            qa.clone(),
+            TxWork::Publish {
+                meta: MessageMeta {
+                    size: 3,
+                    ..Default::default()
+                },
+            },
+            Some(content("new")),
+        ),
+        (
+            qb.clone(),
+            TxWork::Publish {
+                meta: MessageMeta {
+                    size: 3,
+                    ..Default::default()
+                },
+            },
+            Some(content("new")),
+        ),
+        (
+            qa.clone(),
+            TxWork::Settle {
+                how: TxSettle::Ack,
+                msgs: vec![0],
+            },
+            None,
+        ),
+    ];
+    for (part, (handle, work, body)) in stages.into_iter().enumerate() {
+        let cmd = QueueCmd::TxStage {
+            tx,
+            part: part as u32,
+            work,
+        };
+        let reply = handle.call(cmd, body).await.expect("stage").reply;
+        assert!(matches!(reply, QueueReply::Staged { .. }), "{reply:?}");
+    }
+    // Staged work is invisible.
+    assert_eq!(ready_count(&qa).await, 0);
+    assert_eq!(ready_count(&qb).await, 0);
+    tx
+}
+
+/// Waits until neither queue holds the transaction staged, as seen from their leaders.
+async fn await_resolved(c: &TestCluster) {
+    let deadline = Instant::now() + WAIT;
+    for (leader, queue) in [(2, "qa"), (3, "qb")] {
+        let h = c.node(leader).queue("/", queue).unwrap();
+        while !h.pending_txs().is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{queue} never resolved the transaction"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_coordinator_dies_before_deciding_is_aborted_everywhere() {
+    let c = TestCluster::start(3).await;
+    stage_on_two_queues(&c).await;
+    // The coordinator's node goes away between staging and deciding.
+    c.net.isolate(1);
+    await_resolved(&c).await;
+    let qa = c.node(2).queue("/", "qa").unwrap();
+    let qb = c.node(3).queue("/", "qb").unwrap();
+    // Neither publish happened, and the acknowledged message came back.
+    assert_eq!(ready_count(&qa).await, 1);
+    assert_eq!(ready_count(&qb).await, 0);
+    assert_eq!(c.node(2).meta().tx_decision(&tx_of(c.node(1))), Some(false));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_decided_before_its_coordinator_dies_is_applied_everywhere() {
+    let c = TestCluster::start(3).await;
+    let tx = stage_on_two_queues(&c).await;
+    let decided = c
+        .node(1)
+        .meta_commit(MetaCmd::TxDecide { tx, commit: true })
+        .await
+        .expect("decide");
+    assert_eq!(decided, MetaReply::TxDecided { commit: true });
+    // The coordinator's node goes away after deciding, before resolving any queue.
+    c.net.isolate(1);
+    await_resolved(&c).await;
+    let qa = c.node(2).queue("/", "qa").unwrap();
+    let qb = c.node(3).queue("/", "qb").unwrap();
+    // Both publishes happened, and the acknowledged message is gone.
+    assert_eq!(ready_count(&qa).await, 1);
+    assert_eq!(qa.stats().unacked, 0);
+    assert_eq!(ready_count(&qb).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinated_commit_applies_everywhere_and_forgets_its_decision() {
+    let c = TestCluster::start(3).await;
+    c.declare(2, "qa").await;
+    c.declare(3, "qb").await;
+    let qa = c.node(1).queue("/", "qa").unwrap();
+    let qb = c.node(1).queue("/", "qb").unwrap();
+    let tx = tx_of(c.node(1));
+    let meta = MessageMeta {
+        size: 3,
+        ..Default::default()
+    };
+    let staging = Staging::submit(
+        tx,
+        [
+            (qa.clone(), TxWork::Publish { meta }, Some(content("one"))),
+            (qb.clone(), TxWork::Publish { meta }, Some(content("two"))),
+            (qb.clone(), TxWork::Publish { meta }, Some(content("three"))),
+        ],
+    );
+    staging.commit(c.node(1)).await.expect("commit");
+    assert_eq!(ready_count(&qa).await, 1);
+    assert_eq!(ready_count(&qb).await, 2);
+    assert_eq!(c.node(1).meta().tx_decision(&tx), None);
+    // A commit one of whose queues is gone aborts everywhere.
+    let deleted = c.node(1).queue("/", "qb").unwrap();
+    c.node(1)
+        .meta_write(MetaCmd::DeleteQueue {
+            vhost: "/".into(),
+            name: "qb".into(),
+            by: None,
+        })
+        .await
+        .expect("delete");
+    let tx2 = TxId { commit: 2, ..tx };
+    let staging = Staging::submit(
+        tx2,
+        [
+            (qa.clone(), TxWork::Publish { meta }, Some(content("four"))),
+            (deleted, TxWork::Publish { meta }, Some(content("five"))),
+        ],
+    );
+    let failure = staging.commit(c.node(1)).await.expect_err("aborted");
+    assert_eq!(failure.error.code, 404, "{failure:?}");
+    assert_eq!(ready_count(&qa).await, 1);
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use warren_cluster::{Delivery, QueueHandle};
 use warren_codec::{BasicPublish, ContentHeader, Frame};
-use warren_core::queue::MessageMeta;
+use warren_core::queue::{MessageMeta, TxSettle};
 use warren_core::{ChannelRef, MessageContent, MsgId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +83,17 @@ pub enum Settlement {
     Discard,
 }
 
+impl Settlement {
+    /// The same settlement, applied by a transaction's commit.
+    pub fn in_transaction(self) -> TxSettle {
+        match self {
+            Settlement::Ack => TxSettle::Ack,
+            Settlement::Requeue => TxSettle::Requeue,
+            Settlement::Discard => TxSettle::Discard,
+        }
+    }
+}
+
 /// A publish of a transactional channel, routed and waiting for tx.commit.
 pub struct TxPublish {
     pub handles: Vec<Arc<QueueHandle>>,
@@ -125,6 +136,8 @@ pub struct Channel {
     pub held: VecDeque<Delivery>,
     /// tx.select was sent: publishes and settlements wait here for tx.commit.
     pub tx: Option<TxBuffer>,
+    /// Commits of this channel so far: with `chref`, names each commit cluster-wide.
+    pub tx_commits: u64,
     pub settled: RecentlySettled,
 }
 
@@ -149,6 +162,7 @@ impl Channel {
             flow_active: true,
             held: VecDeque::new(),
             tx: None,
+            tx_commits: 0,
             settled: RecentlySettled::default(),
         }
     }

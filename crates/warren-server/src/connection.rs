@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use warren_cluster::{
     ClusterError, Completion, Delivery, DeliverySink, Node, QueueHandle, QueueOutcome,
-    QueueRequest, ReplyTo, Traffic,
+    QueueRequest, ReplyTo, Traffic, transaction::Staging,
 };
 use warren_codec::{
     BasicProperties, ContentHeader, FieldTable, FieldValue, Frame, FrameError, Method, ShortStr,
@@ -32,8 +32,10 @@ use warren_codec::{
     encode_heartbeat, encode_method, reply_code,
 };
 use warren_core::meta::{BindingDecl, Destination, ExchangeDecl, MetaCmd, MetaReply};
-use warren_core::queue::{MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply, QueueStats};
-use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId};
+use warren_core::queue::{
+    MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply, QueueStats, TxWork,
+};
+use warren_core::{AmqpError, ChannelRef, ConnectionRef, ConsumerKey, MessageContent, MsgId, TxId};
 
 use crate::access::{Access, VhostAccess};
 use crate::broker::{Broker, QueueOptions};
@@ -2046,8 +2048,9 @@ impl Connection {
         self.settle(channel, entries.into_iter().map(|(_, u)| u).collect(), how);
     }
 
-    /// tx.commit: the buffered publishes go to their queues and the buffered settlements are
-    /// applied; commit-ok follows once every queue committed its publishes.
+    /// tx.commit: the buffered publishes and settlements are staged in their queues, decided
+    /// once through the metadata and applied everywhere or nowhere (ADR 0005); commit-ok
+    /// follows the decision to commit.
     fn tx_commit(&mut self, channel: u16, method: Method) -> Result<(), Failure> {
         let Some(tx) = self.channel(channel).tx.as_mut() else {
             return Err(Failure::Channel(MethodError::new(
@@ -2059,37 +2062,35 @@ impl Connection {
             publishes,
             settlements,
         } = std::mem::take(tx);
+        let ch = self.channel(channel);
+        ch.tx_commits += 1;
+        let tx = TxId {
+            channel: ch.chref,
+            commit: ch.tx_commits,
+        };
+        let mut work = Vec::new();
         for (entries, how) in settlements {
-            self.settle(channel, entries.into_iter().map(|(_, u)| u).collect(), how);
+            let entries = entries.into_iter().map(|(_, u)| u).collect();
+            for (handle, msgs) in self.settlement_groups(channel, entries, how) {
+                let how = how.in_transaction();
+                work.push((handle, TxWork::Settle { how, msgs }, None));
+            }
         }
-        let mut answers = Vec::new();
         for p in publishes {
-            for h in &p.handles {
-                let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
-                self.submit_enqueue(
-                    channel,
-                    h,
-                    p.meta,
-                    p.content.clone(),
-                    ReplyTo::Oneshot(reply_tx),
-                );
-                answers.push(reply_rx);
+            for h in p.handles {
+                Traffic::add(&h.traffic.published, 1);
+                let meta = p.meta;
+                work.push((h, TxWork::Publish { meta }, Some(p.content.clone())));
             }
         }
+        self.release_held(channel);
+        let staging = Staging::submit(tx, work);
+        let node = self.node.clone();
         self.spawn_op(channel, async move {
-            for answer in answers {
-                match answer.await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => return meta_failure(cluster_error(e), &method),
-                    Err(_) => {
-                        return meta_failure(
-                            AmqpError::internal("a queue did not answer the commit"),
-                            &method,
-                        );
-                    }
-                }
+            match staging.commit(&node).await {
+                Ok(()) => OpOutcome::Reply(Method::TxCommitOk(warren_codec::TxCommitOk {})),
+                Err(failure) => meta_failure(failure.error, &method),
             }
-            OpOutcome::Reply(Method::TxCommitOk(warren_codec::TxCommitOk {}))
         });
         Ok(())
     }
@@ -2133,27 +2134,8 @@ impl Connection {
     }
 
     fn settle(&mut self, channel: u16, entries: Vec<Unacked>, how: Settlement) {
-        if entries.is_empty() {
-            return;
-        }
-        let ch = self.channel(channel);
-        for u in &entries {
-            ch.settled.remember(u.handle.id(), u.msg);
-        }
-        let chref = ch.chref;
-        let metrics = &self.broker.metrics;
-        match how {
-            Settlement::Ack => metrics
-                .acked
-                .fetch_add(entries.len() as u64, Ordering::Relaxed),
-            _ => metrics
-                .nacked
-                .fetch_add(entries.len() as u64, Ordering::Relaxed),
-        };
-        for (handle, msgs) in self.group_by_queue(entries) {
-            if how == Settlement::Ack {
-                Traffic::add(&handle.traffic.acked, msgs.len() as u64);
-            }
+        let chref = self.channel(channel).chref;
+        for (handle, msgs) in self.settlement_groups(channel, entries, how) {
             let cmd = match how {
                 Settlement::Ack => QueueCmd::Settle {
                     channel: chref,
@@ -2172,6 +2154,39 @@ impl Connection {
         }
         // Settled deliveries free room under the channel-wide qos limits.
         self.release_held(channel);
+    }
+
+    /// Counts settlements and remembers them (a resent delivery of a settled message is
+    /// dropped), grouped by the queue that must apply them.
+    fn settlement_groups(
+        &mut self,
+        channel: u16,
+        entries: Vec<Unacked>,
+        how: Settlement,
+    ) -> Vec<(Arc<QueueHandle>, Vec<MsgId>)> {
+        if entries.is_empty() {
+            return Vec::new();
+        }
+        let ch = self.channel(channel);
+        for u in &entries {
+            ch.settled.remember(u.handle.id(), u.msg);
+        }
+        let metrics = &self.broker.metrics;
+        match how {
+            Settlement::Ack => metrics
+                .acked
+                .fetch_add(entries.len() as u64, Ordering::Relaxed),
+            _ => metrics
+                .nacked
+                .fetch_add(entries.len() as u64, Ordering::Relaxed),
+        };
+        let groups = self.group_by_queue(entries);
+        if how == Settlement::Ack {
+            for (handle, msgs) in &groups {
+                Traffic::add(&handle.traffic.acked, msgs.len() as u64);
+            }
+        }
+        groups
     }
 
     /// Runs a metadata command on a task and replies with `reply` once it committed.

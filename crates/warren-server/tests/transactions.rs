@@ -1,6 +1,7 @@
 //! AMQP transactions: tx.select, publishes and acks held until tx.commit (across several
 //! replicated queues), tx.rollback dropping publishes and handing acked deliveries back as
-//! unacked, and the 406s for mixing tx with confirms or committing outside a transaction.
+//! unacked, the 406s for mixing tx with confirms or committing outside a transaction, and a
+//! commit spanning queues led by other nodes of a cluster, one of which is killed.
 
 mod support;
 
@@ -10,7 +11,8 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel};
-use support::{assert_code, run, unique, within};
+use std::time::Duration;
+use support::{assert_code, run, unique, within, within_for};
 
 async fn durable_queue(ch: &Channel, prefix: &str) -> String {
     let name = unique(prefix);
@@ -238,5 +240,82 @@ fn tx_errors_are_406() {
             .await
             .expect("confirm.select");
         assert_code(ch.tx_select().await, 406);
+    });
+}
+
+/// A transaction on a follower node spanning two queues led by the two other nodes: the
+/// commit applies in both (publishes and an ack), and a commit whose queue loses its leader
+/// (kill -9) just before tx.commit still completes once a new leader serves it.
+#[test]
+fn a_commit_spans_queues_led_elsewhere_and_survives_a_leader_kill() {
+    let Some(mut cluster) = support::cluster::cluster(
+        "a_commit_spans_queues_led_elsewhere_and_survives_a_leader_kill",
+        3,
+    ) else {
+        return;
+    };
+    run(async {
+        // qa led by node 2, qb by node 3 (a queue's first leader is the declaring node).
+        let (_c2, ch2) = support::open(&cluster.url(2)).await;
+        let qa = durable_queue(&ch2, "tx-led-2").await;
+        let (_c3, ch3) = support::open(&cluster.url(3)).await;
+        let qb = durable_queue(&ch3, "tx-led-3").await;
+        ch2.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        let confirm = ch2
+            .basic_publish(
+                "".into(),
+                qa.as_str().into(),
+                BasicPublishOptions::default(),
+                b"old",
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+        assert!(within("confirm", confirm).await.expect("confirm").is_ack());
+
+        let (c1, ch) = support::open(&cluster.url(1)).await;
+        within("tx.select", ch.tx_select())
+            .await
+            .expect("tx.select");
+        let old = within(
+            "basic.get",
+            ch.basic_get(qa.as_str().into(), BasicGetOptions { no_ack: false }),
+        )
+        .await
+        .expect("basic.get")
+        .expect("a message");
+        publish(&ch, &qa, "new-a").await;
+        publish(&ch, &qb, "new-b").await;
+        ch.basic_ack(old.delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .expect("ack");
+        within("tx.commit", ch.tx_commit())
+            .await
+            .expect("tx.commit");
+        // The ack took effect ("old" is gone, not unacked) and both publishes are there.
+        assert_eq!((ready(&c1, &qa).await, ready(&c1, &qb).await), (1, 1));
+        let got = within(
+            "basic.get",
+            ch.basic_get(qa.as_str().into(), BasicGetOptions { no_ack: true }),
+        )
+        .await
+        .expect("basic.get")
+        .expect("a message");
+        assert_eq!(got.delivery.data, b"new-a");
+        within("tx.commit", ch.tx_commit())
+            .await
+            .expect("tx.commit");
+
+        // qb's leader dies with the next transaction buffered: the commit waits for the new
+        // leader and applies in both queues.
+        publish(&ch, &qa, "after-a").await;
+        publish(&ch, &qb, "after-b").await;
+        cluster.kill9(3);
+        within_for(Duration::from_secs(40), "tx.commit", ch.tx_commit())
+            .await
+            .expect("tx.commit after the leader kill");
+        assert_eq!((ready(&c1, &qa).await, ready(&c1, &qb).await), (1, 2));
     });
 }
