@@ -10,6 +10,10 @@
 //!   `redelivered = true` and how many came after the message had been acked.
 //! - publishes with an unknown outcome (`info`) may or may not appear; nacked or returned
 //!   ones (`fail`) are counted when they appear anyway.
+//! - **transactions**: the publishes of one transaction (`value.tx` on their invokes) take
+//!   effect together: either every (message, queue) pair of the transaction is delivered or
+//!   none is. A committed transaction's pairs are checked like confirmed publishes; one whose
+//!   commit failed or timed out may go either way, but never in part (**partial**).
 //! - **order**: within one consumer connection, the first deliveries of one producer
 //!   connection's messages that arrive with `redelivered = false` arrive in publish order.
 //!   A later copy of a message arriving without the flag is counted as an unflagged
@@ -44,6 +48,8 @@ struct Publish {
     session: Option<u64>,
     invoked_ms: u64,
     completed_ms: Option<u64>,
+    /// The transaction it was published in, if any.
+    tx: Option<String>,
 }
 
 /// A message the checker found missing, with what is known about its publish.
@@ -113,12 +119,20 @@ pub struct CheckResult {
     pub failed_but_delivered: usize,
     pub order_violations: usize,
     pub order_examples: Vec<OrderViolation>,
+    /// Transactions whose commit was answered commit-ok.
+    pub tx_committed: usize,
+    /// Transactions with an unknown outcome that took effect / that did not.
+    pub tx_unknown_applied: usize,
+    pub tx_unknown_dropped: usize,
+    /// Transactions of which some pairs were delivered and others not.
+    pub tx_partial: usize,
+    pub tx_partial_examples: Vec<String>,
 }
 
 impl CheckResult {
     /// The history-level verdict.
     pub fn valid(&self) -> bool {
-        self.lost == 0 && self.unexpected == 0 && self.order_violations == 0
+        self.lost == 0 && self.unexpected == 0 && self.order_violations == 0 && self.tx_partial == 0
     }
 }
 
@@ -148,6 +162,12 @@ pub fn check(ops: &[Op]) -> CheckResult {
                         session: op.session,
                         invoked_ms: op.time_ms,
                         completed_ms: None,
+                        tx: op
+                            .value
+                            .as_ref()
+                            .and_then(|v| v.get("tx"))
+                            .and_then(|v| v.as_str())
+                            .map(str::to_owned),
                     },
                 );
             }
@@ -366,6 +386,43 @@ pub fn check(ops: &[Op]) -> CheckResult {
         }
         let _ = p.session;
     }
+
+    // Transactions: all of their pairs delivered, or none.
+    let mut txs: BTreeMap<&str, Vec<(&str, &Publish)>> = BTreeMap::new();
+    for (msg, p) in &pubs {
+        if let Some(tx) = p.tx.as_deref() {
+            txs.entry(tx).or_default().push((msg, p));
+        }
+    }
+    for (tx, msgs) in txs {
+        let (mut total, mut delivered) = (0usize, 0usize);
+        for (msg, p) in &msgs {
+            for q in &p.targets {
+                total += 1;
+                if pairs
+                    .get(&(q.clone(), (*msg).to_owned()))
+                    .is_some_and(|s| s.deliveries > 0)
+                {
+                    delivered += 1;
+                }
+            }
+        }
+        let committed = msgs.iter().all(|(_, p)| p.outcome == Outcome::Ok);
+        if committed {
+            r.tx_committed += 1;
+        } else if delivered == 0 {
+            r.tx_unknown_dropped += 1;
+        } else if delivered == total {
+            r.tx_unknown_applied += 1;
+        }
+        if delivered > 0 && delivered < total {
+            r.tx_partial += 1;
+            push_example(
+                &mut r.tx_partial_examples,
+                format!("{tx}: {delivered} of {total} message-queue pairs delivered"),
+            );
+        }
+    }
     r
 }
 
@@ -395,6 +452,39 @@ mod tests {
 
     fn settle(consumer: &str, f: &str, queue: &str, msg: &str) -> Op {
         Op::new(consumer, OpType::Ok, f).queue(queue).msg(msg)
+    }
+
+    fn in_tx(msg: &str, targets: &[&str], outcome: OpType, tx: &str) -> Vec<Op> {
+        let mut ops = publish(msg, targets, outcome);
+        ops[0].value = Some(serde_json::json!({ "tx": tx }));
+        ops
+    }
+
+    #[test]
+    fn a_transaction_takes_effect_whole_or_not_at_all() {
+        // t1 committed and fully delivered; t2 unknown and dropped; t3 unknown, half there.
+        let mut h = in_tx("p9-1", &["q1"], OpType::Ok, "t1");
+        h.extend(in_tx("p9-2", &["q2"], OpType::Ok, "t1"));
+        h.extend(in_tx("p9-3", &["q1"], OpType::Info, "t2"));
+        h.extend(in_tx("p9-4", &["q2"], OpType::Info, "t2"));
+        h.extend(in_tx("p9-5", &["q1"], OpType::Info, "t3"));
+        h.extend(in_tx("p9-6", &["q2"], OpType::Info, "t3"));
+        for (q, m) in [("q1", "p9-1"), ("q2", "p9-2"), ("q1", "p9-5")] {
+            h.push(deliver("c", q, m, false));
+            h.push(settle("c", "ack", q, m));
+        }
+        let r = check(&indexed(h));
+        assert_eq!(
+            (
+                r.tx_committed,
+                r.tx_unknown_dropped,
+                r.tx_unknown_applied,
+                r.tx_partial
+            ),
+            (1, 1, 0, 1)
+        );
+        assert!(!r.valid());
+        assert_eq!(r.lost, 0);
     }
 
     fn indexed(mut ops: Vec<Op>) -> Vec<Op> {

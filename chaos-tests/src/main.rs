@@ -88,6 +88,9 @@ struct Common {
     queues: usize,
     #[arg(long, default_value_t = 4)]
     producers: u32,
+    /// Transactional producers (tx.select, a few publishes per tx.commit), beside the others.
+    #[arg(long, default_value_t = 1)]
+    tx_producers: u32,
     /// Consumers per queue.
     #[arg(long, default_value_t = 2)]
     consumers: u32,
@@ -152,6 +155,7 @@ impl Common {
             nodes: self.nodes,
             queues: self.queues.clamp(2, 16),
             producers: self.producers.max(1),
+            tx_producers: self.tx_producers,
             consumers_per_queue: self.consumers.max(1),
             rate: self.rate,
             quiet: Duration::from_secs(self.quiet),

@@ -37,6 +37,8 @@ pub struct RunOptions {
     pub nodes: usize,
     pub queues: usize,
     pub producers: u32,
+    /// Transactional producers, beside the confirming ones.
+    pub tx_producers: u32,
     pub consumers_per_queue: u32,
     pub rate: f64,
     /// Workload only, after the heal, before the drain.
@@ -53,13 +55,14 @@ impl RunOptions {
     pub fn command(&self) -> String {
         format!(
             "chaos run --seed {} --nemesis {} --duration {} --nodes {} --queues {} \
-             --producers {} --consumers {} --rate {}",
+             --producers {} --tx-producers {} --consumers {} --rate {}",
             self.seed,
             self.nemesis,
             self.duration.as_secs(),
             self.nodes,
             self.queues,
             self.producers,
+            self.tx_producers,
             self.consumers_per_queue,
             self.rate
         )
@@ -147,6 +150,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
             "nodes": opts.nodes,
             "queues": top.queues,
             "producers": opts.producers,
+            "tx_producers": opts.tx_producers,
             "consumers_per_queue": opts.consumers_per_queue,
             "rate": opts.rate,
             "quiet_s": opts.quiet.as_secs(),
@@ -187,6 +191,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
     let mut load = Workload::start(
         &WorkloadOptions {
             producers: opts.producers,
+            tx_producers: opts.tx_producers,
             consumers_per_queue: opts.consumers_per_queue,
             rate: opts.rate,
             seed: opts.seed,
@@ -269,6 +274,12 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
         problems.push(format!(
             "{} order violations among first deliveries",
             result.order_violations
+        ));
+    }
+    if result.tx_partial > 0 {
+        problems.push(format!(
+            "{} transactions took effect in part",
+            result.tx_partial
         ));
     }
     if nemesis::scenario(&opts.nemesis).is_some_and(|sc| sc.strict_duplicates)
@@ -464,6 +475,14 @@ pub fn text_summary(s: &Summary, schedule: &[nemesis::Event]) -> String {
         "deliveries: {} ({} distinct message-queue pairs of {} expected), acks {}, requeues {}",
         c.deliveries, c.distinct_delivered_pairs, c.expected_pairs, c.acks_sent, c.requeues_sent
     );
+    let _ = writeln!(
+        t,
+        "transactions: {} committed, unknown outcome: {} applied, {} dropped; partial: {}",
+        c.tx_committed, c.tx_unknown_applied, c.tx_unknown_dropped, c.tx_partial
+    );
+    for e in &c.tx_partial_examples {
+        let _ = writeln!(t, "  partial transaction: {e}");
+    }
     let _ = writeln!(
         t,
         "lost: {}   unexpected: {}   order violations: {}",

@@ -9,7 +9,9 @@
 //! of the exchanges), publishes persistent and mandatory, and keeps a bounded window of
 //! unconfirmed publishes. Consumers (several per queue, on different nodes) ack most
 //! deliveries and nack or reject some with requeue, so redelivery is exercised; in drain
-//! mode they ack everything. Every client reconnects on any error to the next node in the
+//! mode they ack everything. Transactional producers publish two or three messages (random
+//! routes) per `tx.commit`, recording the transaction on each publish so the checker can
+//! tell that it took effect whole or not at all. Every client reconnects on any error to the next node in the
 //! shared address list (`cluster::Targets`), with a new session number.
 //!
 //! `run.rs` starts and stops the workload around the nemesis; `checker.rs` judges the
@@ -238,6 +240,7 @@ pub async fn verify_topology(top: &Topology, node: u64) -> anyhow::Result<()> {
 #[derive(Clone, Debug)]
 pub struct WorkloadOptions {
     pub producers: u32,
+    pub tx_producers: u32,
     pub consumers_per_queue: u32,
     /// Publishes per second, all producers together.
     pub rate: f64,
@@ -292,7 +295,8 @@ impl Workload {
             }
         }
         let period = Duration::from_secs_f64(opts.producers as f64 / opts.rate.max(0.1));
-        let producers = (1..=opts.producers)
+        let tx_period = Duration::from_millis(200);
+        let mut producers: Vec<JoinHandle<()>> = (1..=opts.producers)
             .map(|p| {
                 let pr = Producer {
                     id: p,
@@ -309,6 +313,23 @@ impl Workload {
                 tokio::spawn(pr.run())
             })
             .collect();
+        for t in 1..=opts.tx_producers {
+            // Numbered after the confirming producers so message ids stay unique.
+            let p = opts.producers + t;
+            let pr = Producer {
+                id: p,
+                process: format!("tx-producer-{t}"),
+                first_node: t as usize,
+                period: tx_period,
+                routes: top.routes.clone(),
+                run_tag: opts.run_tag.clone(),
+                rng: ChaCha8Rng::seed_from_u64(opts.seed ^ (0x7a11 + p as u64)),
+                targets: targets.clone(),
+                control: control.clone(),
+                history: history.clone(),
+            };
+            producers.push(tokio::spawn(pr.run_transactional()));
+        }
         Workload {
             control,
             producers,
@@ -536,6 +557,124 @@ impl Producer {
             window.acquire_many(WINDOW as u32),
         )
         .await;
+    }
+}
+
+impl Producer {
+    /// Publishes in transactions: a few messages, then tx.commit. A commit-ok makes each of
+    /// them `ok`; a failed or timed-out commit (or a failed publish before it) makes each
+    /// `info`, and the producer reconnects.
+    async fn run_transactional(mut self) {
+        let mut seq = 0u64;
+        let mut session = 0u64;
+        let mut commits = 0u64;
+        let mut next_node = self.first_node;
+        while self.control.publishing.load(Ordering::SeqCst) {
+            let nodes = self.targets.get();
+            if nodes.is_empty() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            let node = nodes[next_node % nodes.len()];
+            next_node += 1;
+            session += 1;
+            let connected = match connect(node).await {
+                Ok((conn, ch)) => match within("tx.select", ch.tx_select()).await {
+                    Ok(()) => Ok((conn, ch)),
+                    Err(e) => {
+                        close_later(conn);
+                        Err(e)
+                    }
+                },
+                Err(e) => Err(e),
+            };
+            let (conn, ch) = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    self.history.record(
+                        Op::new(&self.process, OpType::Fail, "connect")
+                            .node(node)
+                            .session(session)
+                            .value(e.to_string()),
+                    );
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    continue;
+                }
+            };
+            self.history.record(
+                Op::new(&self.process, OpType::Ok, "connect")
+                    .node(node)
+                    .session(session),
+            );
+            let mut tick = tokio::time::interval(self.period);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while self.control.publishing.load(Ordering::SeqCst) {
+                tick.tick().await;
+                commits += 1;
+                let tx = format!("{}/{session}/{commits}", self.process);
+                let mut msgs = Vec::new();
+                let mut broken = None;
+                for _ in 0..self.rng.random_range(2..=3) {
+                    seq += 1;
+                    let route = &self.routes[self.rng.random_range(0..self.routes.len())];
+                    let msg = history::msg_id(self.id, seq);
+                    let body = history::body(&self.run_tag, self.id, session, seq);
+                    self.history.record(
+                        Op::new(&self.process, OpType::Invoke, "publish")
+                            .node(node)
+                            .session(session)
+                            .msg(&msg)
+                            .targets(&route.targets)
+                            .value(serde_json::json!({ "tx": tx })),
+                    );
+                    msgs.push(msg);
+                    let published = within(
+                        "basic.publish",
+                        ch.basic_publish(
+                            route.exchange.as_str().into(),
+                            route.key.as_str().into(),
+                            BasicPublishOptions::default(),
+                            body.as_bytes(),
+                            BasicProperties::default().with_delivery_mode(2),
+                        ),
+                    )
+                    .await;
+                    if let Err(e) = published {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                }
+                let outcome = match broken {
+                    Some(e) => Err(e),
+                    None => match tokio::time::timeout(CONFIRM_TIMEOUT, ch.tx_commit()).await {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(format!("tx.commit: {e}")),
+                        Err(_) => Err("tx.commit timed out".to_owned()),
+                    },
+                };
+                let failed = outcome.is_err();
+                let kind = if failed { OpType::Info } else { OpType::Ok };
+                for msg in &msgs {
+                    let mut op = Op::new(&self.process, kind, "publish")
+                        .node(node)
+                        .session(session)
+                        .msg(msg);
+                    if let Err(e) = &outcome {
+                        op = op.value(e.clone());
+                    }
+                    self.history.record(op);
+                }
+                if failed {
+                    break;
+                }
+            }
+            self.history.record(
+                Op::new(&self.process, OpType::Info, "disconnect")
+                    .node(node)
+                    .session(session),
+            );
+            close_later(conn);
+        }
     }
 }
 
