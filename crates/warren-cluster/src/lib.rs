@@ -40,7 +40,10 @@ pub mod transaction;
 pub mod transport;
 pub mod types;
 
-pub use node::{Node, NodeConfig, NodeError, NodeHandler, NodeService, NodeSlot, ServiceFuture};
+pub use node::{
+    DEFAULT_PAGE_WINDOW, Node, NodeConfig, NodeError, NodeHandler, NodeService, NodeSlot,
+    ServiceFuture,
+};
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo, Traffic};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 

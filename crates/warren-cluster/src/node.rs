@@ -57,7 +57,14 @@ pub struct NodeConfig {
     pub snapshot_every: u64,
     /// A peer that has not answered pings for this long is down.
     pub failure_timeout_ms: u64,
+    /// Ready messages each replicated queue keeps in memory; the rest wait on disk
+    /// ([`DEFAULT_PAGE_WINDOW`] unless a test wants paging sooner).
+    pub page_window: u32,
 }
+
+/// A queue's page window: about 1 MB of index per deep queue, and enough ready messages in
+/// memory that consumers never wait for a page-in at full speed.
+pub const DEFAULT_PAGE_WINDOW: u32 = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -228,6 +235,7 @@ impl Node {
             liveness.clone(),
             unused_tx,
             dead_letter_tx,
+            cfg.page_window,
         ));
         registry.set_members(cfg.members.clone());
         let meta_state = Arc::new(RwLock::new(MetaState::new()));

@@ -27,6 +27,9 @@ use crate::outbox::{Outbox, RemoteItem};
 use crate::queue_sm::QueueMachine;
 use crate::types::{QueueOutcome, QueueRequest, Raft, now_ms};
 
+/// How long a page-in that has not applied is left alone before it is asked for again.
+const PAGE_IN_RETRY: std::time::Duration = std::time::Duration::from_secs(3);
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {
     #[error("queue '{0}' was deleted")]
@@ -180,6 +183,8 @@ pub struct QueueHandle {
     consumers: Mutex<HashMap<ConsumerKey, Arc<dyn DeliverySink>>>,
     stats: Mutex<QueueStats>,
     pending_txs: Mutex<Vec<PendingTx>>,
+    /// The page-in last asked for per priority level, and when (see `should_page_in`).
+    page_ins_asked: Mutex<HashMap<u8, (u64, std::time::Instant)>>,
     /// Only the serving node delivers; replicas apply the same effects silently.
     leader: AtomicBool,
     /// The node believed to serve the queue, for forwarding (0: unknown).
@@ -227,6 +232,7 @@ impl QueueHandle {
             consumers: Mutex::new(HashMap::new()),
             stats: Mutex::new(QueueStats::default()),
             pending_txs: Mutex::new(Vec::new()),
+            page_ins_asked: Mutex::new(HashMap::new()),
             leader: AtomicBool::new(local),
             leader_hint: AtomicU64::new(hint),
             closed: AtomicBool::new(false),
@@ -723,6 +729,30 @@ impl QueueHandle {
                         hook(self);
                     }
                 }
+                // Paging is storage work, done by the replicated state machine before the
+                // other effects run; a queue in memory never pages.
+                Effect::PageOut { .. }
+                | Effect::Unpage { .. }
+                | Effect::DropPaged { .. }
+                | Effect::WantPageIn { .. } => {}
+            }
+        }
+    }
+
+    /// Whether to answer the state machine's wish for a page-in of `priority` numbered
+    /// `seq`: not while the same one is on its way (it is asked for after every command
+    /// until it applies), unless that one seems lost.
+    pub(crate) fn should_page_in(&self, priority: u8, seq: u64) -> bool {
+        let mut asked = self
+            .page_ins_asked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match asked.get(&priority) {
+            Some((s, at)) if *s == seq && now.duration_since(*at) < PAGE_IN_RETRY => false,
+            _ => {
+                asked.insert(priority, (seq, now));
+                true
             }
         }
     }

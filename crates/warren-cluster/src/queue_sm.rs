@@ -1,15 +1,17 @@
 //! openraft's state machine for one replicated queue: applies committed queue commands to the
 //! pure `QueueState` and keeps message bodies in RocksDB.
 //!
-//! The index of the queue (`QueueState`) lives in memory and in snapshots; bodies are written
-//! to the `sm` column family when their enqueue applies and deleted when they settle, so
-//! snapshots stay small however deep the queue. After a crash the node loads the last
+//! The index of the queue (`QueueState`) lives in memory and in snapshots, up to its page
+//! window of ready messages; the index entries of the ready messages beyond it are paged out
+//! to the `sm` column family (`PageOut`) and come back through the log (`PageIn`, read here
+//! by the leader). Bodies are written to the `sm` column family when their enqueue applies
+//! and deleted when they settle, so memory and snapshots stay small however deep the queue. After a crash the node loads the last
 //! snapshot and openraft re-applies the log after it: enqueues rewrite their bodies and
 //! settlements delete them again, both idempotent. A snapshot is written with a synced write,
 //! which also makes every earlier body write durable, so every message live in a snapshot has
 //! its body on disk. Deliveries and releases go through the queue's `QueueHandle`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
 use std::sync::{Arc, Weak};
 
@@ -19,13 +21,13 @@ use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use rocksdb::WriteBatch;
 use serde::{Deserialize, Serialize};
-use warren_core::queue::{QueueReply, QueueState};
+use warren_core::queue::{Effect, PagedEntry, QueueCmd, QueueReply, QueueState};
 use warren_core::{MessageContent, MsgId};
 
 use crate::db::keys;
 use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, Storage, decode, encode};
-use crate::queue::{Bodies, QueueHandle};
-use crate::types::{GroupRequest, GroupResponse, QueueOutcome, TypeConfig};
+use crate::queue::{Bodies, QueueHandle, ReplyTo};
+use crate::types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
 const SNAPSHOT_TAG: &[u8] = b"current";
 
@@ -118,34 +120,90 @@ pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()>
     storage.db().write(batch).map_err(io_err)
 }
 
-/// A queue snapshot's data: the index, plus the live bodies when it travels to another
-/// replica. Stored snapshots keep `bodies` empty: the bodies are in the `sm` column family.
+/// A queue snapshot's data: the index, plus the group's records of the `sm` column family
+/// (bodies and paged-out index entries, as key suffixes after the group prefix and raw
+/// values) when it travels to another replica. Stored snapshots keep `records` empty: they
+/// are in the column family.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     state: QueueState,
-    bodies: Vec<(MsgId, MessageContent)>,
+    records: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Adds the bodies of every live message to a stored snapshot's data, for sending it.
+/// Adds the group's bodies and paged entries to a stored snapshot's data, for sending it.
+/// They are read now, not as of the snapshot: a record written later belongs to a command
+/// the receiver replays from the log anyway (which rewrites it), and one deleted since
+/// belongs to a message that replay settles or pages in again from the log's copy.
 pub(crate) fn with_bodies(storage: &Storage, group: GroupId, data: &[u8]) -> io::Result<Vec<u8>> {
     let mut payload: SnapshotPayload = postcard::from_bytes(data).map_err(io_err)?;
-    let cf = storage.cf(CF_SM);
-    for msg in payload.state.message_ids() {
-        // A body can be missing only for a message settled after the snapshot was taken;
-        // the receiver replays that settlement from the log, so it never needs it.
-        if let Some(bytes) = storage
-            .db()
-            .get_cf(cf, body_key(group, msg))
-            .map_err(io_err)?
-        {
-            payload.bodies.push((msg, decode(&bytes).map_err(io_err)?));
+    let prefix = keys::group_prefix(group);
+    let records = storage.db().iterator_cf(
+        storage.cf(CF_SM),
+        rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+    );
+    for record in records {
+        let (key, value) = record.map_err(io_err)?;
+        if !key.starts_with(&prefix) {
+            break;
         }
+        payload
+            .records
+            .push((key[keys::PREFIX_LEN..].to_vec(), value.to_vec()));
     }
     postcard::to_allocvec(&payload).map_err(io_err)
 }
 
 fn body_key(group: GroupId, msg: MsgId) -> Vec<u8> {
     keys::group_key(group, &msg.to_be_bytes())
+}
+
+/// Tag of paged-out index entries among a group's records; a body key (a message id) is
+/// shorter, so the two never meet.
+const PAGED_TAG: u8 = b'P';
+
+/// The prefix of a priority level's paged entries.
+fn paged_prefix(group: GroupId, priority: u8) -> Vec<u8> {
+    keys::group_key(group, &[PAGED_TAG, priority])
+}
+
+/// A paged entry's key: the level prefix, then the message id (so a level reads in id order).
+fn paged_key(group: GroupId, priority: u8, msg: MsgId) -> Vec<u8> {
+    let mut key = paged_prefix(group, priority);
+    key.extend_from_slice(&msg.to_be_bytes());
+    key
+}
+
+/// The message id of a paged key of the level `prefix` names.
+fn paged_id(prefix: &[u8], key: &[u8]) -> Option<MsgId> {
+    let id: [u8; 8] = key.strip_prefix(prefix)?.try_into().ok()?;
+    Some(MsgId::from_be_bytes(id))
+}
+
+/// How many paged entries one page-in brings back.
+const PAGE_IN_CHUNK: usize = 2048;
+
+/// The first entries of a level on disk, as the leader reads them for a page-in.
+fn read_paged(
+    storage: &Storage,
+    group: GroupId,
+    priority: u8,
+) -> io::Result<Vec<(MsgId, PagedEntry)>> {
+    let prefix = paged_prefix(group, priority);
+    let mut entries = Vec::new();
+    let records = storage.db().iterator_cf(
+        storage.cf(CF_SM),
+        rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+    );
+    for record in records {
+        let (key, value) = record.map_err(io_err)?;
+        if !key.starts_with(&prefix) || entries.len() >= PAGE_IN_CHUNK {
+            break;
+        }
+        if let Some(id) = paged_id(&prefix, &key) {
+            entries.push((id, decode(&value).map_err(io_err)?));
+        }
+    }
+    Ok(entries)
 }
 
 /// Bodies as seen during one apply call: writes are staged in a batch, and reads see the
@@ -155,10 +213,79 @@ struct StagedBodies<'a> {
     group: GroupId,
     batch: WriteBatch,
     puts: HashMap<MsgId, MessageContent>,
+    /// Paged entries written (true) or deleted (false) by this batch.
+    paged: BTreeMap<(u8, MsgId), bool>,
     error: Option<io::Error>,
 }
 
 impl StagedBodies<'_> {
+    /// Carries out a paging effect (every replica, replay included); other effects come back.
+    fn page(&mut self, effect: Effect) -> Option<Effect> {
+        match effect {
+            Effect::PageOut {
+                priority,
+                msg,
+                entry,
+            } => match encode(&entry) {
+                Ok(bytes) => {
+                    let key = paged_key(self.group, priority, msg);
+                    self.batch.put_cf(self.storage.cf(CF_SM), key, bytes);
+                    self.paged.insert((priority, msg), true);
+                }
+                Err(e) => self.error = Some(io_err(e)),
+            },
+            Effect::Unpage { priority, msgs } => {
+                for msg in msgs {
+                    let key = paged_key(self.group, priority, msg);
+                    self.batch.delete_cf(self.storage.cf(CF_SM), key);
+                    self.paged.insert((priority, msg), false);
+                }
+            }
+            Effect::DropPaged { priority } => self.drop_paged(priority),
+            other => return Some(other),
+        }
+        None
+    }
+
+    /// A purge: every entry of the level on disk or written by this batch goes, with its
+    /// body; entries this batch paged in already are in memory again and stay out of it.
+    fn drop_paged(&mut self, priority: u8) {
+        let prefix = paged_prefix(self.group, priority);
+        let mut dropped: Vec<MsgId> = self
+            .paged
+            .range((priority, 0)..=(priority, MsgId::MAX))
+            .filter(|(_, written)| **written)
+            .map(|((_, id), _)| *id)
+            .collect();
+        let records = self.storage.db().iterator_cf(
+            self.storage.cf(CF_SM),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        );
+        for record in records {
+            let key = match record {
+                Ok((key, _)) => key,
+                Err(e) => {
+                    self.error = Some(io_err(e));
+                    return;
+                }
+            };
+            if !key.starts_with(&prefix) {
+                break;
+            }
+            if let Some(id) = paged_id(&prefix, &key)
+                && !self.paged.contains_key(&(priority, id))
+            {
+                dropped.push(id);
+            }
+        }
+        for id in &dropped {
+            let key = paged_key(self.group, priority, *id);
+            self.batch.delete_cf(self.storage.cf(CF_SM), key);
+            self.paged.insert((priority, *id), false);
+        }
+        self.release(&dropped);
+    }
+
     fn put(&mut self, msg: MsgId, content: MessageContent) {
         match encode(&content) {
             Ok(bytes) => {
@@ -214,11 +341,12 @@ impl QueueMachine {
         group: GroupId,
         handle: &Arc<QueueHandle>,
         replay_until: u64,
+        page_window: u32,
     ) -> io::Result<Self> {
         let mut machine = QueueMachine {
             group,
             storage,
-            state: QueueState::with_config(handle.config()),
+            state: QueueState::with_config(handle.config()).with_page_window(page_window),
             last_applied: None,
             membership: StoredMembership::default(),
             handle: Arc::downgrade(handle),
@@ -250,7 +378,7 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
         let data = postcard::to_allocvec(&SnapshotPayload {
             state: std::mem::take(&mut self.state),
-            bodies: Vec::new(),
+            records: Vec::new(),
         })
         .map_err(io_err)?;
         let meta = SnapshotMetaOf::<TypeConfig> {
@@ -281,9 +409,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
             group: self.group,
             batch: WriteBatch::default(),
             puts: HashMap::new(),
+            paged: BTreeMap::new(),
             error: None,
         };
         let mut responses = Vec::new();
+        // Page-ins the state asks for, answered once this batch is on disk (leader only).
+        let mut page_ins: BTreeMap<u8, u64> = BTreeMap::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
@@ -308,12 +439,24 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                         _ => None,
                     };
                     let replaying = entry.log_id.index <= self.replay_until;
+                    let mut effects: Vec<Effect> =
+                        effects.into_iter().filter_map(|e| bodies.page(e)).collect();
                     match &handle {
                         Some(h) if !replaying => {
                             // Only entries this node wrote as the current leader.
                             let own = entry.log_id.leader_id.node_id == h.node_id()
                                 && entry.log_id.leader_id.term == h.leader_term();
-                            h.run_effects_as(h.is_leader() && own, effects, &mut bodies)
+                            let serving = h.is_leader() && own;
+                            effects.retain(|e| match e {
+                                Effect::WantPageIn { priority, seq } => {
+                                    if serving {
+                                        page_ins.insert(*priority, *seq);
+                                    }
+                                    false
+                                }
+                                _ => true,
+                            });
+                            h.run_effects_as(serving, effects, &mut bodies)
                         }
                         _ => {
                             for e in effects {
@@ -342,6 +485,19 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         if let Some(h) = &handle {
             h.set_stats(self.state.stats());
             h.set_pending_txs(self.state.pending_txs());
+            for (priority, seq) in page_ins {
+                if h.should_page_in(priority, seq) {
+                    let entries = read_paged(&self.storage, self.group, priority)?;
+                    h.submit(
+                        QueueRequest::new(QueueCmd::PageIn {
+                            priority,
+                            seq,
+                            entries,
+                        }),
+                        ReplyTo::None,
+                    );
+                }
+            }
         }
         for (responder, response) in responses {
             responder.send(response);
@@ -374,18 +530,18 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
             .map(|k| k.to_vec())
             .unwrap_or_else(|| vec![0xff; 9]);
         batch.delete_range_cf(self.storage.cf(CF_SM), from, to);
-        for (msg, content) in &payload.bodies {
+        for (suffix, value) in &payload.records {
             batch.put_cf(
                 self.storage.cf(CF_SM),
-                body_key(self.group, *msg),
-                encode(content).map_err(io_err)?,
+                keys::group_key(self.group, suffix),
+                value,
             );
         }
         self.storage.db().write(batch).map_err(io_err)?;
         let state = payload.state;
         let data = postcard::to_allocvec(&SnapshotPayload {
             state: state.clone(),
-            bodies: Vec::new(),
+            records: Vec::new(),
         })
         .map_err(io_err)?;
         save_snapshot(

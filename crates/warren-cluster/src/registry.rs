@@ -45,6 +45,8 @@ pub(crate) struct Registry {
     pub outbox: Arc<Outbox>,
     pub liveness: Arc<dyn Liveness>,
     pub proposer: Arc<ProposerContext>,
+    /// Ready messages a replicated queue keeps in memory; the rest are paged to disk.
+    pub page_window: u32,
     queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
     by_id: RwLock<HashMap<u64, Arc<QueueHandle>>>,
     pub(crate) groups: Mutex<HashMap<GroupId, GroupRunner>>,
@@ -83,6 +85,7 @@ impl Registry {
         liveness: Arc<dyn Liveness>,
         unused_tx: mpsc::UnboundedSender<(String, String, Option<ConnectionRef>)>,
         dead_letter_tx: mpsc::UnboundedSender<DeadLetter>,
+        page_window: u32,
     ) -> Self {
         let proposer = Arc::new(ProposerContext {
             node: node_id,
@@ -98,6 +101,7 @@ impl Registry {
             outbox,
             liveness,
             proposer,
+            page_window,
             queues: RwLock::new(HashMap::new()),
             by_id: RwLock::new(HashMap::new()),
             groups: Mutex::new(HashMap::new()),
@@ -470,13 +474,15 @@ async fn run_group(
             }
         }
     };
-    let machine = match QueueMachine::open(storage.clone(), group, &handle, replay_until) {
-        Ok(m) => m,
-        Err(e) => {
-            error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
-            return;
-        }
-    };
+    let page_window = reg.page_window;
+    let machine =
+        match QueueMachine::open(storage.clone(), group, &handle, replay_until, page_window) {
+            Ok(m) => m,
+            Err(e) => {
+                error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
+                return;
+            }
+        };
     let network = GroupNetwork::new(group, transport, storage.clone());
     let raft = match Raft::new(node_id, config, network, log_store, machine).await {
         Ok(r) => r,

@@ -134,5 +134,6 @@ fn queue_name(cmd: &QueueCmd) -> &'static str {
         QueueCmd::DeadLettered { .. } => "dead-lettered",
         QueueCmd::TxStage { .. } => "tx-stage",
         QueueCmd::TxResolve { .. } => "tx-resolve",
+        QueueCmd::PageIn { .. } => "page-in",
     }
 }

@@ -23,8 +23,12 @@ use warren_codec::{FieldTable, FieldValue};
 use crate::error::AmqpError;
 use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun, TxId};
 
+#[path = "queue_paging.rs"]
+mod paging;
 #[path = "queue_tx.rs"]
 mod tx;
+pub use paging::PagedEntry;
+use paging::PagedLevel;
 use tx::StagedTx;
 pub use tx::{PendingTx, TxSettle, TxWork};
 
@@ -323,6 +327,14 @@ pub enum QueueCmd {
         tx: TxId,
         commit: bool,
     },
+    /// The next index entries of a paged priority level, read by the leader from its disk
+    /// (`Effect::WantPageIn`): ready in memory again. `seq` must be the level's page-in number,
+    /// else the command was overtaken and is ignored.
+    PageIn {
+        priority: u8,
+        seq: u64,
+        entries: Vec<(MsgId, PagedEntry)>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -394,6 +406,20 @@ pub enum Effect {
     /// The queue dropped this consumer on its own (its node was declared down); the consumer's
     /// connection, if it still exists, must tell the client.
     ConsumerGone { consumer: ConsumerKey },
+    /// Store this ready message's index entry on disk (every replica): it left memory.
+    PageOut {
+        priority: u8,
+        msg: MsgId,
+        entry: PagedEntry,
+    },
+    /// These entries of a level are back in memory: delete them from disk (every replica).
+    Unpage { priority: u8, msgs: Vec<MsgId> },
+    /// A purge dropped every message of a level on disk: delete their entries and bodies
+    /// (every replica).
+    DropPaged { priority: u8 },
+    /// Read the first entries of this level from disk and propose `QueueCmd::PageIn` with
+    /// them and `seq` (leader only; repeated while wanted, so one request at a time).
+    WantPageIn { priority: u8, seq: u64 },
 }
 
 /// Ready messages in delivery order: highest priority first, then oldest.
@@ -421,6 +447,7 @@ pub struct QueueState {
     /// Round-robin order of consumers: the front gets the next message it has credit for.
     rotation: VecDeque<ConsumerKey>,
     next_consumer_order: u64,
+    /// Bytes of every ready message, in memory or paged out.
     ready_bytes: u64,
     /// Highest sequence number taken from each publisher; `CLOSED` once its channel is down.
     publishers: BTreeMap<PublisherId, u64>,
@@ -433,6 +460,10 @@ pub struct QueueState {
     expired: bool,
     /// The policy version of the config in force (0: from the declaration).
     config_version: u64,
+    /// Ready messages beyond this many go to disk (0: none do). See `queue_paging.rs`.
+    page_window: u32,
+    /// Ready messages on disk, per priority level.
+    paged: BTreeMap<u8, PagedLevel>,
     /// Transactions staged here and not yet resolved.
     staged: BTreeMap<TxId, StagedTx>,
     /// Transactions resolved lately (the last `RESOLVED_TXS_KEPT`, in `resolved_order`): a
@@ -471,11 +502,16 @@ impl QueueState {
 
     pub fn stats(&self) -> QueueStats {
         QueueStats {
-            ready: self.ready.len() as u64,
+            ready: self.ready_count(),
             unacked: self.checked_out.len() as u64,
             consumers: self.consumers.len() as u64,
             ready_bytes: self.ready_bytes,
         }
+    }
+
+    /// Ready messages, in memory and paged out.
+    fn ready_count(&self) -> u64 {
+        self.ready.len() as u64 + self.paged_count()
     }
 
     pub fn consumer(&self, key: &ConsumerKey) -> Option<&ConsumerState> {
@@ -538,6 +574,14 @@ impl QueueState {
                 self.tx_resolve(tx, commit, now_ms, &mut fx);
                 QueueReply::Done
             }
+            QueueCmd::PageIn {
+                priority,
+                seq,
+                entries,
+            } => {
+                self.page_in(priority, seq, entries, &mut fx);
+                QueueReply::Done
+            }
             QueueCmd::Consume {
                 consumer,
                 prefetch,
@@ -581,7 +625,7 @@ impl QueueState {
                     .map(|(_, id)| id)
                     .collect();
                 self.ready_bytes = 0;
-                let count = purged.len() as u64;
+                let count = purged.len() as u64 + self.purge_paged(&mut fx);
                 self.forget(purged, &mut fx);
                 QueueReply::Purged { count }
             }
@@ -677,6 +721,7 @@ impl QueueState {
         if let Some(at) = next {
             out.push(Effect::Timer { at });
         }
+        out.extend(self.page_in_wanted());
         (reply, out)
     }
 
@@ -686,7 +731,7 @@ impl QueueState {
         }
         let id = self.next_msg;
         self.next_msg += 1;
-        self.admit(id, meta, now_ms, fx)
+        self.admit(id, meta, now_ms, true, fx)
     }
 
     /// Whether the queue is full and its overflow behaviour refuses a publish of `size`
@@ -700,7 +745,7 @@ impl QueueState {
     fn is_full(&self, size: u64) -> bool {
         self.config
             .max_length
-            .is_some_and(|max| self.ready.len() as u64 >= max)
+            .is_some_and(|max| self.ready_count() >= max)
             || self
                 .config
                 .max_length_bytes
@@ -708,12 +753,14 @@ impl QueueState {
     }
 
     /// Takes a message the queue does not refuse under `id` (already allocated): ready, or
-    /// dead-lettered at once under reject-publish-dlx when the queue is full.
+    /// dead-lettered at once under reject-publish-dlx when the queue is full. Only a `fresh`
+    /// id (the newest so far) may be paged out.
     fn admit(
         &mut self,
         id: MsgId,
         meta: MessageMeta,
         now_ms: u64,
+        fresh: bool,
         fx: &mut Vec<Effect>,
     ) -> QueueReply {
         let reject = self.is_full(meta.size) && self.config.overflow == Overflow::RejectPublishDlx;
@@ -738,7 +785,11 @@ impl QueueState {
             self.dead_letter(id, DeadLetterReason::MaxLen, fx);
             return QueueReply::Rejected { msg: Some(id) };
         }
-        self.make_ready(id);
+        if fresh {
+            self.make_ready_fresh(id, fx);
+        } else {
+            self.make_ready(id);
+        }
         // A message with TTL 0 is delivered only if a consumer takes it at once (RabbitMQ);
         // `expire` after dispatch drops it otherwise.
         QueueReply::Enqueued { msg: id }
@@ -760,7 +811,7 @@ impl QueueState {
             let over = self
                 .config
                 .max_length
-                .is_some_and(|max| self.ready.len() as u64 > max)
+                .is_some_and(|max| self.ready_count() > max)
                 || self
                     .config
                     .max_length_bytes
@@ -1063,7 +1114,7 @@ impl QueueState {
         QueueReply::GetOk {
             msg: id,
             delivery_count,
-            remaining: self.ready.len() as u64,
+            remaining: self.ready_count(),
         }
     }
 

@@ -365,6 +365,11 @@ enum Op {
         t: u64,
         commit: bool,
     },
+    /// The leader answers the queue's latest `WantPageIn` with up to this many entries read
+    /// from the simulated disk.
+    PageIn {
+        max: usize,
+    },
 }
 
 const CONSUMERS: [(u16, &str); 4] = [(1, "a"), (1, "b"), (2, "c"), (3, "d")];
@@ -439,10 +444,11 @@ fn op() -> impl Strategy<Value = Op> {
         )
             .prop_map(|(t, how, pick)| Op::TxSettle { t, how, pick }),
         2 => (0u64..2, any::<bool>()).prop_map(|(t, commit)| Op::TxResolve { t, commit }),
+        3 => (1usize..4).prop_map(|max| Op::PageIn { max }),
     ]
 }
 
-fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
+fn to_cmd(q: &QueueState, model: &Model, op: &Op) -> Option<QueueCmd> {
     let picks = |ch: u16, pick: &[usize]| {
         let held = q.checked_out_to(&channel(ch));
         let mut msgs: Vec<MsgId> = pick.iter().filter_map(|i| held.get(*i).copied()).collect();
@@ -540,6 +546,19 @@ fn to_cmd(q: &QueueState, op: &Op) -> Option<QueueCmd> {
             tx: model_tx(q, *t),
             commit: *commit,
         },
+        Op::PageIn { max } => {
+            let (priority, seq) = model.wanted?;
+            QueueCmd::PageIn {
+                priority,
+                seq,
+                entries: model
+                    .disk
+                    .range((priority, 0)..=(priority, MsgId::MAX))
+                    .take(*max)
+                    .map(|((_, id), e)| (*id, *e))
+                    .collect(),
+            }
+        }
     })
 }
 
@@ -593,6 +612,10 @@ struct Model {
     returned: BTreeMap<MsgId, u32>,
     /// Publishes staged by transactions not yet resolved.
     staged: BTreeSet<MsgId>,
+    /// What the adapter would hold on disk for paged-out messages, by (priority, id).
+    disk: BTreeMap<(u8, MsgId), PagedEntry>,
+    /// The page-in the queue asked for in its last command.
+    wanted: Option<(u8, u64)>,
     now: u64,
 }
 
@@ -614,8 +637,10 @@ fn check_invariants(q: &QueueState) -> Result<(), TestCaseError> {
         prop_assert_eq!(prio.0, q.messages[id].meta.priority, "ready key of {}", id);
     }
     let bytes: u64 = q.ready.iter().map(|(_, id)| q.messages[id].meta.size).sum();
-    prop_assert_eq!(bytes, q.ready_bytes);
-    if q.config.overflow == Overflow::DropHead {
+    prop_assert_eq!(bytes + q.paged_bytes(), q.ready_bytes);
+    // Drop-head limits are enforced on what is in memory: messages paged out before the
+    // limit came into force are dropped when they come back.
+    if q.config.overflow == Overflow::DropHead && q.paged_count() == 0 {
         if let Some(max) = q.config.max_length {
             prop_assert!(q.ready.len() as u64 <= max, "over x-max-length");
         }
@@ -661,7 +686,13 @@ fn step(
     model: &mut Model,
     cmd: QueueCmd,
 ) -> Result<Vec<Effect>, TestCaseError> {
-    let ready_before: BTreeSet<MsgId> = q.ready.iter().map(|(_, id)| *id).collect();
+    // Paged-out messages are ready too, on disk.
+    let ready_before: BTreeSet<MsgId> = q
+        .ready
+        .iter()
+        .map(|(_, id)| *id)
+        .chain(model.disk.keys().map(|(_, id)| *id))
+        .collect();
     let priority_before: BTreeMap<MsgId, u8> = q
         .messages
         .iter()
@@ -819,7 +850,56 @@ fn step(
         }
     }
     // Every live message is held by the state, every held message is live.
-    let held: BTreeSet<MsgId> = q.messages.keys().copied().collect();
+    model.wanted = None;
+    for e in &fx {
+        match e {
+            Effect::PageOut {
+                priority,
+                msg,
+                entry,
+            } => {
+                prop_assert!(!q.messages.contains_key(msg), "paged-out {msg} still held");
+                prop_assert!(model.disk.insert((*priority, *msg), *entry).is_none());
+            }
+            Effect::Unpage { priority, msgs } => {
+                // Back in memory (and maybe delivered, expired or dropped at once).
+                for m in msgs {
+                    prop_assert!(model.disk.remove(&(*priority, *m)).is_some());
+                }
+            }
+            Effect::DropPaged { priority } => {
+                let dropped: Vec<(u8, MsgId)> = model
+                    .disk
+                    .range((*priority, 0)..=(*priority, MsgId::MAX))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in dropped {
+                    model.disk.remove(&k);
+                    prop_assert!(model.live.remove(&k.1));
+                }
+            }
+            Effect::WantPageIn { priority, seq } => model.wanted = Some((*priority, *seq)),
+            _ => {}
+        }
+    }
+    // The paged levels count exactly what is on disk.
+    let mut on_disk: BTreeMap<u8, u64> = BTreeMap::new();
+    for (p, _) in model.disk.keys() {
+        *on_disk.entry(*p).or_default() += 1;
+    }
+    let counted: BTreeMap<u8, u64> = q
+        .paged_levels()
+        .into_iter()
+        .filter(|(_, (count, _))| *count > 0)
+        .map(|(p, (count, _))| (p, count))
+        .collect();
+    prop_assert_eq!(on_disk, counted);
+    let held: BTreeSet<MsgId> = q
+        .messages
+        .keys()
+        .copied()
+        .chain(model.disk.keys().map(|(_, id)| *id))
+        .collect();
     prop_assert_eq!(&held, &model.live);
     let out: BTreeSet<MsgId> = q.checked_out.keys().copied().collect();
     prop_assert_eq!(&out, &model.out);
@@ -836,31 +916,41 @@ fn roundtrip(q: &QueueState) -> QueueState {
     postcard::from_bytes(&bytes).expect("decode")
 }
 
+fn run_sequence(mut q: QueueState, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut model = Model::default();
+    // A replica that restores from a snapshot at every Snapshot op must stay identical.
+    let mut replica = q.clone();
+    for op in ops {
+        if let Op::Tick(advance) = op {
+            model.now += advance;
+        }
+        if let Op::Snapshot = op {
+            replica = roundtrip(&q);
+            prop_assert_eq!(&replica, &q);
+            continue;
+        }
+        let Some(cmd) = to_cmd(&q, &model, op) else {
+            continue;
+        };
+        let fx = step(&mut q, &mut model, cmd.clone())?;
+        let (_, replica_fx) = replica.apply(cmd, model.now);
+        prop_assert_eq!(fx, replica_fx);
+    }
+    prop_assert_eq!(&replica, &q);
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     #[test]
     fn random_sequences_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut q = QueueState::new();
-        let mut model = Model::default();
-        // A replica that restores from a snapshot at every Snapshot op must stay identical.
-        let mut replica = QueueState::new();
-        for op in &ops {
-            if let Op::Tick(advance) = op {
-                model.now += advance;
-            }
-            match to_cmd(&q, op) {
-                None => {
-                    replica = roundtrip(&q);
-                    prop_assert_eq!(&replica, &q);
-                }
-                Some(cmd) => {
-                    let fx = step(&mut q, &mut model, cmd.clone())?;
-                    let (_, replica_fx) = replica.apply(cmd, model.now);
-                    prop_assert_eq!(fx, replica_fx);
-                }
-            }
-        }
-        prop_assert_eq!(&replica, &q);
+        run_sequence(QueueState::new(), &ops)?;
+    }
+
+    /// The same with a page window of 3: most ready messages go to disk and come back.
+    #[test]
+    fn random_sequences_with_paging_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        run_sequence(QueueState::new().with_page_window(3), &ops)?;
     }
 }
 
@@ -1552,4 +1642,116 @@ fn staged_work_survives_a_snapshot() {
     let fx = resolve(&mut restored, tx(1, 1), true);
     assert_eq!(released(&fx), vec![a]);
     assert!(restored.is_ready(p) || restored.checked_out_to(&channel(1)) == vec![p]);
+}
+
+// ---- paging (deep queues) ----
+
+fn paged_out(fx: &[Effect]) -> Vec<(MsgId, PagedEntry)> {
+    fx.iter()
+        .filter_map(|e| match e {
+            Effect::PageOut { msg, entry, .. } => Some((*msg, *entry)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn wanted(fx: &[Effect]) -> Option<(u8, u64)> {
+    fx.iter().find_map(|e| match e {
+        Effect::WantPageIn { priority, seq } => Some((*priority, *seq)),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_deep_queue_keeps_a_window_in_memory_and_pages_in_the_rest_in_order() {
+    let mut q = QueueState::new().with_page_window(4);
+    let mut disk = Vec::new();
+    for _ in 0..10 {
+        let (_, fx) = enqueue(&mut q);
+        disk.extend(paged_out(&fx));
+    }
+    assert_eq!(
+        disk.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        (4..10).collect::<Vec<_>>()
+    );
+    assert_eq!(q.stats().ready, 10);
+    assert_eq!(q.stats().ready_bytes, 100);
+    assert_eq!(q.message_ids().count(), 4, "only the window is in memory");
+    // A snapshot holds the window and the counters only.
+    assert_eq!(roundtrip(&q), q);
+    let c = consumer(1, "c");
+    let fx = consume(&mut q, &c, 0);
+    assert_eq!(delivered(&fx).len(), 4);
+    assert_eq!(wanted(&fx), Some((0, 0)));
+    let (_, fx) = q.apply(
+        QueueCmd::PageIn {
+            priority: 0,
+            seq: 0,
+            entries: disk[..3].to_vec(),
+        },
+        0,
+    );
+    let got: Vec<MsgId> = delivered(&fx).into_iter().map(|(_, id, _)| id).collect();
+    assert_eq!(got, vec![4, 5, 6]);
+    assert!(fx.contains(&Effect::Unpage {
+        priority: 0,
+        msgs: vec![4, 5, 6]
+    }));
+    assert_eq!(wanted(&fx), Some((0, 1)));
+    // The same page-in again (a resend) changes nothing.
+    let (_, fx) = q.apply(
+        QueueCmd::PageIn {
+            priority: 0,
+            seq: 0,
+            entries: disk[..3].to_vec(),
+        },
+        0,
+    );
+    assert!(delivered(&fx).is_empty());
+    assert_eq!(q.stats().ready, 3);
+}
+
+#[test]
+fn a_purge_drops_the_paged_messages_and_overtakes_a_page_in() {
+    let mut q = QueueState::new().with_page_window(2);
+    let mut disk = Vec::new();
+    for _ in 0..5 {
+        disk.extend(paged_out(&enqueue(&mut q).1));
+    }
+    let (reply, fx) = q.apply(QueueCmd::Purge, 0);
+    assert_eq!(reply, QueueReply::Purged { count: 5 });
+    assert!(fx.contains(&Effect::DropPaged { priority: 0 }));
+    assert_eq!(q.stats().ready, 0);
+    let (_, fx) = q.apply(
+        QueueCmd::PageIn {
+            priority: 0,
+            seq: 0,
+            entries: disk,
+        },
+        0,
+    );
+    assert!(fx.is_empty(), "{fx:?}");
+    assert_eq!(q.stats().ready, 0);
+    // New publishes are in memory again.
+    let (id, fx) = enqueue(&mut q);
+    assert!(paged_out(&fx).is_empty());
+    assert!(q.is_ready(id));
+}
+
+#[test]
+fn a_higher_priority_on_disk_is_paged_in_before_the_window_drains() {
+    let mut q = configured(QueueConfig {
+        max_priority: Some(9),
+        ..Default::default()
+    })
+    .with_page_window(2);
+    put(&mut q, sized(1), 0);
+    put(&mut q, sized(1), 0);
+    let urgent = MessageMeta {
+        priority: 7,
+        ..sized(1)
+    };
+    let (_, fx) = put(&mut q, urgent, 0);
+    assert_eq!(paged_out(&fx).len(), 1);
+    assert_eq!(wanted(&fx), Some((7, 0)));
 }

@@ -116,7 +116,7 @@ impl QueueState {
                 if self.refuses(meta.size) {
                     fx.push(Effect::Release { msgs: vec![id] });
                 } else {
-                    self.admit(id, meta, now_ms, fx);
+                    self.admit(id, meta, now_ms, false, fx);
                 }
             }
             for (how, msgs) in staged.settlements {

@@ -152,6 +152,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             election_timeout_max_ms: config.raft.election_timeout_max_ms,
             snapshot_every: config.raft.snapshot_every,
             failure_timeout_ms: config.failure_timeout_ms,
+            page_window: warren_cluster::DEFAULT_PAGE_WINDOW,
         },
         transport,
     )

@@ -17,7 +17,7 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ExchangeKind};
 use support::raw::RawConn;
-use support::{Broker, code, run, unique, within};
+use support::{Broker, code, run, unique, within, within_for};
 
 const DURABLE: QueueDeclareOptions = QueueDeclareOptions {
     passive: false,
@@ -629,6 +629,45 @@ fn graceful_restart_keeps_messages_and_topology() {
         let bodies: Vec<String> = got.iter().map(|(b, _)| b.clone()).collect();
         assert_eq!(bodies, expected_bodies(0..100));
         assert!(got.iter().all(|(_, r)| !r), "nothing was delivered before");
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
+/// A backlog of 20,000 messages, over twice a queue's page window (most of its index is on
+/// disk), survives kill -9 and drains in publish order, each message once.
+#[test]
+fn a_backlog_deeper_than_the_page_window_survives_kill_9_in_order() {
+    const N: u32 = 20_000;
+    let Some(mut b) =
+        support::process_broker("a_backlog_deeper_than_the_page_window_survives_kill_9_in_order")
+    else {
+        return;
+    };
+    let q = unique("deep");
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let ch = confirm_channel(&conn).await;
+        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
+            .await
+            .expect("declare");
+        publish_range(&ch, "", &q, 0, N).await;
+        assert_eq!(support::ready_count(&ch, &q).await, N);
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+    crash_and_restart(&mut b);
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let got = within_for(
+            Duration::from_secs(120),
+            "draining the backlog",
+            consume_all(&conn, &q, N as usize),
+        )
+        .await;
+        let bodies: Vec<String> = got.iter().map(|(b, _)| b.clone()).collect();
+        assert!(
+            bodies == expected_bodies(0..N),
+            "the backlog came back out of order"
+        );
         conn.close(200, "bye".into()).await.expect("close");
     });
 }
