@@ -51,6 +51,11 @@ pub const CF_SM: &str = "sm";
 /// Column family reserved for snapshots; keys should start with the group prefix.
 pub const CF_SNAPSHOT: &str = "snapshot";
 
+/// Memory all memtables of a node may take together.
+const MEMTABLE_BUDGET: usize = 64 << 20;
+/// WAL size past which the oldest memtables are flushed.
+const WAL_LIMIT: u64 = 128 << 20;
+
 /// Every column family this crate creates, in creation order.
 pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
 
@@ -228,6 +233,11 @@ impl Storage {
         opts.set_manual_wal_flush(false);
         // Recover the longest consistent prefix of the WAL after a crash (RocksDB's default).
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // Memtables of all column families share one budget, and the WAL is kept short by
+        // flushing the memtables its oldest file covers: a node's memory does not grow with
+        // the write rate, and opening after a crash replays at most this much WAL.
+        opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
+        opts.set_max_total_wal_size(WAL_LIMIT);
 
         let cfs = COLUMN_FAMILIES
             .iter()
@@ -352,6 +362,17 @@ impl Storage {
     /// The database itself closes when the last handle is dropped. Idempotent.
     pub fn close(&self) {
         self.inner.flusher.close();
+        // Memtables written to table files now are not replayed from the WAL at the next
+        // open, which keeps a graceful restart quick whatever was written before it.
+        let mut flush = rocksdb::FlushOptions::default();
+        flush.set_wait(true);
+        for name in COLUMN_FAMILIES {
+            if let Some(cf) = self.inner.db.cf_handle(name)
+                && let Err(e) = self.inner.db.flush_cf_opt(cf, &flush)
+            {
+                tracing::warn!(cf = name, error = %e, "could not flush on close");
+            }
+        }
     }
 
     #[cfg(test)]

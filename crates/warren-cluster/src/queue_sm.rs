@@ -182,17 +182,26 @@ fn paged_id(prefix: &[u8], key: &[u8]) -> Option<MsgId> {
 /// How many paged entries one page-in brings back.
 const PAGE_IN_CHUNK: usize = 2048;
 
-/// The first entries of a level on disk, as the leader reads them for a page-in.
+/// The first entries of a level on disk (all at `from` or after), as the leader reads them
+/// for a page-in. Reading starts at `from` and stops at the level's end, so the deletions of
+/// entries taken back earlier are not walked over again.
 fn read_paged(
     storage: &Storage,
     group: GroupId,
     priority: u8,
+    from: MsgId,
 ) -> io::Result<Vec<(MsgId, PagedEntry)>> {
     let prefix = paged_prefix(group, priority);
     let mut entries = Vec::new();
-    let records = storage.db().iterator_cf(
+    let mut read = rocksdb::ReadOptions::default();
+    let mut end = prefix.clone();
+    end.extend_from_slice(&[0xff; 9]);
+    read.set_iterate_upper_bound(end);
+    let start = paged_key(group, priority, from);
+    let records = storage.db().iterator_cf_opt(
         storage.cf(CF_SM),
-        rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        read,
+        rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
     );
     for record in records {
         let (key, value) = record.map_err(io_err)?;
@@ -414,7 +423,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         };
         let mut responses = Vec::new();
         // Page-ins the state asks for, answered once this batch is on disk (leader only).
-        let mut page_ins: BTreeMap<u8, u64> = BTreeMap::new();
+        let mut page_ins: BTreeMap<u8, (u64, MsgId)> = BTreeMap::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
@@ -448,9 +457,13 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                                 && entry.log_id.leader_id.term == h.leader_term();
                             let serving = h.is_leader() && own;
                             effects.retain(|e| match e {
-                                Effect::WantPageIn { priority, seq } => {
+                                Effect::WantPageIn {
+                                    priority,
+                                    seq,
+                                    from,
+                                } => {
                                     if serving {
-                                        page_ins.insert(*priority, *seq);
+                                        page_ins.insert(*priority, (*seq, *from));
                                     }
                                     false
                                 }
@@ -485,9 +498,9 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         if let Some(h) = &handle {
             h.set_stats(self.state.stats());
             h.set_pending_txs(self.state.pending_txs());
-            for (priority, seq) in page_ins {
+            for (priority, (seq, from)) in page_ins {
                 if h.should_page_in(priority, seq) {
-                    let entries = read_paged(&self.storage, self.group, priority)?;
+                    let entries = read_paged(&self.storage, self.group, priority, from)?;
                     h.submit(
                         QueueRequest::new(QueueCmd::PageIn {
                             priority,

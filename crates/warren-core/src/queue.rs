@@ -419,7 +419,7 @@ pub enum Effect {
     DropPaged { priority: u8 },
     /// Read the first entries of this level from disk and propose `QueueCmd::PageIn` with
     /// them and `seq` (leader only; repeated while wanted, so one request at a time).
-    WantPageIn { priority: u8, seq: u64 },
+    WantPageIn { priority: u8, seq: u64, from: MsgId },
 }
 
 /// Ready messages in delivery order: highest priority first, then oldest.

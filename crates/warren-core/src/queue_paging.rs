@@ -36,6 +36,10 @@ pub(super) struct PagedLevel {
     /// Page-ins applied to this level, or cancelled by a purge: the number the next page-in
     /// must carry. Levels are kept once created so the numbering never restarts.
     pub(super) page_ins: u64,
+    /// Every entry of the level on disk has an id at least this: where a page-in starts
+    /// reading, past the entries taken back before (whose deletions a store may still have
+    /// to skip).
+    pub(super) from: MsgId,
 }
 
 impl QueueState {
@@ -104,6 +108,9 @@ impl QueueState {
             return;
         }
         level.page_ins += 1;
+        if let Some(last) = entries.iter().map(|(id, _)| *id).max() {
+            level.from = level.from.max(last + 1);
+        }
         let mut taken = Vec::with_capacity(entries.len());
         for (id, entry) in entries {
             if level.count == 0 || self.messages.contains_key(&id) {
@@ -134,6 +141,7 @@ impl QueueState {
     /// A purge drops the paged messages with the rest; their count for purge-ok.
     pub(super) fn purge_paged(&mut self, fx: &mut Vec<Effect>) -> u64 {
         let mut purged = 0;
+        let next = self.next_msg;
         for (priority, level) in self.paged.iter_mut() {
             if level.count == 0 {
                 continue;
@@ -142,6 +150,7 @@ impl QueueState {
             level.count = 0;
             level.bytes = 0;
             level.page_ins += 1;
+            level.from = next;
             fx.push(Effect::DropPaged {
                 priority: *priority,
             });
@@ -165,6 +174,7 @@ impl QueueState {
         (low || outranked).then_some(Effect::WantPageIn {
             priority,
             seq: level.page_ins,
+            from: level.from,
         })
     }
 

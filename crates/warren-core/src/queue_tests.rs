@@ -878,7 +878,22 @@ fn step(
                     prop_assert!(model.live.remove(&k.1));
                 }
             }
-            Effect::WantPageIn { priority, seq } => model.wanted = Some((*priority, *seq)),
+            Effect::WantPageIn {
+                priority,
+                seq,
+                from,
+            } => {
+                // Every entry of the level on disk is at `from` or after.
+                prop_assert!(
+                    model
+                        .disk
+                        .range((*priority, 0)..(*priority, *from))
+                        .next()
+                        .is_none(),
+                    "entries of level {priority} below {from}"
+                );
+                model.wanted = Some((*priority, *seq));
+            }
             _ => {}
         }
     }
@@ -1657,7 +1672,7 @@ fn paged_out(fx: &[Effect]) -> Vec<(MsgId, PagedEntry)> {
 
 fn wanted(fx: &[Effect]) -> Option<(u8, u64)> {
     fx.iter().find_map(|e| match e {
-        Effect::WantPageIn { priority, seq } => Some((*priority, *seq)),
+        Effect::WantPageIn { priority, seq, .. } => Some((*priority, *seq)),
         _ => None,
     })
 }
