@@ -63,8 +63,9 @@ pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
 /// format it is in, so that a value of another format is refused, never misread. Bumped with
 /// every change to the shape of an encoded value (2: queue `Configure` carries a version;
 /// 3: queues remember the publishers of closed channels; 4: staged transactions in queues and
-/// transaction decisions in the metadata; 5: paged-out index entries of deep queues).
-const FORMAT_POSTCARD: u8 = 5;
+/// transaction decisions in the metadata; 5: paged-out index entries of deep queues; 6: queue
+/// commands carry their proposer's numbering, queues keep the last number taken).
+const FORMAT_POSTCARD: u8 = 6;
 
 /// The version of everything this build keeps in the database; recorded in it when it is
 /// created and checked at every open. There is no in-place upgrade between versions yet.

@@ -4,14 +4,17 @@
 //!
 //! It takes the commands submitted so far as one batch and writes them to this node's Raft
 //! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
-//! answered by `Node::handle_submit` with `write_local`). Nothing else of the queue is sent
-//! until the batch is answered (see `MAX_IN_FLIGHT`), which keeps submission order. A command
+//! answered by `Node::handle_submit` with `write_local`). While this node leads, up to
+//! `MAX_IN_FLIGHT` batches are in the log at once; every command carries its number from this
+//! proposer and the queue refuses one that arrives after a gap, which keeps submission order
+//! when an earlier batch is refused unlogged. Forwarded batches go one at a time. A command
 //! whose outcome is unknown (timeout, leader change) is sent again to the next leader:
 //! enqueues carry their publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
 //! discarded, every later one is too — so resends never skip over a gap.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -24,7 +27,8 @@ use tokio::sync::mpsc;
 use tracing::debug;
 use warren_core::meta::Placement;
 use warren_core::queue::QueueCmd;
-use warren_core::{ChannelRef, NodeId};
+use warren_core::submission_order::{Origin, ProposerId};
+use warren_core::{ChannelRef, NodeId, NodeRun};
 
 use crate::db::{decode, encode};
 use crate::outbox::Liveness;
@@ -44,13 +48,14 @@ pub(crate) enum ItemResult {
 }
 
 const BATCH: usize = 1024;
-/// Batches of a locally led queue in the Raft log and not yet answered. One: with more, a
-/// batch can be refused unlogged (an expired lease, a lost leadership) while the batch behind
-/// it is taken a moment later; resending the refused one then reorders the queue's commands,
-/// and its publishes, numbered below ones already taken, were dropped as resends after being
-/// confirmed (lost messages, found by the chaos partition nemesis). Pipelining needs the
-/// queue itself to refuse a batch that arrives after a gap before it can come back.
-const MAX_IN_FLIGHT: usize = 1;
+/// Batches of a locally led queue in the Raft log and not yet answered. A batch can be refused
+/// unlogged (an expired lease, a lost leadership) while the batch behind it is taken a moment
+/// later; the queue then refuses the later one's commands as arriving after a gap (every
+/// command carries its number from this proposer, see `warren_core::submission_order`), and
+/// both go again in order. Without that check, resending the refused batch reordered the
+/// queue's commands and its publishes, numbered below ones already taken, were dropped as
+/// resends after being confirmed (lost messages, found by the chaos partition nemesis).
+const MAX_IN_FLIGHT: usize = 8;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.
@@ -111,6 +116,9 @@ async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemR
         out.push(match result {
             Ok(Ok(resp)) => match resp.response {
                 GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
+                GroupResponse::OutOfOrder => {
+                    ItemResult::Retry("an earlier command of its proposer was not taken".into())
+                }
                 other => ItemResult::Retry(format!("unexpected response {other:?}")),
             },
             Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
@@ -133,8 +141,42 @@ async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemR
 
 pub(crate) struct ProposerContext {
     pub node: NodeId,
+    pub run: NodeRun,
     pub transport: Arc<dyn Transport>,
     pub liveness: Arc<dyn Liveness>,
+    /// Numbers the proposers of this run, so each has its own command numbering.
+    pub serials: AtomicU64,
+}
+
+/// Numbers the commands of one proposer, 1, 2, 3, … in the order it first sends them.
+struct Numbering {
+    proposer: ProposerId,
+    next: u64,
+}
+
+impl Numbering {
+    fn new(ctx: &ProposerContext) -> Self {
+        Numbering {
+            proposer: ProposerId {
+                run: ctx.run,
+                serial: ctx.serials.fetch_add(1, Ordering::Relaxed) + 1,
+            },
+            next: 1,
+        }
+    }
+
+    /// Stamps commands not sent before; a resend keeps its number.
+    fn stamp(&mut self, batch: &mut VecDeque<Submission>) {
+        for (request, _) in batch.iter_mut() {
+            if request.origin.is_none() {
+                request.origin = Some(Origin {
+                    proposer: self.proposer,
+                    seq: self.next,
+                });
+                self.next += 1;
+            }
+        }
+    }
 }
 
 enum Target {
@@ -263,6 +305,7 @@ pub(crate) async fn run(
     mut rx: mpsc::UnboundedReceiver<Submission>,
     ctx: Arc<ProposerContext>,
 ) {
+    let mut numbering = Numbering::new(&ctx);
     let mut in_flight = FuturesOrdered::new();
     loop {
         let batch = tokio::select! {
@@ -296,7 +339,8 @@ pub(crate) async fn run(
                         Err(_) => break,
                     }
                 }
-                let pending = coalesce_acks(pending);
+                let mut pending = coalesce_acks(pending);
+                numbering.stamp(&mut pending);
                 let local = handle.upgrade().and_then(|h| match target(&h, &ctx) {
                     Target::Local(raft) if !h.is_closed() => Some(raft),
                     _ => None,

@@ -546,6 +546,7 @@ impl QueueHandle {
                 cmd,
                 content,
                 at_ms: 0,
+                origin: None,
             },
             ReplyTo::Oneshot(tx),
         );

@@ -432,6 +432,11 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     GroupResponse::Empty
                 }
+                EntryPayload::Normal(GroupRequest::Queue(req))
+                    if req.origin.is_some_and(|o| !self.state.in_order(o)) =>
+                {
+                    GroupResponse::OutOfOrder
+                }
                 EntryPayload::Normal(GroupRequest::Queue(req)) => {
                     let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
                     if let (

@@ -8,6 +8,7 @@
 //! taking over, commits the queue's leader-recovery command.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -89,8 +90,10 @@ impl Registry {
     ) -> Self {
         let proposer = Arc::new(ProposerContext {
             node: node_id,
+            run,
             transport: transport.clone(),
             liveness: liveness.clone(),
+            serials: AtomicU64::new(0),
         });
         Registry {
             node_id,

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use warren_core::MessageContent;
 use warren_core::meta::{MetaCmd, MetaReply};
 use warren_core::queue::{QueueCmd, QueueReply};
+use warren_core::submission_order::Origin;
 
 openraft::declare_raft_types!(
     /// Raft types of Warren's groups: u64 node ids, default entries and vote.
@@ -31,6 +32,11 @@ pub struct QueueRequest {
     /// Zero until then.
     #[serde(default)]
     pub at_ms: u64,
+    /// The proposer that sent it and the command's number among its commands, stamped as the
+    /// proposer first sends it; the queue refuses a command that arrives after a gap
+    /// (`warren_core::submission_order`). None for commands written outside a proposer.
+    #[serde(default)]
+    pub origin: Option<Origin>,
 }
 
 impl QueueRequest {
@@ -39,6 +45,7 @@ impl QueueRequest {
             cmd,
             content: None,
             at_ms: 0,
+            origin: None,
         }
     }
 
@@ -47,6 +54,7 @@ impl QueueRequest {
             cmd,
             content: Some(content),
             at_ms: 0,
+            origin: None,
         }
     }
 }
@@ -77,6 +85,9 @@ pub enum GroupResponse {
     Empty,
     Meta(MetaReply),
     Queue(QueueOutcome),
+    /// A queue command refused unapplied: an earlier command of its proposer was not taken
+    /// yet. The proposer sends it again after that one.
+    OutOfOrder,
 }
 
 impl fmt::Display for GroupRequest {

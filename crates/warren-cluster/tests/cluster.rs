@@ -23,6 +23,7 @@ use warren_core::meta::{MetaCmd, MetaReply, QueueDecl};
 use warren_core::queue::{
     MessageMeta, Publisher, PublisherId, QueueCmd, QueueReply, TxSettle, TxWork,
 };
+use warren_core::submission_order::{Origin, ProposerId};
 use warren_core::{ChannelRef, ConnectionRef, ConsumerKey, MessageContent, NodeId, TxId};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -944,4 +945,122 @@ async fn a_deep_queue_pages_to_disk_and_drains_in_order_across_a_leader_loss() {
     let mut sorted = firsts.clone();
     sorted.sort();
     assert_eq!(firsts, sorted, "first deliveries out of publish order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
+    // The leader's own publisher keeps several batches in its log at once; cutting the leader
+    // off mid-stream makes batches fail (unlogged, or with an unknown outcome) while later
+    // ones are in flight. Every publish must still be confirmed, taken once and delivered in
+    // publish order.
+    const N: u64 = 3000;
+    let c = TestCluster::start(3).await;
+    c.declare(1, "piped").await;
+    assert_eq!(c.await_leader("piped", |n| n == 1).await, 1);
+    let rec = Arc::new(Recorder::default());
+    let publisher = c.node(1).queue("/", "piped").unwrap();
+    let ch = channel(c.node(1), 1);
+    let stream = {
+        let rec = rec.clone();
+        tokio::spawn(async move {
+            for seq in 1..=N {
+                publisher.submit(
+                    enqueue(ch, seq, &format!("m{seq:05}")),
+                    ReplyTo::Sink(rec.clone(), seq),
+                );
+                if seq % 50 == 0 {
+                    // Bursts, so that batches form and follow each other into the log.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+    };
+    rec.wait_for("the first confirms", WAIT, |r| {
+        (1..=300).all(|s| r.confirmed(s))
+    })
+    .await;
+    c.net.partition(&[1], &[2, 3]);
+    let new_leader = c.await_leader("piped", |n| n != 1).await;
+    c.net.heal();
+    stream.await.unwrap();
+    rec.wait_for("every confirm", Duration::from_secs(60), |r| {
+        (1..=N).all(|s| r.confirmed(s))
+    })
+    .await;
+
+    let serving = c.node(new_leader).queue("/", "piped").unwrap();
+    assert_eq!(ready_count(&serving).await, N, "each publish exactly once");
+    let key = ConsumerKey {
+        channel: channel(c.node(new_leader), 9),
+        tag: "check".into(),
+    };
+    serving.attach(key.clone(), rec.clone());
+    serving
+        .call(consume(key, 200), None)
+        .await
+        .expect("consume");
+    rec.wait_for(
+        "every message at the consumer",
+        Duration::from_secs(60),
+        |r| r.deliveries.lock().unwrap().len() as u64 >= N,
+    )
+    .await;
+    let bodies: Vec<String> = rec
+        .deliveries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(b, _)| b.clone())
+        .collect();
+    let expected: Vec<String> = (1..=N).map(|s| format!("m{s:05}")).collect();
+    assert_eq!(bodies, expected, "in publish order, once each");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_command_that_arrives_after_a_gap_in_its_proposers_numbering_waits_for_the_missing_one() {
+    // Two publishes numbered by one proposer reach the log in the wrong order (as when the
+    // first batch is refused unlogged and the next one is taken): the queue refuses the second
+    // until the first is taken, so the messages keep their proposer's order. On one thread
+    // the proposer takes both submissions as one batch.
+    let c = TestCluster::start(1).await;
+    c.declare(1, "gap").await;
+    c.await_leader("gap", |n| n == 1).await;
+    let rec = Arc::new(Recorder::default());
+    let handle = c.node(1).queue("/", "gap").unwrap();
+    let ch = channel(c.node(1), 1);
+    let proposer = ProposerId {
+        run: warren_core::NodeRun {
+            node: 7,
+            incarnation: 1,
+        },
+        serial: 1,
+    };
+    for (seq, body, order) in [(2, "second", 2), (1, "first", 1)] {
+        let mut request = enqueue(ch, seq, body);
+        request.origin = Some(Origin {
+            proposer,
+            seq: order,
+        });
+        handle.submit(request, ReplyTo::Sink(rec.clone(), seq));
+    }
+    rec.wait_for("both confirms", WAIT, |r| r.confirmed(1) && r.confirmed(2))
+        .await;
+    let key = ConsumerKey {
+        channel: channel(c.node(1), 2),
+        tag: "c".into(),
+    };
+    handle.attach(key.clone(), rec.clone());
+    handle.call(consume(key, 10), None).await.expect("consume");
+    rec.wait_for("both messages", WAIT, |r| {
+        r.deliveries.lock().unwrap().len() >= 2
+    })
+    .await;
+    let bodies: Vec<String> = rec
+        .deliveries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(b, _)| b.clone())
+        .collect();
+    assert_eq!(bodies, ["first", "second"]);
 }

@@ -12,6 +12,7 @@ pub mod json;
 pub mod meta;
 pub mod queue;
 pub mod routing;
+pub mod submission_order;
 
 pub use error::{AmqpError, AmqpResult};
 pub use ids::{

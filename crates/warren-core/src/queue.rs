@@ -22,6 +22,7 @@ use warren_codec::{FieldTable, FieldValue};
 
 use crate::error::AmqpError;
 use crate::ids::{ChannelRef, ConsumerKey, MsgId, NodeId, NodeRun, TxId};
+use crate::submission_order::{Origin, SubmissionOrder};
 
 #[path = "queue_paging.rs"]
 mod paging;
@@ -454,6 +455,8 @@ pub struct QueueState {
     /// Publishers whose channel went down, oldest first: their entries stay (as `CLOSED`) for
     /// the last `CLOSED_PUBLISHERS_KEPT` of them, then go.
     closed_publishers: VecDeque<PublisherId>,
+    /// The last command taken from each proposer (`submission_order.rs`).
+    order: SubmissionOrder,
     /// Last use for `x-expires` (ms since the epoch); 0 until the first use or touch.
     last_used_ms: u64,
     /// `QueueExpired` was emitted: the deletion is under way.
@@ -544,6 +547,13 @@ impl QueueState {
         self.messages
             .get(&msg)
             .is_some_and(|m| self.ready.contains(&(Reverse(m.meta.priority), msg)))
+    }
+
+    /// Whether the queue takes a command its proposer numbered `origin`, or refuses it as
+    /// arriving after a gap (`submission_order.rs`). The adapter asks before `apply`;
+    /// a command taken is recorded as such.
+    pub fn in_order(&mut self, origin: Origin) -> bool {
+        self.order.admit(origin)
     }
 
     /// Applies one command at `now_ms` (the leader's clock, from the command's log entry).
@@ -658,6 +668,7 @@ impl QueueState {
                     PublisherId::Channel(c) => !gone(c),
                     PublisherId::Queue(_) => true,
                 });
+                self.order.node_restarted(run);
                 self.tx_orphaned(gone);
                 self.channels_down(gone, &mut fx);
                 QueueReply::Done
