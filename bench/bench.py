@@ -77,7 +77,8 @@ def perf(args, timeout=3600):
     """Runs warren-perf with --json and returns its report."""
     out = subprocess.run([PERF, "--json", *args], capture_output=True, text=True, timeout=timeout)
     if out.returncode != 0:
-        raise RuntimeError(f"warren-perf {' '.join(args)} failed: {out.stderr.strip()}")
+        raise RuntimeError(f"warren-perf {' '.join(args)} failed: "
+                           f"{out.stderr.strip()} {out.stdout.strip()[-2000:]}")
     return json.loads(out.stdout)
 
 
@@ -313,9 +314,15 @@ def throughput_figures(r):
     }
 
 
-def common(b, queue):
+def common(b, queue, duration=300):
+    """Arguments every run shares; `duration` bounds the run in seconds (a backlog needs more
+    than the default: it is sized for at least 2,000 msg/s)."""
     return ["--queue", queue, "--size", "1000", "--confirm", "64", "--prefetch", "100",
-            "--duration", "300", *sum((["--queue-arg", a] for a in b.queue_args()), [])]
+            "--duration", str(duration), *sum((["--queue-arg", a] for a in b.queue_args()), [])]
+
+
+def backlog_duration():
+    return max(300, BACKLOG // 2000)
 
 
 def declare(b, queue, node=1, extra=()):
@@ -421,8 +428,11 @@ def scenario_backlog(b, run):
     (8), restart every node and time from process start to the first message consumed (9),
     then drain it (6)."""
     q = f"backlog-{run}"
-    perf(["--uri", all_uris(b), "--producers", "4", "--consumers", "0", "--queues", "1",
-          "--count", str(BACKLOG // 4), *common(b, q)], timeout=7200)
+    fill = perf(["--uri", all_uris(b), "--producers", "4", "--consumers", "0", "--queues", "1",
+                 "--count", str(BACKLOG // 4), *common(b, q, backlog_duration())],
+                timeout=2 * backlog_duration() + 600)
+    if fill["confirmed"] < 4 * (BACKLOG // 4):
+        raise RuntimeError(f"the backlog fill confirmed {fill['confirmed']} of {BACKLOG}")
     time.sleep(5)
     _, rss = node_usage(b, 5)
     b.stop()
@@ -436,7 +446,8 @@ def scenario_backlog(b, run):
     remaining = BACKLOG - first["consumed"]
     t1 = time.monotonic()
     drain = perf(["--uri", b.uri(leader), "--producers", "0", "--consumers", "1",
-                  "--expect", str(remaining), *common(b, q)], timeout=7200)
+                  "--expect", str(remaining), *common(b, q, backlog_duration())],
+                 timeout=2 * backlog_duration() + 600)
     drained = time.monotonic() - t1
     return {"rss MiB per node (backlog)": rss, "start to first message s": started,
             "drain s": drained, "drain msg/s": drain["consumed"] / max(drained, 1e-9)}
