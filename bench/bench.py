@@ -14,6 +14,9 @@ Settings (environment):
   BENCH_BACKLOG    backlog for scenarios 6, 8 and 9 (default 1000000)
   BENCH_IDLE_QUEUES  queues for scenario 7 (default 10000)
   BENCH_OUT        where the raw results go (default: a file in the work directory)
+  BENCH_BASELINE   a directory with `warren` and `warrenctl` of another Warren build: it runs
+                   as a third broker in every round, and the table adds this build's ratio to
+                   it (what a change gained, measured in the same run)
 """
 
 import json
@@ -43,6 +46,7 @@ IDLE_QUEUES = int(os.environ.get("BENCH_IDLE_QUEUES", "10000"))
 ALL = ["single", "1", "2", "3", "4", "5", "10", "6", "8", "9", "7"]
 SCENARIOS = [s for s in ALL if s in os.environ.get("BENCH_SCENARIOS", ",".join(ALL)).split(",")]
 TICK = os.sysconf("SC_CLK_TCK")
+BASELINE = os.environ.get("BENCH_BASELINE")
 STARTUP_LIMIT = 180  # seconds a broker may take to start before the benchmark gives up
 
 
@@ -87,8 +91,12 @@ class Warren:
 
     kind = "warren"
 
-    def __init__(self, work, nodes, base):
-        self.dir = os.path.join(work, f"warren{nodes}")
+    def __init__(self, work, nodes, base, bin_dir=None):
+        self.warren = os.path.join(bin_dir, "warren") if bin_dir else WARREN
+        self.warrenctl = os.path.join(bin_dir, "warrenctl") if bin_dir else WARRENCTL
+        if bin_dir:
+            self.kind = "baseline"
+        self.dir = os.path.join(work, f"{self.kind}{nodes}")
         self.nodes = nodes
         self.base = base
         self.procs = {}
@@ -108,7 +116,7 @@ class Warren:
     def start_node(self, i):
         node_dir = os.path.join(self.dir, f"node{i}")
         os.makedirs(node_dir, exist_ok=True)
-        cmd = [WARREN, "--data-dir", os.path.join(node_dir, "data"),
+        cmd = [self.warren, "--data-dir", os.path.join(node_dir, "data"),
                "--amqp-listen", f"127.0.0.1:{self.amqp_port(i)}", "--http-listen", "off"]
         if self.nodes > 1:
             cmd += ["--node-id", str(i), "--cluster-listen", f"127.0.0.1:{self.base + 100 + i}",
@@ -159,7 +167,7 @@ class Warren:
         if self.nodes == 1:
             return 1
         for _ in range(100):
-            out = subprocess.run([WARRENCTL, "--node", f"127.0.0.1:{self.base + 101}", "status"],
+            out = subprocess.run([self.warrenctl, "--node", f"127.0.0.1:{self.base + 101}", "status"],
                                  capture_output=True, text=True, timeout=30).stdout
             for line in out.splitlines():
                 cols = line.split()
@@ -498,6 +506,8 @@ def main():
         single = [s for s in SCENARIOS if s in SINGLE]
         if single:
             pair = [Warren(work, 1, 5800), Rabbit(work, 1, 5820)]
+            if BASELINE:
+                pair.append(Warren(work, 1, 6000, BASELINE))
             brokers[:] = pair
             for b in pair:
                 b.start()
@@ -509,6 +519,8 @@ def main():
                  ("8" in cluster or "9" in cluster)))]
         if names:
             pair = [Warren(work, 3, 5840), Rabbit(work, 3, 5860)]
+            if BASELINE:
+                pair.append(Warren(work, 3, 6040, BASELINE))
             brokers[:] = pair
             for b in pair:
                 b.start()
@@ -529,16 +541,25 @@ def main():
     log("medians; ratio = Warren / RabbitMQ (for figures where lower is better, < 1 is a win)")
     for scenario in dict.fromkeys(r["scenario"] for r in results):
         log(f"\nscenario {scenario}: {TITLES[scenario]}")
-        log(f"  {'figure':<28} {'warren':>12} {'rabbitmq':>12} {'ratio':>8}")
+        extra = f" {'baseline':>12} {'/baseline':>9}" if BASELINE else ""
+        log(f"  {'figure':<28} {'warren':>12} {'rabbitmq':>12} {'ratio':>8}{extra}")
         rows = [r for r in results if r["scenario"] == scenario]
+
+        def of(broker, fig):
+            return [r["figures"][fig] for r in rows if r["broker"] == broker and fig in r["figures"]]
+
         for fig in FIGURES:
-            w = [r["figures"][fig] for r in rows if r["broker"] == "warren" and fig in r["figures"]]
-            q = [r["figures"][fig] for r in rows if r["broker"] == "rabbitmq" and fig in r["figures"]]
+            w, q = of("warren", fig), of("rabbitmq", fig)
             if not w or not q:
                 continue
             mw, mq = statistics.median(w), statistics.median(q)
             ratio = f"{mw / mq:.2f}" if mq else "-"
-            log(f"  {fig:<28} {mw:>12.4g} {mq:>12.4g} {ratio:>8}")
+            line = f"  {fig:<28} {mw:>12.4g} {mq:>12.4g} {ratio:>8}"
+            base = of("baseline", fig)
+            if base:
+                mb = statistics.median(base)
+                line += f" {mb:>12.4g} {(f'{mw / mb:.2f}' if mb else '-'):>9}"
+            log(line)
     log(f"\nraw results: {out_path}")
 
 
