@@ -41,8 +41,8 @@ pub mod transport;
 pub mod types;
 
 pub use node::{
-    DEFAULT_PAGE_WINDOW, Node, NodeConfig, NodeError, NodeHandler, NodeService, NodeSlot,
-    ServiceFuture,
+    DEFAULT_ELECTION_FALLBACK_MS, DEFAULT_PAGE_WINDOW, Node, NodeConfig, NodeError, NodeHandler,
+    NodeService, NodeSlot, ServiceFuture,
 };
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo, Traffic};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};

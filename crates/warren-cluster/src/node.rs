@@ -60,7 +60,16 @@ pub struct NodeConfig {
     /// Ready messages each replicated queue keeps in memory; the rest wait on disk
     /// ([`DEFAULT_PAGE_WINDOW`] unless a test wants paging sooner).
     pub page_window: u32,
+    /// How long a replica ranked behind a live one lets it try to win a leaderless queue
+    /// before standing itself, unless that one showed its log is behind
+    /// ([`DEFAULT_ELECTION_FALLBACK_MS`]).
+    pub election_fallback_ms: u64,
 }
+
+/// Long enough that the replica ranked first wins first however many queues it must elect
+/// at once; a candidate whose log is behind is noticed by the replica it asks, which stands at
+/// once, so this bounds only the rarer case of a candidate nobody hears.
+pub const DEFAULT_ELECTION_FALLBACK_MS: u64 = 3000;
 
 /// A queue's page window: about 1 MB of index per deep queue, and enough ready messages in
 /// memory that consumers never wait for a page-in at full speed.
@@ -292,7 +301,11 @@ impl Node {
             ready: AtomicBool::new(false),
         });
         tokio::spawn(track_membership(Arc::downgrade(&node)));
-        tokio::spawn(supervisor::run(Arc::downgrade(&node), liveness));
+        tokio::spawn(supervisor::run(
+            Arc::downgrade(&node),
+            liveness,
+            Duration::from_millis(cfg.election_fallback_ms),
+        ));
         tokio::spawn(crate::dead_letter::run(
             Arc::downgrade(&node),
             dead_letter_rx,
@@ -675,10 +688,19 @@ impl Node {
 
     async fn handle_raft(&self, group: GroupId, rpc: RaftRpc, payload: Vec<u8>) -> PeerResponse {
         let result = if group == METADATA_GROUP {
-            raft_rpc(&self.meta_raft, rpc, &payload).await
+            // The metadata group elects with openraft's own timers.
+            raft_rpc(&self.meta_raft, rpc, &payload, || {}).await
         } else {
-            match self.registry.by_id(group).and_then(|h| h.raft()) {
-                Some(raft) => raft_rpc(&raft, rpc, &payload).await,
+            let handle = self.registry.by_id(group);
+            match handle.as_ref().and_then(|h| h.raft()) {
+                Some(raft) => {
+                    raft_rpc(&raft, rpc, &payload, || {
+                        if let Some(h) = &handle {
+                            h.note_refused_candidate_behind();
+                        }
+                    })
+                    .await
+                }
                 None => Err(format!("group {group} is not running on node {}", self.id)),
             }
         };
@@ -794,7 +816,14 @@ impl<T> ForwardedExt for Forwarded<T> {
     }
 }
 
-async fn raft_rpc<SM>(raft: &Raft<SM>, rpc: RaftRpc, payload: &[u8]) -> Result<Vec<u8>, String>
+/// Answers one Raft message of a group. `on_candidate_behind` runs when this replica refuses a
+/// (pre-)vote whose candidate has a shorter log than its own.
+async fn raft_rpc<SM>(
+    raft: &Raft<SM>,
+    rpc: RaftRpc,
+    payload: &[u8],
+    on_candidate_behind: impl FnOnce(),
+) -> Result<Vec<u8>, String>
 where
     SM: openraft::storage::RaftStateMachine<TypeConfig, SnapshotData = std::io::Cursor<Vec<u8>>>,
 {
@@ -807,13 +836,22 @@ where
             let req = decode(payload).map_err(|e| e.to_string())?;
             out(raft.append_entries(req).await)
         }
-        RaftRpc::Vote => {
-            let req = decode(payload).map_err(|e| e.to_string())?;
-            out(raft.vote(req).await)
-        }
-        RaftRpc::PreVote => {
-            let req = decode(payload).map_err(|e| e.to_string())?;
-            out(raft.pre_vote(req).await)
+        RaftRpc::Vote | RaftRpc::PreVote => {
+            let req: openraft::raft::VoteRequest<TypeConfig> =
+                decode(payload).map_err(|e| e.to_string())?;
+            let candidate_log = req.last_log_id;
+            let resp = if rpc == RaftRpc::Vote {
+                raft.vote(req).await
+            } else {
+                raft.pre_vote(req).await
+            };
+            if let Ok(r) = &resp
+                && !r.vote_granted
+                && r.last_log_id > candidate_log
+            {
+                on_candidate_behind();
+            }
+            out(resp)
         }
         RaftRpc::TransferLeader => {
             let req = decode(payload).map_err(|e| e.to_string())?;

@@ -55,7 +55,12 @@ const BATCH: usize = 1024;
 /// both go again in order. Without that check, resending the refused batch reordered the
 /// queue's commands and its publishes, numbered below ones already taken, were dropped as
 /// resends after being confirmed (lost messages, found by the chaos partition nemesis).
-const MAX_IN_FLIGHT: usize = 8;
+///
+/// Two, not more: one batch replicates and fsyncs while the next forms and is written. On the
+/// benchmark's 3 nodes deeper pipelines gained no throughput (the nodes are CPU-bound) and
+/// 8 batches doubled the end-to-end p99 with 10 queues (consumers' acks wait behind up to 8
+/// publish batches, so their prefetch windows stay full longer; `docs/benchmarks.md`).
+const MAX_IN_FLIGHT: usize = 2;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.

@@ -206,6 +206,9 @@ pub struct QueueHandle {
     leader_term: AtomicU64,
     /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
     timer_at: AtomicU64,
+    /// When this replica last refused a candidate whose log is behind its own (see
+    /// `supervisor`: it then stands without waiting its turn).
+    refused_a_candidate_behind: Mutex<Option<std::time::Instant>>,
 }
 
 impl QueueHandle {
@@ -245,6 +248,7 @@ impl QueueHandle {
             policy_arguments: Mutex::new(None),
             leader_term: AtomicU64::new(0),
             timer_at: AtomicU64::new(0),
+            refused_a_candidate_behind: Mutex::new(None),
         });
         let _ = handle.self_ref.set(Arc::downgrade(&handle));
         handle
@@ -468,6 +472,24 @@ impl QueueHandle {
 
     pub(crate) fn set_leader_hint(&self, node: Option<NodeId>) {
         self.leader_hint.store(node.unwrap_or(0), Ordering::Release);
+    }
+
+    /// A candidate of this group asked for this replica's vote with a log shorter than this
+    /// replica's: it cannot win without this vote, and the dead leader aside nobody can give
+    /// it a longer log, so this replica should stand instead.
+    pub(crate) fn note_refused_candidate_behind(&self) {
+        *self
+            .refused_a_candidate_behind
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+    }
+
+    /// Whether a candidate behind this replica was refused within `recent`.
+    pub(crate) fn refused_candidate_behind_within(&self, recent: std::time::Duration) -> bool {
+        self.refused_a_candidate_behind
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < recent)
     }
 
     pub(crate) fn may_initialize(&self) -> bool {

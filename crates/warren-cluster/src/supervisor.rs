@@ -211,11 +211,13 @@ pub(crate) const TICK: Duration = Duration::from_millis(200);
 const SLICES: u64 = 5;
 /// Elections one node starts per supervisor round, at most.
 const ELECTIONS_PER_ROUND: usize = 64;
-/// How long a lower-ranked replica lets a live higher-ranked one try before standing itself.
-const FALLBACK_PATIENCE: Duration = Duration::from_secs(3);
+/// How long after refusing a candidate whose log is behind its own a replica stands at once.
+const STAND_AFTER_REFUSAL: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 
-pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
+/// `fallback`: how long a lower-ranked replica lets a live higher-ranked one try before
+/// standing itself.
+pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>, fallback: Duration) {
     let mut last_elect: HashMap<u64, Instant> = HashMap::new();
     let mut changes: Changes = HashMap::new();
     let mut leaderless_since: HashMap<u64, Instant> = HashMap::new();
@@ -314,6 +316,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>) {
             &node,
             &handles,
             &liveness,
+            fallback,
             &mut last_elect,
             &mut leaderless_since,
         )
@@ -521,6 +524,7 @@ async fn drive_elections(
     node: &Node,
     handles: &[Arc<QueueHandle>],
     liveness: &LivenessTable,
+    fallback: Duration,
     last_elect: &mut HashMap<u64, Instant>,
     leaderless_since: &mut HashMap<u64, Instant>,
 ) -> bool {
@@ -584,12 +588,16 @@ async fn drive_elections(
         let Some(rank) = rank else { continue };
         let waited = now.duration_since(since);
         // A replica ranked behind a live one stands only if that one has not managed for a
-        // long while (say its log is behind, so its pre-vote fails): the leader it elects, or
-        // a live leader it did not hear from yet (idle groups are silent), announces itself
-        // long before that.
+        // long while: the leader it elects, or a live leader it did not hear from yet (idle
+        // groups are silent), announces itself long before that. The one exception is a
+        // replica that just refused a candidate because the candidate's log is behind its own:
+        // when the dead leader was the only one further ahead, the candidate can never win
+        // (a leader dies with its followers at different points of its log), so this replica
+        // stands at once instead of leaving the queue without a leader for `fallback`.
         let turn = match rank {
             0 => Duration::ZERO,
-            r => FALLBACK_PATIENCE * u32::try_from(r).unwrap_or(u32::MAX),
+            _ if handle.refused_candidate_behind_within(STAND_AFTER_REFUSAL) => Duration::ZERO,
+            r => fallback * u32::try_from(r).unwrap_or(u32::MAX),
         };
         if waited < turn {
             continue;

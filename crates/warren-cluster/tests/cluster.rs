@@ -49,6 +49,23 @@ impl TestCluster {
 
     /// `page_window`: ready messages a queue keeps in memory before paging to disk.
     async fn start_paged(n: u64, snapshot_every: u64, page_window: u32) -> TestCluster {
+        Self::start_full(
+            n,
+            snapshot_every,
+            page_window,
+            warren_cluster::DEFAULT_ELECTION_FALLBACK_MS,
+        )
+        .await
+    }
+
+    /// `election_fallback_ms`: how long a lower-ranked replica waits for a higher-ranked one
+    /// to win a leaderless queue.
+    async fn start_full(
+        n: u64,
+        snapshot_every: u64,
+        page_window: u32,
+        election_fallback_ms: u64,
+    ) -> TestCluster {
         // WARREN_TEST_LOG=info shows the nodes' logs when a test needs explaining.
         if let Ok(filter) = std::env::var("WARREN_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -73,6 +90,7 @@ impl TestCluster {
                 snapshot_every,
                 failure_timeout_ms: 400,
                 page_window,
+                election_fallback_ms,
             };
             dirs.push(dir);
             let net = net.clone();
@@ -457,6 +475,52 @@ async fn a_lost_leader_is_replaced_and_consumers_elsewhere_keep_receiving() {
     assert!(
         rec.gone.lock().unwrap().is_empty(),
         "the survivor's consumer was kept"
+    );
+}
+
+/// A leader dies with its followers at different points of its log, and the replica ranked
+/// first to replace it is the one behind: the other refuses its votes (its log is longer), so
+/// it can never win. The replica that refused stands at once; without that the queue waits
+/// out the fallback patience (a minute here, longer than the test waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_ahead_of_the_first_ranked_candidate_stands_at_once() {
+    let c = TestCluster::start_full(3, 1000, warren_cluster::DEFAULT_PAGE_WINDOW, 60_000).await;
+    let handle = c.declare(1, "q").await;
+    assert_eq!(c.await_leader("q", |n| n == 1).await, 1);
+    let replicas = handle.replicas();
+    assert_eq!(replicas[0], 1, "the declaring node is preferred");
+    let (behind, ahead) = (replicas[1], replicas[2]);
+
+    // The first-ranked survivor misses the leader's appends; the other one takes them all.
+    c.net.partition(&[1], &[behind]);
+    let rec = Arc::new(Recorder::default());
+    let ch = channel(c.node(1), 1);
+    for seq in 1..=10 {
+        handle.submit(
+            enqueue(ch, seq, &format!("m{seq}")),
+            ReplyTo::Sink(rec.clone(), seq),
+        );
+    }
+    rec.wait_for(
+        "confirms from the leader and the replica ahead",
+        WAIT,
+        |r| (1..=10).all(|s| r.confirmed(s)),
+    )
+    .await;
+
+    // The leader dies.
+    c.net.isolate(1);
+    c.net.unregister(1);
+    let serving = c.await_leader("q", |n| n != 1).await;
+    assert_eq!(
+        serving, ahead,
+        "only the replica with the whole log can win"
+    );
+    let h = c.node(serving).queue("/", "q").unwrap();
+    assert_eq!(
+        ready_count(&h).await,
+        10,
+        "every confirmed publish is there"
     );
 }
 
