@@ -61,6 +61,9 @@ impl GrpcTransport {
 }
 
 fn status_error(node: NodeId, timeout: Duration, status: Status) -> TransportError {
+    if connection_refused(&status) {
+        return TransportError::Refused { node };
+    }
     match status.code() {
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => TransportError::Timeout {
             node,
@@ -75,6 +78,21 @@ fn status_error(node: NodeId, timeout: Duration, status: Status) -> TransportErr
             reason: status.to_string(),
         },
     }
+}
+
+/// Whether the call failed because the peer's port refused the connection, which only a
+/// process that is not running causes (the error is several layers down the status' sources).
+fn connection_refused(status: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io.kind() == std::io::ErrorKind::ConnectionRefused
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
@@ -606,5 +624,46 @@ pub async fn discover_members(
             ));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node whose process is gone leaves its port closed: the call must say so, not just
+    /// "unreachable", so its peers can declare it down at once.
+    #[tokio::test]
+    async fn a_call_to_a_closed_port_is_refused_and_one_to_a_silent_peer_is_not() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let closed_addr = closed.local_addr().expect("addr");
+        drop(closed);
+        // Accepts connections (the kernel completes the handshake) but never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let silent_addr = silent.local_addr().expect("addr");
+
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &closed_addr.to_string());
+        transport.set_address(3, &silent_addr.to_string());
+        let hello = || PeerRequest::Hello {
+            from: 1,
+            incarnation: 1,
+            advertise: "127.0.0.1:1".into(),
+        };
+        let timeout = Duration::from_millis(300);
+        let refused = transport.call(2, hello(), timeout).await;
+        assert!(
+            matches!(refused, Err(TransportError::Refused { node: 2 })),
+            "{refused:?}"
+        );
+        let quiet = transport.call(3, hello(), timeout).await;
+        assert!(
+            matches!(
+                quiet,
+                Err(TransportError::Timeout { .. } | TransportError::Unreachable { .. })
+            ),
+            "{quiet:?}"
+        );
+        drop(silent);
     }
 }

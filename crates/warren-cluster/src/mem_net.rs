@@ -161,7 +161,7 @@ impl Transport for MemTransport {
                 .unwrap_or_else(|p| p.into_inner())
                 .get(&target)
                 .and_then(Weak::upgrade)
-                .ok_or_else(|| unreachable("node not running"))?;
+                .ok_or(TransportError::Refused { node: target })?;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }

@@ -2,7 +2,8 @@
 //!
 //! Queue groups run without ticks: an idle group sends no heartbeats and costs nothing. In
 //! their place, every node pings every other member a few times a second (`Hello`). When a
-//! member stops answering for `failure_timeout`, it is down: for each queue this node leads,
+//! member stops answering for `failure_timeout`, or at once when its address refuses the
+//! connection (its process is gone), it is down: for each queue this node leads,
 //! the down node's consumers and unsettled messages are released (`QueueCmd::NodeDown`); for
 //! each queue whose leader is down, the first live replica in the queue's preference order
 //! starts an election, so exactly one candidate stands and no split vote delays the
@@ -24,7 +25,7 @@ use crate::node::Node;
 use crate::outbox::Liveness;
 use crate::queue::QueueHandle;
 use crate::queue::ReplyTo;
-use crate::transport::{PeerRequest, PeerResponse};
+use crate::transport::{PeerRequest, PeerResponse, TransportError};
 use crate::types::QueueRequest;
 
 #[derive(Debug, Clone)]
@@ -90,6 +91,22 @@ impl LivenessTable {
             .filter(|(_, s)| s.down)
             .map(|(n, _)| *n)
             .collect()
+    }
+
+    /// Records a ping its peer's address refused: its process is not running, so a peer that
+    /// answered before is down at once (as a crashed node's peers notice its closed
+    /// connections) instead of after `failure_timeout` of silence. One never heard from may
+    /// still be starting and gets its grace period as before.
+    pub(crate) fn record_refused(&self, node: NodeId, now: Instant) -> Option<bool> {
+        {
+            let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+            let state = peers.entry(node).or_insert_with(|| PeerState::new(now));
+            if state.heard && !state.down {
+                state.down = true;
+                return Some(true);
+            }
+        }
+        self.record(node, None, now)
     }
 
     /// Records a ping result; returns Some(true) when the node just went down, Some(false)
@@ -206,6 +223,15 @@ impl Liveness for LivenessTable {
     }
 }
 
+/// How a peer met this round's ping.
+enum Ping {
+    Answered(u64),
+    /// Nothing listens at its address (`TransportError::Refused`).
+    Refused,
+    /// No answer in time, or another error.
+    Silent,
+}
+
 pub(crate) const TICK: Duration = Duration::from_millis(200);
 /// A quiet round looks at one group in SLICES (so each every SLICES × TICK).
 const SLICES: u64 = 5;
@@ -264,16 +290,30 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>, fallback
             );
             async move {
                 match call.await {
-                    Ok(PeerResponse::Hello { incarnation, .. }) => (*peer, Some(incarnation)),
-                    _ => (*peer, None),
+                    Ok(PeerResponse::Hello { incarnation, .. }) => {
+                        (*peer, Ping::Answered(incarnation))
+                    }
+                    Err(TransportError::Refused { .. }) => (*peer, Ping::Refused),
+                    _ => (*peer, Ping::Silent),
                 }
             }
         });
         let now = Instant::now();
         for (peer, result) in futures::future::join_all(pings).await {
-            match liveness.record(peer, result, now) {
+            let refused = matches!(result, Ping::Refused);
+            let change = match result {
+                Ping::Answered(incarnation) => liveness.record(peer, Some(incarnation), now),
+                Ping::Silent => liveness.record(peer, None, now),
+                Ping::Refused => liveness.record_refused(peer, now),
+            };
+            match change {
                 Some(true) => {
-                    warn!(node = peer, "peer is down");
+                    let why = if refused {
+                        "its address refused the connection"
+                    } else {
+                        "no answer"
+                    };
+                    warn!(node = peer, why, "peer is down");
                     node_gone(&node, peer);
                 }
                 Some(false) => {
@@ -646,6 +686,25 @@ mod tests {
         assert_eq!(table.record(2, None, t0 + TIMEOUT * 2), None);
         assert_eq!(table.record(2, Some(1), t0 + TIMEOUT * 3), Some(false));
         assert!(!table.is_down(2));
+    }
+
+    #[test]
+    fn a_refused_ping_downs_a_peer_heard_before_at_once_but_one_never_heard_gets_its_grace() {
+        let table = LivenessTable::new(TIMEOUT);
+        let t0 = Instant::now();
+        table.record(2, Some(1), t0);
+        assert_eq!(table.record_refused(2, t0 + TIMEOUT / 10), Some(true));
+        assert!(table.is_down(2));
+        assert_eq!(
+            table.record_refused(2, t0 + TIMEOUT / 5),
+            None,
+            "reported once"
+        );
+        assert_eq!(table.record(2, Some(2), t0 + TIMEOUT), Some(false));
+
+        assert_eq!(table.record_refused(3, t0), None);
+        assert!(!table.is_down(3), "may still be starting");
+        assert_eq!(table.record_refused(3, t0 + NEVER_HEARD_GRACE), Some(true));
     }
 
     #[test]

@@ -83,6 +83,10 @@ pub enum PeerResponse {
 pub enum TransportError {
     #[error("node {node} is unreachable: {reason}")]
     Unreachable { node: NodeId, reason: String },
+    /// Nothing listens at the node's address: its process is not running (it crashed or
+    /// stopped). Unlike silence, which a partition or a paused process also causes.
+    #[error("node {node} refused the connection: it is not running")]
+    Refused { node: NodeId },
     #[error("call to node {node} timed out after {after:?}")]
     Timeout { node: NodeId, after: Duration },
     #[error("protocol error talking to node {node}: {reason}")]
