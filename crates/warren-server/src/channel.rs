@@ -29,6 +29,8 @@ pub struct Unacked {
     pub size: u64,
     /// When an unacknowledged delivery times out (consumer timeout); None: never.
     pub deadline: Option<std::time::Instant>,
+    /// The queue's count of earlier deliveries of the message when it sent this one.
+    pub delivery_count: u32,
 }
 
 pub struct ConsumerEntry {
@@ -46,12 +48,13 @@ pub struct ConsumerEntry {
     pub arguments: warren_codec::FieldTable,
 }
 
-/// Deliveries this channel settled lately, by (queue, message): a new queue leader resends
-/// what it cannot know was settled, and a resend of one of these is dropped, since the
-/// settlement is on its way to the queue (its command is retried until applied).
+/// Deliveries this channel settled lately, by (queue, message), with their delivery counts:
+/// a new queue leader resends what it cannot know was settled, and a resend of one of these is
+/// dropped, since the settlement is on its way to the queue (its command is retried until
+/// applied). So is a stale copy (see `repeats_a_known_delivery`).
 #[derive(Default)]
 pub struct RecentlySettled {
-    set: std::collections::HashSet<(u64, MsgId)>,
+    counts: std::collections::HashMap<(u64, MsgId), u32>,
     order: VecDeque<(u64, MsgId)>,
 }
 
@@ -59,20 +62,31 @@ pub struct RecentlySettled {
 const RECENTLY_SETTLED: usize = 4096;
 
 impl RecentlySettled {
-    pub fn remember(&mut self, queue: u64, msg: MsgId) {
-        if self.set.insert((queue, msg)) {
+    pub fn remember(&mut self, queue: u64, msg: MsgId, delivery_count: u32) {
+        if self.counts.insert((queue, msg), delivery_count).is_none() {
             self.order.push_back((queue, msg));
             if self.order.len() > RECENTLY_SETTLED
                 && let Some(old) = self.order.pop_front()
             {
-                self.set.remove(&old);
+                self.counts.remove(&old);
             }
         }
     }
 
-    pub fn contains(&self, queue: u64, msg: MsgId) -> bool {
-        self.set.contains(&(queue, msg))
+    /// The delivery count of the message's delivery this channel settled, if it did lately.
+    pub fn count_of(&self, queue: u64, msg: MsgId) -> Option<u32> {
+        self.counts.get(&(queue, msg)).copied()
     }
+}
+
+/// Whether a delivery repeats one this channel holds or settled (`known`: that one's delivery
+/// count) and must be dropped. A resend is a repeat by definition. Any other delivery of the
+/// same message counts one more return to the queue than every earlier delivery (each return
+/// adds one), so one whose count is not above the known one's is an old copy that arrived
+/// late, say through a socket that held it while its sender was cut off: the queue has since
+/// taken the message back and delivered it again, or taken the settlement.
+pub fn repeats_a_known_delivery(known: Option<u32>, resend: bool, delivery_count: u32) -> bool {
+    known.is_some_and(|known| resend || delivery_count <= known)
 }
 
 /// How a client settled deliveries.
@@ -365,6 +379,35 @@ impl Confirms {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_delivery_not_counting_more_returns_than_a_known_one_is_an_old_copy() {
+        // Nothing known about the message: deliver.
+        assert!(!repeats_a_known_delivery(None, false, 0));
+        assert!(!repeats_a_known_delivery(None, true, 3));
+        // Held or settled at count 1: a resend, the same delivery late, or an older one are
+        // dropped; the next delivery after a return (count 2) is not.
+        assert!(repeats_a_known_delivery(Some(1), true, 1));
+        assert!(repeats_a_known_delivery(Some(1), false, 1));
+        assert!(repeats_a_known_delivery(Some(1), false, 0));
+        assert!(!repeats_a_known_delivery(Some(1), false, 2));
+    }
+
+    #[test]
+    fn settlements_are_remembered_with_their_count_up_to_a_bound() {
+        let mut settled = RecentlySettled::default();
+        settled.remember(7, 1, 0);
+        assert_eq!(settled.count_of(7, 1), Some(0));
+        assert_eq!(settled.count_of(8, 1), None, "per queue");
+        // Requeued at count 0, delivered again and acked at count 1: the later one counts.
+        settled.remember(7, 1, 1);
+        assert_eq!(settled.count_of(7, 1), Some(1));
+        for msg in 2..=RECENTLY_SETTLED as u64 + 1 {
+            settled.remember(7, msg, 0);
+        }
+        assert_eq!(settled.count_of(7, 1), None, "the oldest is forgotten");
+        assert_eq!(settled.count_of(7, RECENTLY_SETTLED as u64 + 1), Some(0));
+    }
 
     #[test]
     fn contiguous_acks_collapse_into_multiple() {

@@ -41,6 +41,7 @@ use crate::access::{Access, VhostAccess};
 use crate::broker::{Broker, QueueOptions};
 use crate::channel::{
     Channel, ChannelState, ConsumerEntry, PendingPublish, Settlement, TxBuffer, TxPublish, Unacked,
+    repeats_a_known_delivery,
 };
 use crate::connections::ConnectionInfo;
 use crate::tls::ClientStream;
@@ -2169,7 +2170,7 @@ impl Connection {
         }
         let ch = self.channel(channel);
         for u in &entries {
-            ch.settled.remember(u.handle.id(), u.msg);
+            ch.settled.remember(u.handle.id(), u.msg, u.delivery_count);
         }
         let metrics = &self.broker.metrics;
         match how {
@@ -2431,6 +2432,7 @@ impl Connection {
                             handle,
                             msg,
                             size: content.body.len() as u64,
+                            delivery_count,
                         },
                     );
                 }
@@ -2614,15 +2616,18 @@ impl Connection {
             return;
         }
         let ch = self.channel(channel);
-        if d.resend
-            && (ch.settled.contains(d.handle.id(), d.msg)
-                || ch
-                    .unacked
-                    .values()
-                    .any(|u| u.msg == d.msg && u.handle.id() == d.handle.id()))
-        {
+        let queue = d.handle.id();
+        let held = ch
+            .unacked
+            .values()
+            .filter(|u| u.msg == d.msg && u.handle.id() == queue)
+            .map(|u| u.delivery_count)
+            .max();
+        let known = ch.settled.count_of(queue, d.msg).max(held);
+        if repeats_a_known_delivery(known, d.resend, d.delivery_count) {
             // A new queue leader repeats deliveries it cannot know were sent (this one was,
-            // and the client holds it) or settled (the settlement is on its way).
+            // and the client holds it) or settled (the settlement is on its way); an old
+            // copy can arrive late from a peer that was cut off.
             return;
         }
         let Some(entry) = ch.consumers.get_mut(&d.consumer.tag) else {
@@ -2662,6 +2667,7 @@ impl Connection {
                     msg: d.msg,
                     size: d.content.body.len() as u64,
                     deadline: timeout.map(|t| Instant::now() + t),
+                    delivery_count: d.delivery_count,
                 },
             );
         }
