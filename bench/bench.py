@@ -48,6 +48,7 @@ SCENARIOS = [s for s in ALL if s in os.environ.get("BENCH_SCENARIOS", ",".join(A
 TICK = os.sysconf("SC_CLK_TCK")
 BASELINE = os.environ.get("BENCH_BASELINE")
 STARTUP_LIMIT = 180  # seconds a broker may take to start before the benchmark gives up
+STOP_LIMIT = 300  # seconds a RabbitMQ node may take to stop before it is killed
 
 
 def log(msg):
@@ -281,7 +282,12 @@ class Rabbit:
 
     def stop(self):
         for i in range(1, self.nodes + 1):
-            self.ctl(i, "stop", timeout=120)
+            try:
+                self.ctl(i, "stop", timeout=STOP_LIMIT)
+            except subprocess.TimeoutExpired:
+                # With 10,000 quorum queues a graceful stop can take minutes.
+                log(f"bench: rabbitmq node {i} did not stop within {STOP_LIMIT} s; killing it")
+                self.kill9(i)
 
     def leader_of(self, queue):
         if self.nodes == 1:
@@ -477,6 +483,15 @@ TITLES = {
 }
 
 
+def stop_all(brokers):
+    """Stops every broker; a failure to stop one is logged, never lost results."""
+    for b in brokers:
+        try:
+            b.stop()
+        except Exception as e:  # noqa: BLE001 - clean-up must go on
+            log(f"bench: stopping {b.kind}: {e}")
+
+
 def main():
     for path in (WARREN, WARRENCTL, PERF):
         if not os.path.exists(path):
@@ -512,8 +527,7 @@ def main():
             for b in pair:
                 b.start()
             run_set(pair, SINGLE, single)
-            for b in pair:
-                b.stop()
+            stop_all(pair)
         cluster = [s for s in SCENARIOS if s in CLUSTER or s in ("8", "9")]
         names = [s for s in ALL if s in CLUSTER and (s in cluster or (s == "6" and
                  ("8" in cluster or "9" in cluster)))]
@@ -525,15 +539,10 @@ def main():
             for b in pair:
                 b.start()
             run_set(pair, CLUSTER, names)
-            for b in pair:
-                b.stop()
+            stop_all(pair)
         brokers[:] = []
     finally:
-        for b in brokers:
-            try:
-                b.stop()
-            except Exception as e:  # noqa: BLE001 - clean-up must go on
-                log(f"bench: stopping {b.kind}: {e}")
+        stop_all(brokers)
         if "BENCH_KEEP" not in os.environ:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -240,6 +240,8 @@ const ELECTIONS_PER_ROUND: usize = 64;
 /// How long after refusing a candidate whose log is behind its own a replica stands at once.
 const STAND_AFTER_REFUSAL: Duration = Duration::from_secs(2);
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long after a refused ping the peer is asked again before it counts as refused.
+const REFUSAL_RECHECK: Duration = Duration::from_millis(50);
 
 /// `fallback`: how long a lower-ranked replica lets a live higher-ranked one try before
 /// standing itself.
@@ -279,23 +281,29 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>, fallback
         gone_handled = removed;
 
         let pings = others.iter().map(|peer| {
-            let call = node.transport().call(
-                *peer,
-                PeerRequest::Hello {
-                    from: node.id(),
-                    incarnation: node.run().incarnation,
-                    advertise: node.advertise().to_owned(),
-                },
-                PING_TIMEOUT,
-            );
+            let peer = *peer;
+            let transport = node.transport().clone();
+            let hello = PeerRequest::Hello {
+                from: node.id(),
+                incarnation: node.run().incarnation,
+                advertise: node.advertise().to_owned(),
+            };
             async move {
-                match call.await {
-                    Ok(PeerResponse::Hello { incarnation, .. }) => {
-                        (*peer, Ping::Answered(incarnation))
+                let ping = || async {
+                    match transport.call(peer, hello.clone(), PING_TIMEOUT).await {
+                        Ok(PeerResponse::Hello { incarnation, .. }) => Ping::Answered(incarnation),
+                        Err(TransportError::Refused { .. }) => Ping::Refused,
+                        _ => Ping::Silent,
                     }
-                    Err(TransportError::Refused { .. }) => (*peer, Ping::Refused),
-                    _ => (*peer, Ping::Silent),
+                };
+                let first = ping().await;
+                if !matches!(first, Ping::Refused) {
+                    return (peer, first);
                 }
+                // A refusal takes a peer down at once, so one alone is not trusted: a process
+                // that crashed still refuses a moment later, a passing hiccup does not.
+                tokio::time::sleep(REFUSAL_RECHECK).await;
+                (peer, ping().await)
             }
         });
         let now = Instant::now();

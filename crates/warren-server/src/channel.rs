@@ -5,6 +5,7 @@
 //! `connection` owns one `Channel` per open channel and drives it; nothing here does I/O, so
 //! the confirm arithmetic and publish assembly are tested directly below.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -63,12 +64,18 @@ const RECENTLY_SETTLED: usize = 4096;
 
 impl RecentlySettled {
     pub fn remember(&mut self, queue: u64, msg: MsgId, delivery_count: u32) {
-        if self.counts.insert((queue, msg), delivery_count).is_none() {
-            self.order.push_back((queue, msg));
-            if self.order.len() > RECENTLY_SETTLED
-                && let Some(old) = self.order.pop_front()
-            {
-                self.counts.remove(&old);
+        match self.counts.entry((queue, msg)) {
+            // Settled again (requeued, delivered again), or out of order (an older copy after
+            // a newer one): the highest count stands.
+            Entry::Occupied(mut known) => *known.get_mut() = (*known.get()).max(delivery_count),
+            Entry::Vacant(new) => {
+                new.insert(delivery_count);
+                self.order.push_back((queue, msg));
+                if self.order.len() > RECENTLY_SETTLED
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.counts.remove(&old);
+                }
             }
         }
     }
@@ -79,14 +86,17 @@ impl RecentlySettled {
     }
 }
 
-/// Whether a delivery repeats one this channel holds or settled (`known`: that one's delivery
-/// count) and must be dropped. A resend is a repeat by definition. Any other delivery of the
-/// same message counts one more return to the queue than every earlier delivery (each return
-/// adds one), so one whose count is not above the known one's is an old copy that arrived
-/// late, say through a socket that held it while its sender was cut off: the queue has since
-/// taken the message back and delivered it again, or taken the settlement.
-pub fn repeats_a_known_delivery(known: Option<u32>, resend: bool, delivery_count: u32) -> bool {
-    known.is_some_and(|known| resend || delivery_count <= known)
+/// Whether a delivery repeats one this channel holds or settled (`known`: the highest delivery
+/// count of those) and must be dropped. Every delivery of a message counts one more return to
+/// the queue than every earlier one (each return adds one), so one whose count is not above
+/// the known one's is a resend by a new leader or an old copy that arrived late, say through a
+/// socket that held it while its sender was cut off: the queue has since taken the message
+/// back and delivered it again, or taken the settlement. One with a higher count is live even
+/// when flagged as a resend (a new leader resending what the old one delivered after this
+/// channel requeued it): dropping it would leave the message checked out to this channel with
+/// nobody to settle it.
+pub fn repeats_a_known_delivery(known: Option<u32>, delivery_count: u32) -> bool {
+    known.is_some_and(|known| delivery_count <= known)
 }
 
 /// How a client settled deliveries.
@@ -383,14 +393,14 @@ mod tests {
     #[test]
     fn a_delivery_not_counting_more_returns_than_a_known_one_is_an_old_copy() {
         // Nothing known about the message: deliver.
-        assert!(!repeats_a_known_delivery(None, false, 0));
-        assert!(!repeats_a_known_delivery(None, true, 3));
-        // Held or settled at count 1: a resend, the same delivery late, or an older one are
-        // dropped; the next delivery after a return (count 2) is not.
-        assert!(repeats_a_known_delivery(Some(1), true, 1));
-        assert!(repeats_a_known_delivery(Some(1), false, 1));
-        assert!(repeats_a_known_delivery(Some(1), false, 0));
-        assert!(!repeats_a_known_delivery(Some(1), false, 2));
+        assert!(!repeats_a_known_delivery(None, 0));
+        assert!(!repeats_a_known_delivery(None, 3));
+        // Held or settled at count 1: a resend of it, the same delivery late, or an older one
+        // are dropped; the next delivery after a return (count 2) is not, even when a new
+        // leader sends it as a resend.
+        assert!(repeats_a_known_delivery(Some(1), 1));
+        assert!(repeats_a_known_delivery(Some(1), 0));
+        assert!(!repeats_a_known_delivery(Some(1), 2));
     }
 
     #[test]
@@ -401,6 +411,9 @@ mod tests {
         assert_eq!(settled.count_of(8, 1), None, "per queue");
         // Requeued at count 0, delivered again and acked at count 1: the later one counts.
         settled.remember(7, 1, 1);
+        assert_eq!(settled.count_of(7, 1), Some(1));
+        // An older copy settled after the newer one does not lower it.
+        settled.remember(7, 1, 0);
         assert_eq!(settled.count_of(7, 1), Some(1));
         for msg in 2..=RECENTLY_SETTLED as u64 + 1 {
             settled.remember(7, msg, 0);

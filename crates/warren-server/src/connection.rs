@@ -2624,7 +2624,7 @@ impl Connection {
             .map(|u| u.delivery_count)
             .max();
         let known = ch.settled.count_of(queue, d.msg).max(held);
-        if repeats_a_known_delivery(known, d.resend, d.delivery_count) {
+        if repeats_a_known_delivery(known, d.delivery_count) {
             // A new queue leader repeats deliveries it cannot know were sent (this one was,
             // and the client holds it) or settled (the settlement is on its way); an old
             // copy can arrive late from a peer that was cut off.
