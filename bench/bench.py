@@ -250,6 +250,7 @@ class Rabbit:
         open(os.path.join(self.dir, "rabbitmq-env.conf"), "w").close()
         fresh = not os.path.exists(os.path.join(self.dir, "node1", "mnesia"))
         for i in range(1, self.nodes + 1):
+            self.kill_leftover(i)
             self.start_node(i)
         for i in range(1, self.nodes + 1):
             self.await_node(i)
@@ -259,6 +260,16 @@ class Rabbit:
                     r = self.ctl(i, *step)
                     if r.returncode != 0:
                         raise RuntimeError(f"rabbitmq node {i} {step}: {r.stderr.strip()}")
+
+    def kill_leftover(self, i):
+        """A node of this name left running by an interrupted benchmark would take the new
+        node's place in the cluster: it is killed first."""
+        r = self.ctl(i, "eval", "list_to_integer(os:getpid()).", timeout=30)
+        if r.returncode == 0 and r.stdout.strip().isdigit():
+            pid = int(r.stdout.strip())
+            log(f"bench: killing rabbitmq node {self.name(i)} left running (pid {pid})")
+            os.kill(pid, signal.SIGKILL)
+            wait_until("the left-over node to exit", lambda: not os.path.exists(f"/proc/{pid}"), 30)
 
     def pid(self, i):
         try:

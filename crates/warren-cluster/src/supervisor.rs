@@ -639,12 +639,19 @@ async fn drive_elections(
         // long while: the leader it elects, or a live leader it did not hear from yet (idle
         // groups are silent), announces itself long before that. The one exception is a
         // replica that just refused a candidate because the candidate's log is behind its own:
-        // when the dead leader was the only one further ahead, the candidate can never win
-        // (a leader dies with its followers at different points of its log), so this replica
-        // stands at once instead of leaving the queue without a leader for `fallback`.
+        // when the candidate cannot win without this vote, it can never win (a leader dies
+        // with its followers at different points of its log), so this replica stands at once
+        // instead of leaving the queue without a leader for `fallback`.
+        // Only when the candidate needs this replica's vote, though: with enough other live
+        // voters it can still win, and a second candidate would only split the vote.
+        let candidate_needs_me = alive.len() - 1 < voters.len() / 2 + 1;
         let turn = match rank {
             0 => Duration::ZERO,
-            _ if handle.refused_candidate_behind_within(STAND_AFTER_REFUSAL) => Duration::ZERO,
+            _ if candidate_needs_me
+                && handle.refused_candidate_behind_within(STAND_AFTER_REFUSAL) =>
+            {
+                Duration::ZERO
+            }
             r => fallback * u32::try_from(r).unwrap_or(u32::MAX),
         };
         if waited < turn {
