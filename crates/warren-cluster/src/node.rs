@@ -691,17 +691,14 @@ impl Node {
             // The metadata group elects with openraft's own timers.
             raft_rpc(&self.meta_raft, rpc, &payload, || {}).await
         } else {
-            let handle = self.registry.by_id(group);
-            match handle.as_ref().and_then(|h| h.raft()) {
-                Some(raft) => {
+            match self.registry.by_id(group) {
+                Some(handle) if let Some(raft) = handle.raft() => {
                     raft_rpc(&raft, rpc, &payload, || {
-                        if let Some(h) = &handle {
-                            h.note_refused_candidate_behind();
-                        }
+                        handle.note_refused_candidate_behind();
                     })
                     .await
                 }
-                None => Err(format!("group {group} is not running on node {}", self.id)),
+                _ => Err(format!("group {group} is not running on node {}", self.id)),
             }
         };
         PeerResponse::Raft(result)

@@ -475,8 +475,8 @@ impl QueueHandle {
     }
 
     /// A candidate of this group asked for this replica's vote with a log shorter than this
-    /// replica's: it cannot win without this vote, and the dead leader aside nobody can give
-    /// it a longer log, so this replica should stand instead.
+    /// replica's; the supervisor has this replica stand at once if the candidate cannot win
+    /// without its vote.
     pub(crate) fn note_refused_candidate_behind(&self) {
         *self
             .refused_a_candidate_behind

@@ -638,12 +638,11 @@ async fn drive_elections(
         // A replica ranked behind a live one stands only if that one has not managed for a
         // long while: the leader it elects, or a live leader it did not hear from yet (idle
         // groups are silent), announces itself long before that. The one exception is a
-        // replica that just refused a candidate because the candidate's log is behind its own:
-        // when the candidate cannot win without this vote, it can never win (a leader dies
-        // with its followers at different points of its log), so this replica stands at once
-        // instead of leaving the queue without a leader for `fallback`.
-        // Only when the candidate needs this replica's vote, though: with enough other live
-        // voters it can still win, and a second candidate would only split the vote.
+        // replica that just refused a candidate because the candidate's log is behind its own
+        // (a leader dies with its followers at different points of its log) while the
+        // candidate cannot win without this vote: it never will, so this replica stands at
+        // once instead of leaving the queue without a leader for `fallback`. With enough other
+        // live voters the candidate can still win, and a second one would only split the vote.
         let candidate_needs_me = alive.len() - 1 < voters.len() / 2 + 1;
         let turn = match rank {
             0 => Duration::ZERO,

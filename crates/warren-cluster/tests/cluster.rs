@@ -193,6 +193,22 @@ fn content(body: &str) -> MessageContent {
     }
 }
 
+/// Publishes `seqs` of `channel` through `via`, each with body `m{seq}` and its confirm going
+/// to `rec` under its sequence number.
+fn publish_numbered(
+    via: &QueueHandle,
+    channel: ChannelRef,
+    seqs: std::ops::RangeInclusive<u64>,
+    rec: &Arc<Recorder>,
+) {
+    for seq in seqs {
+        via.submit(
+            enqueue(channel, seq, &format!("m{seq}")),
+            ReplyTo::Sink(rec.clone(), seq),
+        );
+    }
+}
+
 fn enqueue(channel: ChannelRef, seq: u64, body: &str) -> QueueRequest {
     QueueRequest::with_content(
         QueueCmd::Enqueue {
@@ -313,12 +329,7 @@ async fn publish_on_one_node_consume_on_another() {
     let rec = Arc::new(Recorder::default());
     let publisher = c.node(1).queue("/", "q").expect("handle on node 1");
     let ch = channel(c.node(1), 1);
-    for seq in 1..=50 {
-        publisher.submit(
-            enqueue(ch, seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&publisher, ch, 1..=50, &rec);
     rec.wait_for("50 confirms", WAIT, |r| (1..=50).all(|s| r.confirmed(s)))
         .await;
 
@@ -398,12 +409,7 @@ async fn a_lost_reply_makes_a_resend_that_is_applied_once() {
     c.net.cut_one_way(1, 2);
     let via = c.node(2).queue("/", "q").unwrap();
     let ch = channel(c.node(2), 1);
-    for seq in 1..=5 {
-        via.submit(
-            enqueue(ch, seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&via, ch, 1..=5, &rec);
     tokio::time::sleep(Duration::from_millis(500)).await;
     c.net.heal();
     rec.wait_for("5 confirms", WAIT, |r| (1..=5).all(|s| r.confirmed(s)))
@@ -495,12 +501,7 @@ async fn a_replica_ahead_of_the_first_ranked_candidate_stands_at_once() {
     c.net.partition(&[1], &[behind]);
     let rec = Arc::new(Recorder::default());
     let ch = channel(c.node(1), 1);
-    for seq in 1..=10 {
-        handle.submit(
-            enqueue(ch, seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&handle, ch, 1..=10, &rec);
     rec.wait_for(
         "confirms from the leader and the replica ahead",
         WAIT,
@@ -539,12 +540,7 @@ async fn a_down_node_gives_back_what_its_consumers_held() {
     on_one.call(consume(key, 10), None).await.expect("consume");
     let rec = Arc::new(Recorder::default());
     let publisher = c.node(2).queue("/", "q").unwrap();
-    for seq in 1..=3 {
-        publisher.submit(
-            enqueue(channel(c.node(2), 1), seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&publisher, channel(c.node(2), 1), 1..=3, &rec);
     rec.wait_for("confirms", WAIT, |r| (1..=3).all(|s| r.confirmed(s)))
         .await;
     let deadline = Instant::now() + WAIT;
@@ -606,12 +602,7 @@ async fn a_lossy_slow_network_still_confirms_each_publish_once() {
     let rec = Arc::new(Recorder::default());
     let via = c.node(3).queue("/", "q").unwrap();
     let ch = channel(c.node(3), 1);
-    for seq in 1..=30 {
-        via.submit(
-            enqueue(ch, seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&via, ch, 1..=30, &rec);
     rec.wait_for(
         "30 confirms through a lossy network",
         Duration::from_secs(60),
@@ -661,12 +652,7 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
     let rec = Arc::new(Recorder::default());
     let h = node.queue("/", "solo").unwrap();
     let ch = channel(node, 1);
-    for seq in 1..=60 {
-        h.submit(
-            enqueue(ch, seq, &format!("m{seq}")),
-            ReplyTo::Sink(rec.clone(), seq),
-        );
-    }
+    publish_numbered(&h, ch, 1..=60, &rec);
     rec.wait_for("60 confirms", WAIT, |r| (1..=60).all(|s| r.confirmed(s)))
         .await;
 
