@@ -2617,12 +2617,17 @@ impl Connection {
         }
         let ch = self.channel(channel);
         let queue = d.handle.id();
-        let held = ch
-            .unacked
-            .values()
-            .filter(|u| u.msg == d.msg && u.handle.id() == queue)
-            .map(|u| u.delivery_count)
-            .max();
+        // Looking through what the channel holds costs a walk of its unacked deliveries, so
+        // only a resend pays it; any delivery is checked against the settled ones (a lookup).
+        let held = if d.resend {
+            ch.unacked
+                .values()
+                .filter(|u| u.msg == d.msg && u.handle.id() == queue)
+                .map(|u| u.delivery_count)
+                .max()
+        } else {
+            None
+        };
         let known = ch.settled.count_of(queue, d.msg).max(held);
         if repeats_a_known_delivery(known, d.delivery_count) {
             // A new queue leader repeats deliveries it cannot know were sent (this one was,
