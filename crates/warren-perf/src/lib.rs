@@ -398,9 +398,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                     break;
                 }
                 if let Some(i) = interval {
-                    let due = start + i * seq as u32;
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        tokio::time::sleep(wait).await;
+                    // Confirms are timed when their future is polled, so the window is polled
+                    // while waiting for the next send: otherwise every confirm that arrives
+                    // during the pause would be timed only when the window next fills, up to
+                    // `confirm` intervals late.
+                    let due = tokio::time::Instant::from_std(start + i * seq as u32);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some((seq, latency, r)) = window.next(), if !window.is_empty() => {
+                                record(seq, latency, r, &mut confirmed, &mut latencies, &mut nacked);
+                            }
+                            () = tokio::time::sleep_until(due) => break,
+                        }
                     }
                 }
                 let sent = start.elapsed();

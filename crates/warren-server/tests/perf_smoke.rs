@@ -63,3 +63,40 @@ fn a_backlog_filled_by_one_run_is_drained_by_the_next() {
     assert_eq!(report.consumed, 1000, "{}", report.text());
     assert_eq!(report.duplicates, 0, "{}", report.text());
 }
+
+/// Under a rate limit the producer spends most of its time waiting for the next send; a
+/// confirm arriving meanwhile must be timed when it arrives, not when the confirm window
+/// next fills (which at 200 msg/s and a window of 64 would add about 315 ms to every one).
+#[test]
+fn confirms_are_timed_when_they_arrive_under_a_rate_limit() {
+    let b = support::broker();
+    let opts = warren_perf::Options::parse_from([
+        "warren-perf",
+        "--uri",
+        b.url(),
+        "--count",
+        "300",
+        "--rate",
+        "200",
+        "--confirm",
+        "64",
+        "--duration",
+        "60",
+        "--queue",
+        &support::unique("perf-rate"),
+    ]);
+    let report = run(async { warren_perf::run(&opts).await.expect("run") });
+    assert_eq!(
+        (report.confirmed, report.lost),
+        (300, 0),
+        "{}",
+        report.text()
+    );
+    // Half the artefact, so only a broker taking 150 ms to confirm a lone message fails.
+    assert!(
+        report.confirm_latency_us.p50 < 150_000,
+        "confirm p50 {} us: {}",
+        report.confirm_latency_us.p50,
+        report.text()
+    );
+}
