@@ -34,6 +34,126 @@ pub struct Unacked {
     pub delivery_count: u32,
 }
 
+/// What [`UnackedDeliveries`] needs to know of a delivery it holds.
+pub trait HeldDelivery {
+    /// The queue's id and the message's.
+    fn message(&self) -> (u64, MsgId);
+    fn delivery_count(&self) -> u32;
+    /// Body size, for basic.qos prefetch-size.
+    fn size(&self) -> u64;
+}
+
+impl HeldDelivery for Unacked {
+    fn message(&self) -> (u64, MsgId) {
+        (self.handle.id(), self.msg)
+    }
+    fn delivery_count(&self) -> u32 {
+        self.delivery_count
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// A channel's unsettled deliveries by delivery tag, also indexed by message, so a delivery
+/// can be checked against the copies the channel holds without walking them (a consumer with
+/// no prefetch limit may hold very many), and with their body bytes summed for basic.qos
+/// prefetch-size.
+pub struct UnackedDeliveries<D = Unacked> {
+    by_tag: BTreeMap<u64, D>,
+    /// Per (queue, message): how many deliveries of it are held, and the highest delivery count
+    /// among those held since the first of them came. The count is not lowered when the
+    /// highest one leaves: a settled delivery is remembered by `RecentlySettled` anyway.
+    by_msg: HashMap<(u64, MsgId), (usize, u32)>,
+    bytes: u64,
+}
+
+impl<D> Default for UnackedDeliveries<D> {
+    fn default() -> Self {
+        UnackedDeliveries {
+            by_tag: BTreeMap::new(),
+            by_msg: HashMap::new(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<D: HeldDelivery> UnackedDeliveries<D> {
+    pub fn insert(&mut self, tag: u64, delivery: D) {
+        let held = self
+            .by_msg
+            .entry(delivery.message())
+            .or_insert((0, delivery.delivery_count()));
+        held.0 += 1;
+        held.1 = held.1.max(delivery.delivery_count());
+        self.bytes += delivery.size();
+        if let Some(replaced) = self.by_tag.insert(tag, delivery) {
+            self.forget(&replaced);
+        }
+    }
+
+    pub fn remove(&mut self, tag: u64) -> Option<D> {
+        let delivery = self.by_tag.remove(&tag)?;
+        self.forget(&delivery);
+        Some(delivery)
+    }
+
+    fn forget(&mut self, delivery: &D) {
+        self.bytes -= delivery.size();
+        let key = delivery.message();
+        if let Some(held) = self.by_msg.get_mut(&key) {
+            held.0 -= 1;
+            if held.0 == 0 {
+                self.by_msg.remove(&key);
+            }
+        }
+    }
+
+    /// Every delivery, in tag order, leaving none.
+    pub fn take_all(&mut self) -> Vec<(u64, D)> {
+        self.by_msg.clear();
+        self.bytes = 0;
+        std::mem::take(&mut self.by_tag).into_iter().collect()
+    }
+
+    /// The deliveries up to and including `tag` (an ack with multiple set), in tag order.
+    pub fn take_through(&mut self, tag: u64) -> Vec<(u64, D)> {
+        let rest = self.by_tag.split_off(&tag.saturating_add(1));
+        let taken = std::mem::replace(&mut self.by_tag, rest);
+        for delivery in taken.values() {
+            self.forget(delivery);
+        }
+        taken.into_iter().collect()
+    }
+
+    /// Whether any delivery has a tag up to and including `tag`.
+    pub fn any_through(&self, tag: u64) -> bool {
+        self.by_tag.range(..=tag).next().is_some()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_tag.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_tag.is_empty()
+    }
+
+    /// Body bytes of every delivery held.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&u64, &D)> {
+        self.by_tag.iter()
+    }
+
+    /// The highest delivery count of the message's deliveries this channel holds, if any.
+    pub fn highest_count_held(&self, queue: u64, msg: MsgId) -> Option<u32> {
+        self.by_msg.get(&(queue, msg)).map(|held| held.1)
+    }
+}
+
 pub struct ConsumerEntry {
     pub handle: Arc<QueueHandle>,
     /// False until consume-ok went out; deliveries wait in `pending` so the client never sees
@@ -142,7 +262,7 @@ pub struct Channel {
     pub publish: Option<PendingPublish>,
     pub confirm: Option<Confirms>,
     next_tag: u64,
-    pub unacked: BTreeMap<u64, Unacked>,
+    pub unacked: UnackedDeliveries,
     pub consumers: HashMap<String, ConsumerEntry>,
     /// basic.qos prefetch-count for consumers created from now on.
     pub prefetch: u16,
@@ -175,7 +295,7 @@ impl Channel {
             publish: None,
             confirm: None,
             next_tag: 0,
-            unacked: BTreeMap::new(),
+            unacked: UnackedDeliveries::default(),
             consumers: HashMap::new(),
             prefetch: 0,
             global_prefetch: 0,
@@ -201,11 +321,9 @@ impl Channel {
         if self.global_prefetch != 0 && self.unacked.len() >= usize::from(self.global_prefetch) {
             return false;
         }
-        if self.prefetch_bytes != 0 {
-            let out: u64 = self.unacked.values().map(|u| u.size).sum();
-            if out + size > u64::from(self.prefetch_bytes) {
-                return false;
-            }
+        if self.prefetch_bytes != 0 && self.unacked.bytes() + size > u64::from(self.prefetch_bytes)
+        {
+            return false;
         }
         true
     }
@@ -420,6 +538,48 @@ mod tests {
         }
         assert_eq!(settled.count_of(7, 1), None, "the oldest is forgotten");
         assert_eq!(settled.count_of(7, RECENTLY_SETTLED as u64 + 1), Some(0));
+    }
+
+    /// A delivery as the index sees it: (queue, message, delivery count, size).
+    struct Held(u64, MsgId, u32, u64);
+
+    impl HeldDelivery for Held {
+        fn message(&self) -> (u64, MsgId) {
+            (self.0, self.1)
+        }
+        fn delivery_count(&self) -> u32 {
+            self.2
+        }
+        fn size(&self) -> u64 {
+            self.3
+        }
+    }
+
+    #[test]
+    fn held_deliveries_are_found_by_message_and_counted_in_bytes() {
+        let mut held = UnackedDeliveries::default();
+        held.insert(1, Held(7, 10, 0, 100));
+        held.insert(2, Held(7, 11, 0, 50));
+        held.insert(3, Held(8, 10, 2, 25));
+        assert_eq!(held.highest_count_held(7, 10), Some(0));
+        assert_eq!(held.highest_count_held(8, 10), Some(2), "per queue");
+        assert_eq!(held.highest_count_held(7, 12), None);
+        assert_eq!((held.len(), held.bytes()), (3, 175));
+        // A later delivery of a message still held (a new leader's, counting a return).
+        held.insert(4, Held(7, 10, 1, 100));
+        assert_eq!(held.highest_count_held(7, 10), Some(1));
+        // An ack with multiple up to 2 takes tags 1 and 2 in order; the copy at 4 stays found.
+        let taken: Vec<u64> = held.take_through(2).into_iter().map(|(t, _)| t).collect();
+        assert_eq!(taken, vec![1, 2]);
+        assert_eq!(held.highest_count_held(7, 10), Some(1));
+        assert_eq!(held.highest_count_held(7, 11), None);
+        assert!(!held.any_through(2) && held.any_through(3));
+        assert_eq!((held.len(), held.bytes()), (2, 125));
+        assert!(held.remove(4).is_some() && held.remove(4).is_none());
+        assert_eq!(held.highest_count_held(7, 10), None, "the last copy left");
+        assert_eq!(held.take_all().len(), 1);
+        assert!(held.is_empty() && held.bytes() == 0);
+        assert_eq!(held.highest_count_held(8, 10), None);
     }
 
     #[test]

@@ -1443,10 +1443,10 @@ impl Connection {
                 Ok(())
             }
             Method::BasicRecoverAsync(_) => {
-                let entries = std::mem::take(&mut self.channel(channel).unacked);
+                let entries = self.channel(channel).unacked.take_all();
                 self.settle(
                     channel,
-                    entries.into_values().collect(),
+                    entries.into_iter().map(|(_, u)| u).collect(),
                     Settlement::Requeue,
                 );
                 Ok(())
@@ -1459,10 +1459,10 @@ impl Connection {
                     channel,
                     &Method::BasicRecoverOk(warren_codec::BasicRecoverOk {}),
                 );
-                let entries = std::mem::take(&mut self.channel(channel).unacked);
+                let entries = self.channel(channel).unacked.take_all();
                 self.settle(
                     channel,
-                    entries.into_values().collect(),
+                    entries.into_iter().map(|(_, u)| u).collect(),
                     Settlement::Requeue,
                 );
                 Ok(())
@@ -1510,8 +1510,8 @@ impl Connection {
                 // Publishes are dropped; acked deliveries become unacked again, under their
                 // delivery tags, as in RabbitMQ.
                 let TxBuffer { settlements, .. } = std::mem::take(tx);
-                for (entries, _) in settlements {
-                    ch.unacked.extend(entries);
+                for (tag, delivery) in settlements.into_iter().flat_map(|(entries, _)| entries) {
+                    ch.unacked.insert(tag, delivery);
                 }
                 self.send_method(
                     channel,
@@ -2107,16 +2107,14 @@ impl Connection {
         let ch = self.channel(channel);
         if multiple {
             if tag == 0 {
-                return Ok(std::mem::take(&mut ch.unacked).into_iter().collect());
+                return Ok(ch.unacked.take_all());
             }
-            if !ch.unacked.contains_key(&tag) && ch.unacked.range(..=tag).next().is_none() {
+            if !ch.unacked.any_through(tag) {
                 return Err(unknown_tag(tag, method));
             }
-            let rest = ch.unacked.split_off(&(tag + 1));
-            let taken = std::mem::replace(&mut ch.unacked, rest);
-            return Ok(taken.into_iter().collect());
+            return Ok(ch.unacked.take_through(tag));
         }
-        match ch.unacked.remove(&tag) {
+        match ch.unacked.remove(tag) {
             Some(u) => Ok(vec![(tag, u)]),
             None => Err(unknown_tag(tag, method)),
         }
@@ -2617,18 +2615,10 @@ impl Connection {
         }
         let ch = self.channel(channel);
         let queue = d.handle.id();
-        // Looking through what the channel holds costs a walk of its unacked deliveries, so
-        // only a resend pays it; any delivery is checked against the settled ones (a lookup).
-        let held = if d.resend {
-            ch.unacked
-                .values()
-                .filter(|u| u.msg == d.msg && u.handle.id() == queue)
-                .map(|u| u.delivery_count)
-                .max()
-        } else {
-            None
-        };
-        let known = ch.settled.count_of(queue, d.msg).max(held);
+        let known = ch
+            .settled
+            .count_of(queue, d.msg)
+            .max(ch.unacked.highest_count_held(queue, d.msg));
         if repeats_a_known_delivery(known, d.delivery_count) {
             // A new queue leader repeats deliveries it cannot know were sent (this one was,
             // and the client holds it) or settled (the settlement is on its way); an old
@@ -2762,7 +2752,7 @@ impl Connection {
                 tag,
             });
         }
-        ch.unacked.clear();
+        ch.unacked.take_all();
         ch.held.clear();
         for handle in ch.touched.values() {
             handle.submit(
