@@ -36,8 +36,13 @@ use rocksdb::DB;
 
 /// Shortest time between the starts of two fsyncs. Under sustained load an fsync per
 /// handful of writes spends a fifth of the node's CPU in the kernel; spacing them lets each
-/// cover what arrived meanwhile. An idle node's first write is synced at once.
-const MIN_FSYNC_INTERVAL: Duration = Duration::from_micros(1000);
+/// cover what arrived meanwhile. An idle node's first write is synced at once. The spacing is
+/// also what a commit may wait, on every node that must fsync before a delivery: 1 ms cost
+/// about 0.5 ms of end-to-end latency at 2,000 msg/s and a sixth of a single node's
+/// throughput (a producer with a confirm window publishes as fast as confirms come back),
+/// while a quarter of it shows no CPU cost at full load: an fsync takes 0.1 to 0.6 ms on the
+/// benchmark machine, so batches still form behind it (`docs/benchmarks.md`).
+const MIN_FSYNC_INTERVAL: Duration = Duration::from_micros(250);
 
 /// What to do once the writes made before it was queued are durable, or their fsync failed.
 pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
