@@ -455,8 +455,24 @@ async fn settle(
         let (retry, redirect) = answer(&h, ctx.node, pending, results, asked);
         pending = retry;
         if !pending.is_empty() && !redirect {
+            // A replica goes again as soon as its group knows another leader than the one
+            // that failed (or any, if none was known) rather than when the backoff ends:
+            // after a start or a leader's death the doubling sleeps overshot the election
+            // by up to half its length.
+            let raft = h.raft();
             drop(h);
-            tokio::time::sleep(backoff).await;
+            match raft {
+                Some(raft) => {
+                    let _ = raft
+                        .wait(Some(backoff))
+                        .metrics(
+                            |m| m.current_leader.is_some() && m.current_leader != asked,
+                            "another leader is known",
+                        )
+                        .await;
+                }
+                None => tokio::time::sleep(backoff).await,
+            }
             backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
