@@ -546,8 +546,9 @@ const SNAPSHOT_ON_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// entries each). Groups with little to replay skip it, so stopping a node with thousands of
 /// idle queues does not write thousands of snapshots. A crash still replays, as before.
 async fn snapshot_before_stop(raft: &Raft<QueueMachine>, group: GroupId) {
+    let metrics = raft.metrics();
     let (applied, snapshot) = {
-        let m = raft.metrics().borrow_watched().clone();
+        let m = metrics.borrow_watched();
         (
             m.last_applied.map_or(0, |l| l.index),
             m.snapshot.map_or(0, |l| l.index),

@@ -111,9 +111,15 @@ impl<D: HeldDelivery> UnackedDeliveries<D> {
 
     /// Every delivery, in tag order, leaving none.
     pub fn take_all(&mut self) -> Vec<(u64, D)> {
+        let taken = std::mem::take(&mut self.by_tag);
+        self.clear();
+        taken.into_iter().collect()
+    }
+
+    pub fn clear(&mut self) {
+        self.by_tag.clear();
         self.by_msg.clear();
         self.bytes = 0;
-        std::mem::take(&mut self.by_tag).into_iter().collect()
     }
 
     /// The deliveries up to and including `tag` (an ack with multiple set), in tag order.

@@ -2752,7 +2752,7 @@ impl Connection {
                 tag,
             });
         }
-        ch.unacked.take_all();
+        ch.unacked.clear();
         ch.held.clear();
         for handle in ch.touched.values() {
             handle.submit(
