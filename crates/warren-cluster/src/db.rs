@@ -281,7 +281,10 @@ impl Storage {
 
     /// The log store of `group`. Stores of different groups are independent; stores of the same
     /// group are clones of each other (openraft wants one per `Raft`).
-    pub fn log_store<C: openraft::RaftTypeConfig>(&self, group: GroupId) -> LogStore<C> {
+    pub fn log_store<C: openraft::RaftTypeConfig>(&self, group: GroupId) -> LogStore<C>
+    where
+        C::Entry: Clone,
+    {
         LogStore::new(self.clone(), group)
     }
 
