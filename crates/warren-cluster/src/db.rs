@@ -26,6 +26,7 @@ use std::io;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rocksdb::ColumnFamily;
 use rocksdb::ColumnFamilyDescriptor;
@@ -217,7 +218,53 @@ struct Inner {
     db: Arc<DB>,
     flusher: Flusher,
     path: PathBuf,
+    recent_entries: Arc<MemoryBudget>,
+    unwritten_bodies: Arc<MemoryBudget>,
 }
+
+/// Memory the node's groups may hold in one kind of cache together, in bytes. Caches here are
+/// copies of what RocksDB holds or will hold, so a group that finds the budget spent does
+/// without (reads or writes RocksDB as it would with no cache) instead of waiting.
+#[derive(Debug)]
+pub struct MemoryBudget {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Self {
+        MemoryBudget {
+            used: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Takes `bytes` if they fit; `false` (taking nothing) if they do not.
+    pub fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|&total| total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Gives back bytes taken earlier.
+    pub fn give_back(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes taken now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// What the log stores of a node may keep of recently appended entries, together
+/// ([`crate::log_store`]).
+const RECENT_ENTRIES_BUDGET: usize = 64 << 20;
+/// What the queue state machines of a node may keep of bodies not yet written to the `sm`
+/// column family, together ([`crate::queue_sm`]).
+const UNWRITTEN_BODIES_BUDGET: usize = 128 << 20;
 
 impl Storage {
     /// Opens (creating if needed) the node database in directory `path` with all
@@ -252,7 +299,13 @@ impl Storage {
         check_format(&db, &path)?;
         let flusher = Flusher::start(db.clone()).map_err(DbError::Flusher)?;
         Ok(Storage {
-            inner: Arc::new(Inner { db, flusher, path }),
+            inner: Arc::new(Inner {
+                db,
+                flusher,
+                path,
+                recent_entries: Arc::new(MemoryBudget::new(RECENT_ENTRIES_BUDGET)),
+                unwritten_bodies: Arc::new(MemoryBudget::new(UNWRITTEN_BODIES_BUDGET)),
+            }),
         })
     }
 
@@ -277,6 +330,16 @@ impl Storage {
     /// The directory the database lives in.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// The budget the node's log stores share for their recent entries.
+    pub fn recent_entries_budget(&self) -> &Arc<MemoryBudget> {
+        &self.inner.recent_entries
+    }
+
+    /// The budget the node's queue state machines share for bodies not yet on disk.
+    pub fn unwritten_bodies_budget(&self) -> &Arc<MemoryBudget> {
+        &self.inner.unwritten_bodies
     }
 
     /// The log store of `group`. Stores of different groups are independent; stores of the same
@@ -441,6 +504,18 @@ impl Drop for Inner {
 mod tests {
     use super::keys::*;
     use super::*;
+
+    #[test]
+    fn a_memory_budget_refuses_what_does_not_fit_and_takes_back_what_is_given() {
+        let budget = MemoryBudget::new(100);
+        assert!(budget.try_take(60));
+        assert!(!budget.try_take(41), "61 + 41 > 100");
+        assert_eq!(budget.used(), 60, "a refused take takes nothing");
+        assert!(budget.try_take(40));
+        budget.give_back(60);
+        assert_eq!(budget.used(), 40);
+        assert!(!budget.try_take(usize::MAX), "no overflow");
+    }
 
     #[test]
     fn log_keys_sort_by_group_then_index() {

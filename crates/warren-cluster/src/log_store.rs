@@ -61,6 +61,7 @@ use crate::db::CF_LOG;
 use crate::db::CF_META;
 use crate::db::DbError;
 use crate::db::GroupId;
+use crate::db::MemoryBudget;
 use crate::db::Storage;
 use crate::db::decode;
 use crate::db::encode;
@@ -73,7 +74,8 @@ pub const LIMITED_READ_BYTES: usize = 1 << 20;
 /// Most entries and encoded bytes a group keeps in [`RecentEntries`]. Entries leave the cache
 /// once the state machine has read them, so under load it holds about the batches in flight;
 /// the limits bound what an idle group keeps (a follower applies its last batch only when the
-/// next one arrives) and what a stalled state machine could pile up.
+/// next one arrives) and what a stalled state machine could pile up. All groups of a node
+/// share [`Storage::recent_entries_budget`] besides.
 const RECENT_MAX_ENTRIES: usize = 2048;
 const RECENT_MAX_BYTES: usize = 2 << 20;
 
@@ -83,13 +85,21 @@ const RECENT_MAX_BYTES: usize = 2 << 20;
 struct RecentEntries<E> {
     entries: VecDeque<(E, usize)>,
     bytes: usize,
+    budget: Arc<MemoryBudget>,
+}
+
+impl<E> Drop for RecentEntries<E> {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
+    }
 }
 
 impl<E: RaftEntry + Clone> RecentEntries<E> {
-    fn new() -> Self {
+    fn new(budget: Arc<MemoryBudget>) -> Self {
         RecentEntries {
             entries: VecDeque::new(),
             bytes: 0,
+            budget,
         }
     }
 
@@ -113,6 +123,11 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
             self.clear();
         }
         for (entry, size) in batch {
+            if !self.budget.try_take(size) {
+                // The node's budget is spent: keep nothing rather than a run with a gap.
+                self.clear();
+                return;
+            }
             self.bytes += size;
             self.entries.push_back((entry, size));
         }
@@ -129,6 +144,7 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
             }
             let (_, size) = self.entries.pop_back().expect("a last entry exists");
             self.bytes -= size;
+            self.budget.give_back(size);
         }
     }
 
@@ -142,11 +158,13 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
     fn pop_front(&mut self) {
         if let Some((_, size)) = self.entries.pop_front() {
             self.bytes -= size;
+            self.budget.give_back(size);
         }
     }
 
     fn clear(&mut self) {
         self.entries.clear();
+        self.budget.give_back(self.bytes);
         self.bytes = 0;
     }
 
@@ -209,10 +227,11 @@ where
     C::Entry: Clone,
 {
     pub(crate) fn new(storage: Storage, group: GroupId) -> Self {
+        let budget = storage.recent_entries_budget().clone();
         LogStore {
             storage,
             group,
-            recent: Arc::new(Mutex::new(RecentEntries::new())),
+            recent: Arc::new(Mutex::new(RecentEntries::new(budget))),
             _config: PhantomData,
         }
     }
@@ -706,6 +725,31 @@ mod tests {
                 }
             });
         }
+    }
+
+    /// A group that finds the node's budget spent keeps nothing (a cached run must stay the end
+    /// of the log), and everything it held goes back to the budget when dropped.
+    #[test]
+    fn recent_entries_stay_within_the_node_budget() {
+        let budget = std::sync::Arc::new(crate::db::MemoryBudget::new(100));
+        let entry = |i| openraft::testing::blank_ent::<UnitConfig>(1, 1, i);
+        let mut recent = super::RecentEntries::new(budget.clone());
+        recent.appended(vec![(entry(1), 40), (entry(2), 40)]);
+        assert_eq!(
+            (recent.first_index(), recent.last_index()),
+            (Some(1), Some(2))
+        );
+        assert_eq!(budget.used(), 80);
+        recent.appended(vec![(entry(3), 40)]);
+        assert_eq!(recent.last_index(), None, "over budget: nothing kept");
+        assert_eq!(budget.used(), 0);
+        recent.appended(vec![(entry(4), 30)]);
+        let other =
+            super::RecentEntries::<openraft::alias::EntryOf<UnitConfig>>::new(budget.clone());
+        assert_eq!(budget.used(), 30);
+        drop(recent);
+        drop(other);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

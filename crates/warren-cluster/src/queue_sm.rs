@@ -4,12 +4,20 @@
 //! The index of the queue (`QueueState`) lives in memory and in snapshots, up to its page
 //! window of ready messages; the index entries of the ready messages beyond it are paged out
 //! to the `sm` column family (`PageOut`) and come back through the log (`PageIn`, read here
-//! by the leader). Bodies are written to the `sm` column family when their enqueue applies
-//! and deleted when they settle, so memory and snapshots stay small however deep the queue. After a crash the node loads the last
-//! snapshot and openraft re-applies the log after it: enqueues rewrite their bodies and
-//! settlements delete them again, both idempotent. A snapshot is written with a synced write,
-//! which also makes every earlier body write durable, so every message live in a snapshot has
-//! its body on disk. Deliveries and releases go through the queue's `QueueHandle`.
+//! by the leader).
+//!
+//! Bodies: the log holds every body until a snapshot lets it be purged, so a body only has to
+//! be in the `sm` column family once a snapshot covers its enqueue. Until then it stays in
+//! memory ([`UnwrittenBody`]); building a snapshot writes the bodies of the messages still live
+//! (before the snapshot itself, whose synced write makes them durable), and a message settled
+//! before that — most of them, under a consumer that keeps up — never reaches RocksDB at all
+//! (before, every message cost a 1 KB put and a delete in the WAL and the memtables). Memory
+//! stays bounded: snapshots come every `raft.snapshot_every` entries, and snapshots stay small
+//! however deep the queue, since bodies are never in them. After a crash the node loads the
+//! last snapshot and openraft re-applies the log after it: enqueues bring their bodies back
+//! into memory and settlements drop them; a body re-applied from the log may also be on disk
+//! (written for a snapshot that was not saved, or by an earlier version), so its settlement
+//! deletes it there too. Deliveries and releases go through the queue's `QueueHandle`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Cursor};
@@ -25,7 +33,7 @@ use warren_core::queue::{Effect, PagedEntry, QueueCmd, QueueReply, QueueState};
 use warren_core::{MessageContent, MsgId};
 
 use crate::db::keys;
-use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, Storage, decode, encode};
+use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, MemoryBudget, Storage, decode, encode};
 use crate::queue::{Bodies, QueueHandle, ReplyTo};
 use crate::types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
@@ -215,13 +223,96 @@ fn read_paged(
     Ok(entries)
 }
 
-/// Bodies as seen during one apply call: writes are staged in a batch, and reads see the
-/// staged puts first so a message enqueued and delivered in the same batch is found.
+/// The body of a message whose enqueue no snapshot covers yet: the log still holds it, so it
+/// need not be on disk.
+struct UnwrittenBody {
+    content: MessageContent,
+    /// What it counts against the budgets.
+    size: usize,
+    /// Re-applied from the log at start-up: a run before may have written it to disk.
+    maybe_stored: bool,
+}
+
+/// Most bytes of bodies one queue keeps unwritten; past it (or past the node's
+/// [`Storage::unwritten_bodies_budget`]) a body is written when its enqueue applies, as it
+/// would be with no snapshot coming. Bounds the memory of a queue with large bodies or a
+/// large `raft.snapshot_every`.
+const UNWRITTEN_MAX_BYTES: usize = 8 << 20;
+
+/// A queue's unwritten bodies, counted against its own limit and the node's budget.
+struct UnwrittenBodies {
+    bodies: HashMap<MsgId, UnwrittenBody>,
+    bytes: usize,
+    budget: Arc<MemoryBudget>,
+}
+
+impl UnwrittenBodies {
+    fn new(budget: Arc<MemoryBudget>) -> Self {
+        UnwrittenBodies {
+            bodies: HashMap::new(),
+            bytes: 0,
+            budget,
+        }
+    }
+
+    /// Keeps `content` in memory if both limits allow; hands it back if not.
+    fn keep(
+        &mut self,
+        msg: MsgId,
+        content: MessageContent,
+        maybe_stored: bool,
+    ) -> Option<MessageContent> {
+        // Bodies share their buffers with the log entry; count them with a little overhead.
+        let size = content.body.len() + content.properties.len() + 64;
+        if self.bytes + size > UNWRITTEN_MAX_BYTES || !self.budget.try_take(size) {
+            return Some(content);
+        }
+        self.bytes += size;
+        let body = UnwrittenBody {
+            content,
+            size,
+            maybe_stored,
+        };
+        if let Some(old) = self.bodies.insert(msg, body) {
+            self.forget(old.size);
+        }
+        None
+    }
+
+    fn get(&self, msg: MsgId) -> Option<&UnwrittenBody> {
+        self.bodies.get(&msg)
+    }
+
+    fn remove(&mut self, msg: MsgId) -> Option<UnwrittenBody> {
+        let body = self.bodies.remove(&msg)?;
+        self.forget(body.size);
+        Some(body)
+    }
+
+    fn clear(&mut self) {
+        self.bodies.clear();
+        self.forget(self.bytes);
+    }
+
+    fn forget(&mut self, size: usize) {
+        self.bytes -= size;
+        self.budget.give_back(size);
+    }
+}
+
+impl Drop for UnwrittenBodies {
+    fn drop(&mut self) {
+        self.budget.give_back(self.bytes);
+    }
+}
+
+/// Bodies as seen during one apply call: new bodies go to the machine's unwritten bodies,
+/// disk writes and deletions are staged in a batch.
 struct StagedBodies<'a> {
     storage: &'a Storage,
     group: GroupId,
     batch: WriteBatch,
-    puts: HashMap<MsgId, MessageContent>,
+    unwritten: &'a mut UnwrittenBodies,
     /// Paged entries written (true) or deleted (false) by this batch.
     paged: BTreeMap<(u8, MsgId), bool>,
     error: Option<io::Error>,
@@ -295,22 +386,27 @@ impl StagedBodies<'_> {
         self.release(&dropped);
     }
 
-    fn put(&mut self, msg: MsgId, content: MessageContent) {
-        match encode(&content) {
-            Ok(bytes) => {
-                self.batch
-                    .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes)
+    /// A body enqueued by the entry being applied; `replaying` if that entry was in the log
+    /// when the node started.
+    fn put(&mut self, msg: MsgId, content: MessageContent, replaying: bool) {
+        let maybe_stored = replaying || self.unwritten.get(msg).is_some_and(|b| b.maybe_stored);
+        if let Some(content) = self.unwritten.keep(msg, content, maybe_stored) {
+            self.unwritten.remove(msg);
+            match encode(&content) {
+                Ok(bytes) => {
+                    self.batch
+                        .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes)
+                }
+                Err(e) => self.error = Some(io_err(e)),
             }
-            Err(e) => self.error = Some(io_err(e)),
         }
-        self.puts.insert(msg, content);
     }
 }
 
 impl Bodies for StagedBodies<'_> {
     fn get(&mut self, msg: MsgId) -> Option<MessageContent> {
-        if let Some(c) = self.puts.get(&msg) {
-            return Some(c.clone());
+        if let Some(b) = self.unwritten.get(msg) {
+            return Some(b.content.clone());
         }
         let bytes = self
             .storage
@@ -322,9 +418,11 @@ impl Bodies for StagedBodies<'_> {
 
     fn release(&mut self, msgs: &[MsgId]) {
         for msg in msgs {
-            self.puts.remove(msg);
-            self.batch
-                .delete_cf(self.storage.cf(CF_SM), body_key(self.group, *msg));
+            let on_disk = self.unwritten.remove(*msg).is_none_or(|b| b.maybe_stored);
+            if on_disk {
+                self.batch
+                    .delete_cf(self.storage.cf(CF_SM), body_key(self.group, *msg));
+            }
         }
     }
 }
@@ -340,6 +438,9 @@ pub struct QueueMachine {
     /// rebuilds the state but must not deliver anything. Those deliveries went out (or were
     /// lost) in the previous run; the leader-recovery command resends what is still out.
     replay_until: u64,
+    /// Bodies of live messages enqueued since the last snapshot was started (see the module
+    /// comment).
+    unwritten: UnwrittenBodies,
 }
 
 impl QueueMachine {
@@ -353,6 +454,7 @@ impl QueueMachine {
         page_window: u32,
     ) -> io::Result<Self> {
         let mut machine = QueueMachine {
+            unwritten: UnwrittenBodies::new(storage.unwritten_bodies_budget().clone()),
             group,
             storage,
             state: QueueState::with_config(handle.config()).with_page_window(page_window),
@@ -371,6 +473,22 @@ impl QueueMachine {
         handle.set_pending_txs(machine.state.pending_txs());
         Ok(machine)
     }
+
+    /// Writes every unwritten body to the `sm` column family (not synced) and forgets them.
+    /// On failure they stay unwritten: the log still holds them.
+    fn write_unwritten_bodies(&mut self) -> io::Result<()> {
+        if self.unwritten.bodies.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (msg, body) in &self.unwritten.bodies {
+            let bytes = encode(&body.content).map_err(io_err)?;
+            batch.put_cf(self.storage.cf(CF_SM), body_key(self.group, *msg), bytes);
+        }
+        self.storage.db().write(batch).map_err(io_err)?;
+        self.unwritten.clear();
+        Ok(())
+    }
 }
 
 pub struct QueueSnapshotBuilder {
@@ -379,12 +497,17 @@ pub struct QueueSnapshotBuilder {
     state: QueueState,
     last_applied: Option<LogIdOf<TypeConfig>>,
     membership: StoredMembershipOf<TypeConfig>,
+    /// Writing the live bodies for this snapshot failed: it must not be saved.
+    bodies_not_written: Option<io::Error>,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
     type SnapshotData = Cursor<Vec<u8>>;
 
     async fn build_snapshot(&mut self) -> io::Result<SnapshotOf<TypeConfig, Cursor<Vec<u8>>>> {
+        if let Some(e) = self.bodies_not_written.take() {
+            return Err(e);
+        }
         let data = postcard::to_allocvec(&SnapshotPayload {
             state: std::mem::take(&mut self.state),
             records: Vec::new(),
@@ -417,7 +540,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
             storage: &self.storage,
             group: self.group,
             batch: WriteBatch::default(),
-            puts: HashMap::new(),
+            unwritten: &mut self.unwritten,
             paged: BTreeMap::new(),
             error: None,
         };
@@ -439,6 +562,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                 }
                 EntryPayload::Normal(GroupRequest::Queue(req)) => {
                     let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
+                    let replaying = entry.log_id.index <= self.replay_until;
                     if let (
                         QueueReply::Enqueued { msg }
                         | QueueReply::Rejected { msg: Some(msg) }
@@ -446,13 +570,12 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                         Some(content),
                     ) = (&reply, req.content)
                     {
-                        bodies.put(*msg, content);
+                        bodies.put(*msg, content, replaying);
                     }
                     let content = match &reply {
                         QueueReply::GetOk { msg, .. } => bodies.get(*msg),
                         _ => None,
                     };
-                    let replaying = entry.log_id.index <= self.replay_until;
                     let mut effects: Vec<Effect> =
                         effects.into_iter().filter_map(|e| bodies.page(e)).collect();
                     match &handle {
@@ -523,13 +646,19 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         Ok(())
     }
 
+    /// Runs between two applies: the snapshot covers everything applied so far, so the bodies
+    /// of the messages live now are written here, in order with the applies' deletions. The
+    /// builder saves the snapshot later with a synced write, which makes them durable first;
+    /// until it does, the log keeps every entry after the previous snapshot.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        let bodies_not_written = self.write_unwritten_bodies().err();
         QueueSnapshotBuilder {
             group: self.group,
             storage: self.storage.clone(),
             state: self.state.clone(),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
+            bodies_not_written,
         }
     }
 
@@ -571,6 +700,8 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
             },
         )?;
         self.state = state;
+        // Every live body of the new state is in the snapshot's records, now on disk.
+        self.unwritten.clear();
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         if let Some(h) = self.handle.upgrade() {
@@ -584,5 +715,57 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         &mut self,
     ) -> io::Result<Option<SnapshotOf<TypeConfig, Self::SnapshotData>>> {
         current_snapshot(&self.storage, self.group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use warren_core::MessageContent;
+
+    use super::{UNWRITTEN_MAX_BYTES, UnwrittenBodies};
+    use crate::db::MemoryBudget;
+
+    fn content(len: usize) -> MessageContent {
+        MessageContent {
+            exchange: warren_codec::ShortStr::default(),
+            routing_key: warren_codec::ShortStr::try_from("q").unwrap(),
+            properties: Bytes::new(),
+            body: Bytes::from(vec![b'x'; len]),
+        }
+    }
+
+    /// Bodies stay unwritten only within the queue's limit and the node's budget; what they
+    /// took goes back when they are settled, cleared or dropped.
+    #[test]
+    fn unwritten_bodies_stay_within_the_queue_limit_and_the_node_budget() {
+        let budget = Arc::new(MemoryBudget::new(10_000));
+        let mut bodies = UnwrittenBodies::new(budget.clone());
+        assert!(bodies.keep(1, content(4_000), false).is_none());
+        assert!(bodies.keep(2, content(4_000), true).is_none());
+        assert!(
+            bodies.keep(3, content(4_000), false).is_some(),
+            "node budget"
+        );
+        assert!(bodies.get(2).is_some_and(|b| b.maybe_stored));
+        assert!(bodies.remove(1).is_some());
+        assert_eq!(budget.used(), 4_064);
+        // Keeping a message again replaces its earlier copy instead of counting it twice.
+        assert!(bodies.keep(2, content(100), true).is_none());
+        assert_eq!(budget.used(), 164);
+        bodies.clear();
+        assert_eq!(budget.used(), 0);
+
+        let big = Arc::new(MemoryBudget::new(usize::MAX));
+        let mut queue = UnwrittenBodies::new(big.clone());
+        assert!(
+            queue.keep(1, content(UNWRITTEN_MAX_BYTES), false).is_some(),
+            "queue limit"
+        );
+        assert!(queue.keep(1, content(1_000), false).is_none());
+        drop(queue);
+        assert_eq!(big.used(), 0);
     }
 }

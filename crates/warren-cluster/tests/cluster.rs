@@ -717,6 +717,98 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
     assert_eq!(bodies.len(), 60);
 }
 
+/// Message bodies stored in a node's `sm` column family for `queue`'s group (paged index
+/// entries, which share it, have longer keys).
+fn stored_bodies(node: &Node, queue: &str) -> usize {
+    let group = node
+        .status()
+        .groups
+        .into_iter()
+        .find(|g| g.name == format!("//{queue}"))
+        .expect("the group is on this node")
+        .group;
+    let prefix = warren_cluster::db::keys::group_prefix(group);
+    let storage = node.storage();
+    storage
+        .db()
+        .iterator_cf(
+            storage.cf(warren_cluster::db::CF_SM),
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        )
+        .map(|r| r.expect("read the sm column family").0)
+        .take_while(|key| key.starts_with(&prefix))
+        .filter(|key| key.len() == warren_cluster::db::keys::PREFIX_LEN + 8)
+        .count()
+}
+
+/// A body only has to be on disk once a snapshot lets the log drop its enqueue: messages
+/// published and not yet covered by a snapshot are not written to the state machine's
+/// store; the snapshot writes the live ones; settling them deletes them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_reach_the_store_only_when_a_snapshot_covers_them() {
+    let c = TestCluster::start_with(1, 40).await;
+    let h = c.declare(1, "lazy").await;
+    assert_eq!(c.await_leader("lazy", |n| n == 1).await, 1);
+    let node = c.node(1);
+    let rec = Arc::new(Recorder::default());
+    let ch = channel(node, 1);
+
+    // Fewer entries than a snapshot interval: every message is live, none is on disk.
+    publish_numbered(&h, ch, 1..=20, &rec);
+    rec.wait_for("20 confirms", WAIT, |r| (1..=20).all(|s| r.confirmed(s)))
+        .await;
+    assert_eq!(stored_bodies(node, "lazy"), 0);
+
+    // Past the interval a snapshot is taken, and the messages live then are written for it.
+    publish_numbered(&h, ch, 21..=60, &rec);
+    rec.wait_for("60 confirms", WAIT, |r| (1..=60).all(|s| r.confirmed(s)))
+        .await;
+    let deadline = Instant::now() + WAIT;
+    while stored_bodies(node, "lazy") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no snapshot wrote the live bodies"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stored_bodies(node, "lazy") <= 60);
+
+    // Every message is delivered with its body, from memory or from disk, and once all are
+    // settled no body is left behind.
+    let key = ConsumerKey {
+        channel: channel(node, 2),
+        tag: "reader".into(),
+    };
+    h.attach(key.clone(), rec.clone());
+    h.call(consume(key, 100), None).await.expect("consume");
+    rec.wait_for("60 deliveries", WAIT, |r| {
+        r.deliveries.lock().unwrap().len() >= 60
+    })
+    .await;
+    let bodies: Vec<String> = rec
+        .deliveries
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(b, _)| b.clone())
+        .collect();
+    let expected: Vec<String> = (1..=60).map(|s| format!("m{s}")).collect();
+    assert_eq!(bodies, expected);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = h.stats();
+        if stats.ready == 0 && stats.unacked == 0 && stored_bodies(node, "lazy") == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bodies left after every message was settled: {} ({stats:?})",
+            stored_bodies(node, "lazy")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A connection runs basic.consume on a task and may close the channel before that task
 /// first runs: the consume must still reach the queue before the channel's `ChannelDown`,
 /// or the queue keeps a consumer for a closed channel that holds messages for nobody.
