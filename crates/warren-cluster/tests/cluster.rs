@@ -276,6 +276,16 @@ impl Recorder {
         }
     }
 
+    /// Bodies delivered so far, in delivery order.
+    fn bodies(&self) -> Vec<String> {
+        self.deliveries
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect()
+    }
+
     fn confirmed(&self, token: u64) -> bool {
         matches!(
             self.completions.lock().unwrap().get(&token),
@@ -348,13 +358,7 @@ async fn publish_on_one_node_consume_on_another() {
         r.deliveries.lock().unwrap().len() >= 50
     })
     .await;
-    let bodies: Vec<String> = rec
-        .deliveries
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, _)| b.clone())
-        .collect();
+    let bodies = rec.bodies();
     let expected: Vec<String> = (1..=50).map(|s| format!("m{s}")).collect();
     assert_eq!(bodies, expected, "in order, once each");
 }
@@ -466,13 +470,7 @@ async fn a_lost_leader_is_replaced_and_consumers_elsewhere_keep_receiving() {
     .await;
     let failover = killed.elapsed();
     rec.wait_for("every message at the surviving consumer", WAIT, |r| {
-        let got: std::collections::BTreeSet<String> = r
-            .deliveries
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(b, _)| b.clone())
-            .collect();
+        let got: std::collections::BTreeSet<String> = r.bodies().into_iter().collect();
         (1..=10).all(|s| got.contains(&format!("before-{s}")))
             && (11..=20).all(|s| got.contains(&format!("after-{s}")))
     })
@@ -707,13 +705,7 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
         r.deliveries.lock().unwrap().len() >= 60
     })
     .await;
-    let bodies: std::collections::BTreeSet<String> = rec
-        .deliveries
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, _)| b.clone())
-        .collect();
+    let bodies: std::collections::BTreeSet<String> = rec.bodies().into_iter().collect();
     assert_eq!(bodies.len(), 60);
 }
 
@@ -785,13 +777,7 @@ async fn bodies_reach_the_store_only_when_a_snapshot_covers_them() {
         r.deliveries.lock().unwrap().len() >= 60
     })
     .await;
-    let bodies: Vec<String> = rec
-        .deliveries
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, _)| b.clone())
-        .collect();
+    let bodies = rec.bodies();
     let expected: Vec<String> = (1..=60).map(|s| format!("m{s}")).collect();
     assert_eq!(bodies, expected);
     let deadline = Instant::now() + WAIT;
@@ -1064,13 +1050,7 @@ async fn a_deep_queue_pages_to_disk_and_drains_in_order_across_a_leader_loss() {
     c.net.isolate(1);
     c.net.unregister(1);
     rec.wait_for("every message at the consumer", WAIT, |r| {
-        let got: std::collections::BTreeSet<String> = r
-            .deliveries
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(b, _)| b.clone())
-            .collect();
+        let got: std::collections::BTreeSet<String> = r.bodies().into_iter().collect();
         (1..=N).all(|s| got.contains(&format!("m{s:03}")))
     })
     .await;
@@ -1147,13 +1127,7 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
         |r| r.deliveries.lock().unwrap().len() as u64 >= N,
     )
     .await;
-    let bodies: Vec<String> = rec
-        .deliveries
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, _)| b.clone())
-        .collect();
+    let bodies = rec.bodies();
     let expected: Vec<String> = (1..=N).map(|s| format!("m{s:05}")).collect();
     assert_eq!(bodies, expected, "in publish order, once each");
 }
@@ -1197,12 +1171,6 @@ async fn a_command_that_arrives_after_a_gap_in_its_proposers_numbering_waits_for
         r.deliveries.lock().unwrap().len() >= 2
     })
     .await;
-    let bodies: Vec<String> = rec
-        .deliveries
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(b, _)| b.clone())
-        .collect();
+    let bodies = rec.bodies();
     assert_eq!(bodies, ["first", "second"]);
 }
