@@ -1443,12 +1443,7 @@ impl Connection {
                 Ok(())
             }
             Method::BasicRecoverAsync(_) => {
-                let entries = self.channel(channel).unacked.take_all();
-                self.settle(
-                    channel,
-                    entries.into_iter().map(|(_, u)| u).collect(),
-                    Settlement::Requeue,
-                );
+                self.requeue_all_unacked(channel);
                 Ok(())
             }
             Method::BasicRecover(_) => {
@@ -1459,12 +1454,7 @@ impl Connection {
                     channel,
                     &Method::BasicRecoverOk(warren_codec::BasicRecoverOk {}),
                 );
-                let entries = self.channel(channel).unacked.take_all();
-                self.settle(
-                    channel,
-                    entries.into_iter().map(|(_, u)| u).collect(),
-                    Settlement::Requeue,
-                );
+                self.requeue_all_unacked(channel);
                 Ok(())
             }
             Method::ConfirmSelect(ref m) => {
@@ -2130,6 +2120,17 @@ impl Connection {
                 .push(u.msg);
         }
         groups.into_values().collect()
+    }
+
+    /// basic.recover(-async): every delivery the channel holds goes back to its queue, marked
+    /// redelivered.
+    fn requeue_all_unacked(&mut self, channel: u16) {
+        let entries = self.channel(channel).unacked.take_all();
+        self.settle(
+            channel,
+            entries.into_iter().map(|(_, u)| u).collect(),
+            Settlement::Requeue,
+        );
     }
 
     fn settle(&mut self, channel: u16, entries: Vec<Unacked>, how: Settlement) {

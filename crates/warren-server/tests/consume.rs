@@ -11,8 +11,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions,
-    BasicPublishOptions, BasicQosOptions, BasicRecoverOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRecoverAsyncOptions, BasicRecoverOptions,
+    BasicRejectOptions, ConfirmSelectOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, Consumer};
@@ -467,6 +467,16 @@ fn basic_get_ok_and_empty() {
 
 #[test]
 fn basic_recover_requeues_unacked() {
+    recover_requeues_unacked(false);
+}
+
+/// basic.recover-async (deprecated, no reply) does the same as basic.recover.
+#[test]
+fn basic_recover_async_requeues_unacked() {
+    recover_requeues_unacked(true);
+}
+
+fn recover_requeues_unacked(without_reply: bool) {
     let b = support::broker();
     run(async {
         let conn = support::connect(b.url()).await;
@@ -478,9 +488,15 @@ fn basic_recover_requeues_unacked() {
         let d1 = next_delivery(&mut consumer).await;
         let d2 = next_delivery(&mut consumer).await;
         assert!(!d1.redelivered && !d2.redelivered);
-        cch.basic_recover(BasicRecoverOptions { requeue: true })
-            .await
-            .expect("basic.recover");
+        if without_reply {
+            cch.basic_recover_async(BasicRecoverAsyncOptions { requeue: true })
+                .await
+                .expect("basic.recover-async");
+        } else {
+            cch.basic_recover(BasicRecoverOptions { requeue: true })
+                .await
+                .expect("basic.recover");
+        }
         let mut again = Vec::new();
         for _ in 0..2 {
             let d = next_delivery(&mut consumer).await;
