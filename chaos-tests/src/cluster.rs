@@ -125,7 +125,14 @@ impl Cluster {
         let config = opts.run_dir.join("warren.toml");
         // The clients connect from the bridge address, not loopback, so guest must be
         // allowed from anywhere; a short AMQP heartbeat lets clients notice a paused node.
-        std::fs::write(&config, "loopback_users = []\n\n[amqp]\nheartbeat = 5\n")?;
+        // Snapshots every 512 entries (not 4,096) so that a run of 20 s takes several per
+        // queue: crashes then hit queues whose bodies are partly on disk (written for a
+        // snapshot) and partly only in the log, whose logs are purged, and nodes that come
+        // back may need a snapshot sent to them.
+        std::fs::write(
+            &config,
+            "loopback_users = []\n\n[amqp]\nheartbeat = 5\n\n[raft]\nsnapshot_every = 512\n",
+        )?;
         let faketime_lib = faketime_library();
         if opts.clock_files && faketime_lib.is_none() {
             bail!("the clock nemesis needs libfaketime (apt-get install faketime)");
