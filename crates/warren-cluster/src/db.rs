@@ -259,6 +259,51 @@ impl MemoryBudget {
     }
 }
 
+/// One holder's part of a [`MemoryBudget`]: what it took and has not given back yet, all of
+/// which goes back when the share is dropped.
+#[derive(Debug)]
+pub struct MemoryShare {
+    budget: Arc<MemoryBudget>,
+    bytes: usize,
+}
+
+impl MemoryShare {
+    pub fn new(budget: Arc<MemoryBudget>) -> Self {
+        MemoryShare { budget, bytes: 0 }
+    }
+
+    /// What this holder has taken.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Takes `bytes` more from the budget if they fit there; `false` (taking nothing) if not.
+    pub fn try_take(&mut self, bytes: usize) -> bool {
+        let taken = self.budget.try_take(bytes);
+        if taken {
+            self.bytes += bytes;
+        }
+        taken
+    }
+
+    /// Gives back `bytes` of what this holder took.
+    pub fn give_back(&mut self, bytes: usize) {
+        self.bytes -= bytes;
+        self.budget.give_back(bytes);
+    }
+
+    /// Gives back everything this holder took.
+    pub fn give_back_all(&mut self) {
+        self.give_back(self.bytes);
+    }
+}
+
+impl Drop for MemoryShare {
+    fn drop(&mut self) {
+        self.give_back_all();
+    }
+}
+
 /// Size at which RocksDB's info log (`LOG`) starts a new file, and how many it keeps.
 const ROCKSDB_LOG_FILE_SIZE: usize = 16 << 20;
 const ROCKSDB_LOG_FILES: usize = 4;
@@ -550,6 +595,19 @@ mod tests {
         budget.give_back(60);
         assert_eq!(budget.used(), 40);
         assert!(!budget.try_take(usize::MAX), "no overflow");
+    }
+
+    #[test]
+    fn a_memory_share_gives_back_what_it_took_when_dropped() {
+        let budget = Arc::new(MemoryBudget::new(100));
+        let mut share = MemoryShare::new(budget.clone());
+        assert!(share.try_take(70));
+        assert!(!share.try_take(31), "the budget, not the share, refuses");
+        assert_eq!((share.bytes(), budget.used()), (70, 70));
+        share.give_back(20);
+        assert_eq!((share.bytes(), budget.used()), (50, 50));
+        drop(share);
+        assert_eq!(budget.used(), 0);
     }
 
     #[test]

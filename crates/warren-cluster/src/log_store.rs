@@ -62,6 +62,7 @@ use crate::db::CF_META;
 use crate::db::DbError;
 use crate::db::GroupId;
 use crate::db::MemoryBudget;
+use crate::db::MemoryShare;
 use crate::db::Storage;
 use crate::db::decode;
 use crate::db::encode;
@@ -84,22 +85,15 @@ const RECENT_MAX_BYTES: usize = 2 << 20;
 /// is left is still the end of the log.
 struct RecentEntries<E> {
     entries: VecDeque<(E, usize)>,
-    bytes: usize,
-    budget: Arc<MemoryBudget>,
-}
-
-impl<E> Drop for RecentEntries<E> {
-    fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
-    }
+    /// The encoded sizes of `entries`, taken from the node's budget.
+    memory: MemoryShare,
 }
 
 impl<E: RaftEntry + Clone> RecentEntries<E> {
     fn new(budget: Arc<MemoryBudget>) -> Self {
         RecentEntries {
             entries: VecDeque::new(),
-            bytes: 0,
-            budget,
+            memory: MemoryShare::new(budget),
         }
     }
 
@@ -123,15 +117,14 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
             self.clear();
         }
         for (entry, size) in batch {
-            if !self.budget.try_take(size) {
+            if !self.memory.try_take(size) {
                 // The node's budget is spent: keep nothing rather than a run with a gap.
                 self.clear();
                 return;
             }
-            self.bytes += size;
             self.entries.push_back((entry, size));
         }
-        while self.entries.len() > RECENT_MAX_ENTRIES || self.bytes > RECENT_MAX_BYTES {
+        while self.entries.len() > RECENT_MAX_ENTRIES || self.memory.bytes() > RECENT_MAX_BYTES {
             self.pop_front();
         }
     }
@@ -143,8 +136,7 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
                 break;
             }
             let (_, size) = self.entries.pop_back().expect("a last entry exists");
-            self.bytes -= size;
-            self.budget.give_back(size);
+            self.memory.give_back(size);
         }
     }
 
@@ -157,15 +149,13 @@ impl<E: RaftEntry + Clone> RecentEntries<E> {
 
     fn pop_front(&mut self) {
         if let Some((_, size)) = self.entries.pop_front() {
-            self.bytes -= size;
-            self.budget.give_back(size);
+            self.memory.give_back(size);
         }
     }
 
     fn clear(&mut self) {
         self.entries.clear();
-        self.budget.give_back(self.bytes);
-        self.bytes = 0;
+        self.memory.give_back_all();
     }
 
     /// Entries `start <= index < end` as `read_entries` returns them, or `None` if the cache

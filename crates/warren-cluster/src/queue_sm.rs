@@ -33,7 +33,7 @@ use warren_core::queue::{Effect, PagedEntry, QueueCmd, QueueReply, QueueState};
 use warren_core::{MessageContent, MsgId};
 
 use crate::db::keys;
-use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, MemoryBudget, Storage, decode, encode};
+use crate::db::{CF_SM, CF_SNAPSHOT, GroupId, MemoryBudget, MemoryShare, Storage, decode, encode};
 use crate::queue::{Bodies, QueueHandle, ReplyTo};
 use crate::types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
@@ -165,6 +165,19 @@ fn body_key(group: GroupId, msg: MsgId) -> Vec<u8> {
     keys::group_key(group, &msg.to_be_bytes())
 }
 
+/// Adds the write of a message body to `batch`.
+fn put_body(
+    batch: &mut WriteBatch,
+    storage: &Storage,
+    group: GroupId,
+    msg: MsgId,
+    content: &MessageContent,
+) -> io::Result<()> {
+    let bytes = encode(content).map_err(io_err)?;
+    batch.put_cf(storage.cf(CF_SM), body_key(group, msg), bytes);
+    Ok(())
+}
+
 /// Tag of paged-out index entries among a group's records; a body key (a message id) is
 /// shorter, so the two never meet.
 const PAGED_TAG: u8 = b'P';
@@ -242,16 +255,15 @@ const UNWRITTEN_MAX_BYTES: usize = 8 << 20;
 /// A queue's unwritten bodies, counted against its own limit and the node's budget.
 struct UnwrittenBodies {
     bodies: HashMap<MsgId, UnwrittenBody>,
-    bytes: usize,
-    budget: Arc<MemoryBudget>,
+    /// The sizes of `bodies`, taken from the node's budget.
+    memory: MemoryShare,
 }
 
 impl UnwrittenBodies {
     fn new(budget: Arc<MemoryBudget>) -> Self {
         UnwrittenBodies {
             bodies: HashMap::new(),
-            bytes: 0,
-            budget,
+            memory: MemoryShare::new(budget),
         }
     }
 
@@ -264,17 +276,16 @@ impl UnwrittenBodies {
     ) -> Option<MessageContent> {
         // Bodies share their buffers with the log entry; count them with a little overhead.
         let size = content.body.len() + content.properties.len() + 64;
-        if self.bytes + size > UNWRITTEN_MAX_BYTES || !self.budget.try_take(size) {
+        if self.memory.bytes() + size > UNWRITTEN_MAX_BYTES || !self.memory.try_take(size) {
             return Some(content);
         }
-        self.bytes += size;
         let body = UnwrittenBody {
             content,
             size,
             maybe_stored,
         };
         if let Some(old) = self.bodies.insert(msg, body) {
-            self.forget(old.size);
+            self.memory.give_back(old.size);
         }
         None
     }
@@ -285,24 +296,13 @@ impl UnwrittenBodies {
 
     fn remove(&mut self, msg: MsgId) -> Option<UnwrittenBody> {
         let body = self.bodies.remove(&msg)?;
-        self.forget(body.size);
+        self.memory.give_back(body.size);
         Some(body)
     }
 
     fn clear(&mut self) {
         self.bodies.clear();
-        self.forget(self.bytes);
-    }
-
-    fn forget(&mut self, size: usize) {
-        self.bytes -= size;
-        self.budget.give_back(size);
-    }
-}
-
-impl Drop for UnwrittenBodies {
-    fn drop(&mut self) {
-        self.budget.give_back(self.bytes);
+        self.memory.give_back_all();
     }
 }
 
@@ -392,12 +392,8 @@ impl StagedBodies<'_> {
         let maybe_stored = replaying || self.unwritten.get(msg).is_some_and(|b| b.maybe_stored);
         if let Some(content) = self.unwritten.keep(msg, content, maybe_stored) {
             self.unwritten.remove(msg);
-            match encode(&content) {
-                Ok(bytes) => {
-                    self.batch
-                        .put_cf(self.storage.cf(CF_SM), body_key(self.group, msg), bytes)
-                }
-                Err(e) => self.error = Some(io_err(e)),
+            if let Err(e) = put_body(&mut self.batch, self.storage, self.group, msg, &content) {
+                self.error = Some(e);
             }
         }
     }
@@ -482,8 +478,7 @@ impl QueueMachine {
         }
         let mut batch = WriteBatch::default();
         for (msg, body) in &self.unwritten.bodies {
-            let bytes = encode(&body.content).map_err(io_err)?;
-            batch.put_cf(self.storage.cf(CF_SM), body_key(self.group, *msg), bytes);
+            put_body(&mut batch, &self.storage, self.group, *msg, &body.content)?;
         }
         self.storage.db().write(batch).map_err(io_err)?;
         self.unwritten.clear();
