@@ -17,6 +17,10 @@ Settings (environment):
   BENCH_BASELINE   a directory with `warren` and `warrenctl` of another Warren build: it runs
                    as a third broker in every round, and the table adds this build's ratio to
                    it (what a change gained, measured in the same run)
+  BENCH_NODE_THREADS  scheduler threads of each node of the 3-node clusters, the same for
+                   both brokers: Warren's `resources.worker_threads`, RabbitMQ's `+S N:N`
+                   (default: each broker's own default, one per CPU, so three nodes on one
+                   machine oversubscribe it). Single nodes keep their defaults.
 """
 
 import json
@@ -47,6 +51,7 @@ ALL = ["single", "1", "2", "3", "4", "5", "10", "6", "8", "9", "7"]
 SCENARIOS = [s for s in ALL if s in os.environ.get("BENCH_SCENARIOS", ",".join(ALL)).split(",")]
 TICK = os.sysconf("SC_CLK_TCK")
 BASELINE = os.environ.get("BENCH_BASELINE")
+NODE_THREADS = os.environ.get("BENCH_NODE_THREADS")
 STARTUP_LIMIT = 180  # seconds a broker may take to start before the benchmark gives up
 STOP_LIMIT = 300  # seconds a RabbitMQ node may take to stop before it is killed
 
@@ -124,9 +129,14 @@ class Warren:
                     "--members", self._members()]
         else:
             cmd += ["--cluster-listen", "off"]
+        env = dict(os.environ)
+        if NODE_THREADS and self.nodes > 1:
+            env["WARREN_WORKER_THREADS"] = NODE_THREADS
+            # A baseline build from before the setting reads its runtime's own variable.
+            env["TOKIO_WORKER_THREADS"] = NODE_THREADS
         out = open(os.path.join(node_dir, "stdout.log"), "w")
         err = open(os.path.join(node_dir, "warren.log"), "a")
-        self.procs[i] = subprocess.Popen(cmd, stdout=out, stderr=err)
+        self.procs[i] = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
 
     def ready(self, i):
         try:
@@ -218,6 +228,8 @@ class Rabbit:
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "HOME": self.home,
         })
+        if NODE_THREADS and self.nodes > 1:
+            env["RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS"] = f"+S {NODE_THREADS}:{NODE_THREADS}"
         return env
 
     def ctl(self, i, *args, timeout=120):

@@ -90,6 +90,10 @@ pub struct Cli {
     /// Default: 50 MB, as RabbitMQ.
     #[arg(long, env = "WARREN_DISK_FREE_LIMIT_BYTES")]
     pub disk_free_limit_bytes: Option<u64>,
+    /// Threads that run the node's connections, queues and Raft groups (default: one per
+    /// CPU the process may use).
+    #[arg(long, env = "WARREN_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
 }
 
 /// The file format. Unknown keys are an error: a misspelt setting must not be silently ignored.
@@ -120,6 +124,7 @@ struct FileConfig {
 struct FileResources {
     memory_high_watermark_bytes: Option<u64>,
     disk_free_limit_bytes: Option<u64>,
+    worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,7 +256,12 @@ pub struct Config {
     /// Resource alarms (bytes; 0: off).
     pub memory_high_watermark_bytes: u64,
     pub disk_free_limit_bytes: u64,
+    /// Threads of the async runtime; None: one per CPU available to the process.
+    pub worker_threads: Option<usize>,
 }
+
+/// More threads than this is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
 
 /// RabbitMQ's default disk free limit.
 pub const DEFAULT_DISK_FREE_LIMIT: u64 = 50_000_000;
@@ -307,6 +317,15 @@ impl Config {
         };
         if node_id == 0 {
             return Err(invalid("node_id", "must be a positive integer"));
+        }
+        let worker_threads = cli.worker_threads.or(file.resources.worker_threads);
+        if let Some(n) = worker_threads
+            && !(1..=MAX_WORKER_THREADS).contains(&n)
+        {
+            return Err(invalid(
+                "resources.worker_threads",
+                format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+            ));
         }
         let data_dir = cli
             .data_dir
@@ -584,6 +603,7 @@ impl Config {
                 .disk_free_limit_bytes
                 .or(file.resources.disk_free_limit_bytes)
                 .unwrap_or(DEFAULT_DISK_FREE_LIMIT),
+            worker_threads,
         })
     }
 }
@@ -733,6 +753,22 @@ mod tests {
     }
 
     #[test]
+    fn worker_threads_default_to_the_cpus_and_a_flag_beats_the_file() {
+        assert_eq!(from_toml("").unwrap().worker_threads, None);
+        let file: FileConfig = toml::from_str("[resources]\nworker_threads = 4\n").unwrap();
+        assert_eq!(
+            Config::merge(Cli::default(), file).unwrap().worker_threads,
+            Some(4)
+        );
+        let file: FileConfig = toml::from_str("[resources]\nworker_threads = 4\n").unwrap();
+        let cli = Cli {
+            worker_threads: Some(1),
+            ..Cli::default()
+        };
+        assert_eq!(Config::merge(cli, file).unwrap().worker_threads, Some(1));
+    }
+
+    #[test]
     fn flags_override_file() {
         let file: FileConfig =
             toml::from_str("data_dir = \"/from/file\"\n[amqp]\nlisten = [\"127.0.0.1:1\"]\n")
@@ -755,6 +791,8 @@ mod tests {
         assert_eq!(e.setting, "amqp.listen");
         let e = from_toml("node_id = 0\n").unwrap_err();
         assert_eq!(e.setting, "node_id");
+        let e = from_toml("[resources]\nworker_threads = 0\n").unwrap_err();
+        assert_eq!(e.setting, "resources.worker_threads");
         let e =
             from_toml("[raft]\nheartbeat_ms = 500\nelection_timeout_min_ms = 400\n").unwrap_err();
         assert_eq!(e.setting, "raft.election_timeout_min_ms");
