@@ -2,16 +2,27 @@
 //! keeps one HTTP/2 channel per peer, shared by every group and kind of call, and the server
 //! side that hands requests to the node's `PeerHandler`.
 //!
+//! The frequent calls (Raft messages but snapshots, forwarded queue commands, deliveries) go
+//! on one long-lived `Calls` stream per peer, matched to their replies by id: a unary call
+//! costs an HTTP/2 stream of its own (headers both ways, trailers, a server task, a timer),
+//! which was most of the transport's CPU under load. The rest stay unary; so does everything
+//! towards a peer whose build has no `Calls` yet (a rolling upgrade), and the server keeps
+//! answering the unary forms of the streamed calls for the same reason.
+//!
 //! The admin service (`Admin`) is served from the same listener; `admin` implements it.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use warren_core::NodeId;
 use warren_proto as pb;
 
@@ -26,6 +37,183 @@ const MAX_MESSAGE: usize = 1 << 30;
 pub struct GrpcTransport {
     addresses: RwLock<HashMap<NodeId, String>>,
     channels: Mutex<HashMap<NodeId, (String, Channel)>>,
+    streams: Mutex<HashMap<NodeId, CallStream>>,
+}
+
+/// The `Calls` stream to one peer at one address.
+struct CallStream {
+    addr: String,
+    outgoing: mpsc::UnboundedSender<pb::Call>,
+    pending: Arc<Mutex<Pending>>,
+}
+
+type ReplySender = oneshot::Sender<Result<Option<pb::call_reply::Result>, TransportError>>;
+
+#[derive(Default)]
+struct Pending {
+    next_id: u64,
+    waiting: HashMap<u64, ReplySender>,
+    /// The stream is over (its waiting calls failed); the next call opens a new one.
+    ended: bool,
+    /// The peer has no `Calls` method: talk to it with unary calls only.
+    unary_only: bool,
+}
+
+impl Pending {
+    fn end(&mut self, error: &TransportError) {
+        self.ended = true;
+        for (_, waiter) in self.waiting.drain() {
+            let _ = waiter.send(Err(error.clone()));
+        }
+    }
+}
+
+impl CallStream {
+    /// Opens the stream; a task reads the replies and hands each to its caller. The outgoing
+    /// queue is unbounded because its callers bound it: Raft sends one message at a time per
+    /// group and follower, forwarded commands and deliveries wait for each batch's reply.
+    fn open(target: NodeId, addr: String, channel: Channel) -> Result<Self, TransportError> {
+        let runtime =
+            tokio::runtime::Handle::try_current().map_err(|e| TransportError::Unreachable {
+                node: target,
+                reason: format!("no runtime for the call stream: {e}"),
+            })?;
+        let (outgoing, queued) = mpsc::unbounded_channel();
+        let pending = Arc::new(Mutex::new(Pending::default()));
+        runtime.spawn(read_replies(target, channel, queued, pending.clone()));
+        Ok(CallStream {
+            addr,
+            outgoing,
+            pending,
+        })
+    }
+}
+
+async fn read_replies(
+    target: NodeId,
+    channel: Channel,
+    queued: mpsc::UnboundedReceiver<pb::Call>,
+    pending: Arc<Mutex<Pending>>,
+) {
+    let mut client = pb::peer_client::PeerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    // A call that timed out while queued (a peer cut off, its connection not yet declared
+    // dead) is not sent: nobody waits for its reply any more.
+    let still_waited_for = {
+        let pending = pending.clone();
+        move |call: &pb::Call| futures::future::ready(lock(&pending).waiting.contains_key(&call.id))
+    };
+    let calls = UnboundedReceiverStream::new(queued).filter(still_waited_for);
+    let error = match client.calls(calls).await {
+        Err(status) => {
+            if status.code() == tonic::Code::Unimplemented {
+                lock(&pending).unary_only = true;
+            }
+            status_error(target, Duration::ZERO, status)
+        }
+        Ok(replies) => {
+            let mut replies = replies.into_inner();
+            loop {
+                match replies.message().await {
+                    Ok(Some(reply)) => {
+                        let waiter = lock(&pending).waiting.remove(&reply.id);
+                        if let Some(waiter) = waiter {
+                            let _ = waiter.send(Ok(reply.result));
+                        }
+                    }
+                    Ok(None) => {
+                        break TransportError::Unreachable {
+                            node: target,
+                            reason: "the peer ended the call stream".into(),
+                        };
+                    }
+                    Err(status) => break status_error(target, Duration::ZERO, status),
+                }
+            }
+        }
+    };
+    lock(&pending).end(&error);
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The streamed form of a request, or the request back if it goes as a unary call.
+fn streamed(request: PeerRequest) -> Result<pb::call::Request, PeerRequest> {
+    use pb::call::Request as C;
+    match request {
+        PeerRequest::Raft {
+            group,
+            rpc,
+            payload,
+        } => {
+            let kind = match rpc {
+                RaftRpc::AppendEntries => pb::RaftKind::AppendEntries,
+                RaftRpc::Vote => pb::RaftKind::Vote,
+                RaftRpc::PreVote => pb::RaftKind::PreVote,
+                RaftRpc::TransferLeader => pb::RaftKind::TransferLeader,
+                // Large, rare, and must not hold up the stream's other calls.
+                RaftRpc::InstallSnapshot => {
+                    return Err(PeerRequest::Raft {
+                        group,
+                        rpc,
+                        payload,
+                    });
+                }
+            };
+            Ok(C::Raft(pb::RaftCall {
+                group,
+                kind: kind as i32,
+                payload,
+            }))
+        }
+        PeerRequest::Submit { queue, requests } => Ok(C::Submit(pb::SubmitBatch {
+            group: queue,
+            requests,
+        })),
+        PeerRequest::Deliver { from, items } => Ok(C::Deliver(pb::DeliverBatch {
+            deliveries: items,
+            from,
+        })),
+        other => Err(other),
+    }
+}
+
+/// What a streamed call's reply means to the caller.
+fn streamed_response(
+    target: NodeId,
+    result: Option<pb::call_reply::Result>,
+) -> Result<PeerResponse, TransportError> {
+    use pb::call_reply::Result as R;
+    match result {
+        Some(R::Raft(reply)) => Ok(raft_response(reply)),
+        Some(R::Submit(reply)) => Ok(submit_response(reply)),
+        Some(R::Deliver(_)) => Ok(PeerResponse::Delivered),
+        None => Err(TransportError::Protocol {
+            node: target,
+            reason: "a call stream reply without a result".into(),
+        }),
+    }
+}
+
+fn raft_response(reply: pb::RaftReply) -> PeerResponse {
+    PeerResponse::Raft(match reply.result {
+        Some(pb::raft_reply::Result::Payload(p)) => Ok(p),
+        Some(pb::raft_reply::Result::Error(e)) => Err(e),
+        None => Err("empty reply".into()),
+    })
+}
+
+fn submit_response(reply: pb::SubmitBatchReply) -> PeerResponse {
+    use pb::submit_batch_reply::Result as R;
+    PeerResponse::Submit(match reply.result {
+        Some(R::Outcomes(o)) => Forwarded::Ok(o.outcomes),
+        Some(R::NotLeader(n)) => forwarded(Some(n), None, None),
+        Some(R::Error(e)) => Forwarded::Error(e),
+        None => Forwarded::Error("empty reply".into()),
+    })
 }
 
 impl GrpcTransport {
@@ -33,7 +221,62 @@ impl GrpcTransport {
         Arc::new(Self::default())
     }
 
+    /// Queues `request` on the peer's call stream (opening one if there is none or the last
+    /// one ended) and returns the receiver of its reply, or the request back if the peer
+    /// takes unary calls only.
+    #[allow(clippy::type_complexity)]
+    fn send_on_stream(
+        &self,
+        target: NodeId,
+        request: pb::call::Request,
+    ) -> Result<
+        (
+            u64,
+            Arc<Mutex<Pending>>,
+            oneshot::Receiver<Result<Option<pb::call_reply::Result>, TransportError>>,
+        ),
+        TransportError,
+    > {
+        let (addr, channel) = self.addressed_channel(target)?;
+        let mut streams = lock(&self.streams);
+        let usable = streams
+            .get(&target)
+            .is_some_and(|s| s.addr == addr && !lock(&s.pending).ended);
+        if !usable {
+            streams.insert(target, CallStream::open(target, addr, channel)?);
+        }
+        let stream = &streams[&target];
+        let mut pending = lock(&stream.pending);
+        let id = pending.next_id;
+        pending.next_id += 1;
+        let (waiter, reply) = oneshot::channel();
+        pending.waiting.insert(id, waiter);
+        let call = pb::Call {
+            id,
+            request: Some(request),
+        };
+        if stream.outgoing.send(call).is_err() {
+            pending.waiting.remove(&id);
+            return Err(TransportError::Unreachable {
+                node: target,
+                reason: "the call stream closed".into(),
+            });
+        }
+        Ok((id, stream.pending.clone(), reply))
+    }
+
+    /// Whether calls to `target` must be unary: its last call stream found no such method.
+    fn unary_only(&self, target: NodeId) -> bool {
+        lock(&self.streams)
+            .get(&target)
+            .is_some_and(|s| lock(&s.pending).unary_only)
+    }
+
     fn channel(&self, node: NodeId) -> Result<Channel, TransportError> {
+        self.addressed_channel(node).map(|(_, channel)| channel)
+    }
+
+    fn addressed_channel(&self, node: NodeId) -> Result<(String, Channel), TransportError> {
         let unreachable = |reason: String| TransportError::Unreachable { node, reason };
         let addr = self
             .addresses
@@ -46,7 +289,7 @@ impl GrpcTransport {
         if let Some((known, channel)) = channels.get(&node)
             && *known == addr
         {
-            return Ok(channel.clone());
+            return Ok((addr, channel.clone()));
         }
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| unreachable(format!("bad address {addr}: {e}")))?
@@ -55,8 +298,8 @@ impl GrpcTransport {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5));
         let channel = endpoint.connect_lazy();
-        channels.insert(node, (addr, channel.clone()));
-        Ok(channel)
+        channels.insert(node, (addr.clone(), channel.clone()));
+        Ok((addr, channel))
     }
 }
 
@@ -121,6 +364,35 @@ impl Transport for GrpcTransport {
         request: PeerRequest,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<PeerResponse, TransportError>> {
+        let request = if self.unary_only(target) {
+            request
+        } else {
+            match streamed(request) {
+                Ok(call) => {
+                    let sent = self.send_on_stream(target, call);
+                    return Box::pin(async move {
+                        let (id, pending, reply) = sent?;
+                        match tokio::time::timeout(timeout, reply).await {
+                            Ok(Ok(Ok(result))) => streamed_response(target, result),
+                            Ok(Ok(Err(e))) => Err(e),
+                            Ok(Err(_)) => Err(TransportError::Unreachable {
+                                node: target,
+                                reason: "the call stream closed".into(),
+                            }),
+                            Err(_) => {
+                                // A reply after this is dropped: nobody waits for it.
+                                lock(&pending).waiting.remove(&id);
+                                Err(TransportError::Timeout {
+                                    node: target,
+                                    after: timeout,
+                                })
+                            }
+                        }
+                    });
+                }
+                Err(request) => request,
+            }
+        };
         let channel = self.channel(target);
         Box::pin(async move {
             let channel = channel?;
@@ -151,11 +423,7 @@ impl Transport for GrpcTransport {
                     }
                     .map_err(fail)?
                     .into_inner();
-                    Ok(PeerResponse::Raft(match reply.result {
-                        Some(pb::raft_reply::Result::Payload(p)) => Ok(p),
-                        Some(pb::raft_reply::Result::Error(e)) => Err(e),
-                        None => Err("empty reply".into()),
-                    }))
+                    Ok(raft_response(reply))
                 }
                 PeerRequest::Submit { queue, requests } => {
                     let mut client = pb::peer_client::PeerClient::new(channel)
@@ -172,13 +440,7 @@ impl Transport for GrpcTransport {
                         .await
                         .map_err(fail)?
                         .into_inner();
-                    use pb::submit_batch_reply::Result as R;
-                    Ok(PeerResponse::Submit(match reply.result {
-                        Some(R::Outcomes(o)) => Forwarded::Ok(o.outcomes),
-                        Some(R::NotLeader(n)) => forwarded(Some(n), None, None),
-                        Some(R::Error(e)) => Forwarded::Error(e),
-                        None => Forwarded::Error("empty reply".into()),
-                    }))
+                    Ok(submit_response(reply))
                 }
                 PeerRequest::MetaWrite { cmd } => {
                     let mut client = pb::peer_client::PeerClient::new(channel);
@@ -303,7 +565,18 @@ impl Transport for GrpcTransport {
 // ---- server ----------------------------------------------------------------------------
 
 struct RaftService(Arc<dyn PeerHandler>);
-struct PeerService(Arc<dyn PeerHandler>);
+struct PeerService {
+    handler: Arc<dyn PeerHandler>,
+    /// Becomes true when the server shuts down: call streams end then, since a graceful
+    /// shutdown waits for every open stream and peers would keep theirs open for ever.
+    stopping: watch::Receiver<bool>,
+}
+
+impl PeerService {
+    fn new(handler: Arc<dyn PeerHandler>, stopping: watch::Receiver<bool>) -> Self {
+        PeerService { handler, stopping }
+    }
+}
 
 impl RaftService {
     async fn raft(
@@ -320,14 +593,153 @@ impl RaftService {
                 payload: req.payload,
             })
             .await;
-        let result = match response {
-            PeerResponse::Raft(Ok(p)) => pb::raft_reply::Result::Payload(p),
-            PeerResponse::Raft(Err(e)) => pb::raft_reply::Result::Error(e),
-            other => pb::raft_reply::Result::Error(format!("unexpected response {other:?}")),
-        };
-        Ok(Response::new(pb::RaftReply {
-            result: Some(result),
-        }))
+        Ok(Response::new(raft_reply(response)))
+    }
+}
+
+fn raft_reply(response: PeerResponse) -> pb::RaftReply {
+    let result = match response {
+        PeerResponse::Raft(Ok(p)) => pb::raft_reply::Result::Payload(p),
+        PeerResponse::Raft(Err(e)) => pb::raft_reply::Result::Error(e),
+        other => pb::raft_reply::Result::Error(format!("unexpected response {other:?}")),
+    };
+    pb::RaftReply {
+        result: Some(result),
+    }
+}
+
+fn submit_reply(response: PeerResponse) -> pb::SubmitBatchReply {
+    use pb::submit_batch_reply::Result as R;
+    let result = match response {
+        PeerResponse::Submit(Forwarded::Ok(outcomes)) => R::Outcomes(pb::Outcomes { outcomes }),
+        PeerResponse::Submit(Forwarded::NotLeader(l)) => R::NotLeader(not_leader(l)),
+        PeerResponse::Submit(Forwarded::Error(e)) => R::Error(e),
+        other => R::Error(format!("unexpected response {other:?}")),
+    };
+    pb::SubmitBatchReply {
+        result: Some(result),
+    }
+}
+
+/// Answers one call of a `Calls` stream.
+fn answer(handler: &Arc<dyn PeerHandler>, call: pb::Call) -> BoxFuture<'static, pb::CallReply> {
+    use pb::call::Request as C;
+    use pb::call_reply::Result as R;
+    let id = call.id;
+    let (request, reply): (_, fn(PeerResponse) -> R) = match call.request {
+        Some(C::Raft(raft)) => {
+            let rpc = match pb::RaftKind::try_from(raft.kind) {
+                Ok(pb::RaftKind::AppendEntries) => RaftRpc::AppendEntries,
+                Ok(pb::RaftKind::Vote) => RaftRpc::Vote,
+                Ok(pb::RaftKind::PreVote) => RaftRpc::PreVote,
+                Ok(pb::RaftKind::TransferLeader) => RaftRpc::TransferLeader,
+                Err(_) => {
+                    let refused = raft_reply(PeerResponse::Raft(Err(format!(
+                        "unknown Raft call kind {}",
+                        raft.kind
+                    ))));
+                    return Box::pin(async move {
+                        pb::CallReply {
+                            id,
+                            result: Some(R::Raft(refused)),
+                        }
+                    });
+                }
+            };
+            let request = PeerRequest::Raft {
+                group: raft.group,
+                rpc,
+                payload: raft.payload,
+            };
+            (request, |r| R::Raft(raft_reply(r)))
+        }
+        Some(C::Submit(batch)) => {
+            let request = PeerRequest::Submit {
+                queue: batch.group,
+                requests: batch.requests,
+            };
+            (request, |r| R::Submit(submit_reply(r)))
+        }
+        Some(C::Deliver(batch)) => {
+            let request = PeerRequest::Deliver {
+                from: batch.from,
+                items: batch.deliveries,
+            };
+            (request, |_| {
+                R::Deliver(pb::DeliverAck {
+                    unknown_consumers: Vec::new(),
+                })
+            })
+        }
+        None => return Box::pin(async move { pb::CallReply { id, result: None } }),
+    };
+    let response = handler.handle(request);
+    Box::pin(async move {
+        pb::CallReply {
+            id,
+            result: Some(reply(response.await)),
+        }
+    })
+}
+
+/// Serves one peer's `Calls` stream, as the stream of its replies: polling it takes in the
+/// calls that have arrived, runs them and yields each reply as soon as it is ready. HTTP/2's
+/// task for the stream polls it, so calls and replies take no extra hop between tasks. It
+/// ends when the caller's side does or the server stops; calls still running then are
+/// dropped, as a unary call's handler is when its caller goes away.
+struct CallReplies {
+    handler: Arc<dyn PeerHandler>,
+    calls: Streaming<pb::Call>,
+    calls_ended: bool,
+    running: FuturesUnordered<BoxFuture<'static, pb::CallReply>>,
+    stopped: BoxFuture<'static, ()>,
+}
+
+impl CallReplies {
+    fn new(
+        handler: Arc<dyn PeerHandler>,
+        calls: Streaming<pb::Call>,
+        mut stopping: watch::Receiver<bool>,
+    ) -> Self {
+        CallReplies {
+            handler,
+            calls,
+            calls_ended: false,
+            running: FuturesUnordered::new(),
+            stopped: Box::pin(async move {
+                let _ = stopping.wait_for(|stop| *stop).await;
+            }),
+        }
+    }
+}
+
+impl Stream for CallReplies {
+    type Item = Result<pb::CallReply, Status>;
+
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.stopped.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        while !this.calls_ended {
+            match this.calls.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(call))) => this.running.push(answer(&this.handler, call)),
+                Poll::Ready(_) => this.calls_ended = true,
+                Poll::Pending => break,
+            }
+        }
+        if this.calls_ended {
+            return Poll::Ready(None);
+        }
+        match this.running.poll_next_unpin(cx) {
+            Poll::Ready(Some(reply)) => Poll::Ready(Some(Ok(reply))),
+            // Nothing running: the calls' stream has registered the wake-up.
+            Poll::Ready(None) | Poll::Pending => Poll::Pending,
+        }
     }
 }
 
@@ -383,7 +795,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::HelloReply>, Status> {
         let req = request.into_inner();
         match self
-            .0
+            .handler
             .handle(PeerRequest::Hello {
                 from: req.from,
                 incarnation: req.incarnation,
@@ -404,28 +816,32 @@ impl pb::peer_server::Peer for PeerService {
         }
     }
 
+    type CallsStream = Pin<Box<dyn Stream<Item = Result<pb::CallReply, Status>> + Send>>;
+
+    async fn calls(
+        &self,
+        request: Request<Streaming<pb::Call>>,
+    ) -> Result<Response<Self::CallsStream>, Status> {
+        Ok(Response::new(Box::pin(CallReplies::new(
+            self.handler.clone(),
+            request.into_inner(),
+            self.stopping.clone(),
+        ))))
+    }
+
     async fn submit(
         &self,
         request: Request<pb::SubmitBatch>,
     ) -> Result<Response<pb::SubmitBatchReply>, Status> {
         let req = request.into_inner();
-        use pb::submit_batch_reply::Result as R;
-        let result = match self
-            .0
+        let response = self
+            .handler
             .handle(PeerRequest::Submit {
                 queue: req.group,
                 requests: req.requests,
             })
-            .await
-        {
-            PeerResponse::Submit(Forwarded::Ok(outcomes)) => R::Outcomes(pb::Outcomes { outcomes }),
-            PeerResponse::Submit(Forwarded::NotLeader(l)) => R::NotLeader(not_leader(l)),
-            PeerResponse::Submit(Forwarded::Error(e)) => R::Error(e),
-            other => R::Error(format!("unexpected response {other:?}")),
-        };
-        Ok(Response::new(pb::SubmitBatchReply {
-            result: Some(result),
-        }))
+            .await;
+        Ok(Response::new(submit_reply(response)))
     }
 
     async fn meta_write(
@@ -434,7 +850,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::MetaWriteReply>, Status> {
         use pb::meta_write_reply::Result as R;
         let result = match self
-            .0
+            .handler
             .handle(PeerRequest::MetaWrite {
                 cmd: request.into_inner().data,
             })
@@ -455,7 +871,11 @@ impl pb::peer_server::Peer for PeerService {
         request: Request<pb::GroupVotersRequest>,
     ) -> Result<Response<pb::GroupVotersReply>, Status> {
         let group = request.into_inner().group;
-        match self.0.handle(PeerRequest::GroupVoters { group }).await {
+        match self
+            .handler
+            .handle(PeerRequest::GroupVoters { group })
+            .await
+        {
             PeerResponse::GroupVoters(view) => {
                 let (known, leader, voters) = match view {
                     Some((leader, voters)) => (true, leader, voters),
@@ -477,7 +897,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::ServiceReply>, Status> {
         use pb::service_reply::Result as R;
         let payload = request.into_inner().data;
-        let result = match self.0.handle(PeerRequest::Service { payload }).await {
+        let result = match self.handler.handle(PeerRequest::Service { payload }).await {
             PeerResponse::Service(Ok(p)) => R::Payload(p),
             PeerResponse::Service(Err(e)) => R::Error(e),
             other => R::Error(format!("unexpected response {other:?}")),
@@ -491,7 +911,7 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         _request: Request<pb::Empty>,
     ) -> Result<Response<pb::MetaIndexReply>, Status> {
-        match self.0.handle(PeerRequest::MetaIndex).await {
+        match self.handler.handle(PeerRequest::MetaIndex).await {
             PeerResponse::MetaIndex(committed) => {
                 Ok(Response::new(pb::MetaIndexReply { committed }))
             }
@@ -505,7 +925,7 @@ impl pb::peer_server::Peer for PeerService {
     ) -> Result<Response<pb::MetaIndexReply>, Status> {
         let req = request.into_inner();
         match self
-            .0
+            .handler
             .handle(PeerRequest::MetaWait {
                 index: req.index,
                 timeout: Duration::from_millis(req.timeout_ms.min(10_000)),
@@ -523,7 +943,7 @@ impl pb::peer_server::Peer for PeerService {
         &self,
         request: Request<pb::DeliverBatch>,
     ) -> Result<Response<pb::DeliverAck>, Status> {
-        self.0
+        self.handler
             .handle({
                 let batch = request.into_inner();
                 PeerRequest::Deliver {
@@ -549,6 +969,11 @@ pub async fn serve(
     // accepted sockets, small replies (Raft acks, forwarded publishes' results) wait out
     // Nagle's algorithm against the peer's delayed ACK, ~40 ms each.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let (stop, stopping) = watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         // Thousands of groups share one connection per peer; a burst of calls that time out
@@ -560,7 +985,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .add_service(
-            pb::peer_server::PeerServer::new(PeerService(handler))
+            pb::peer_server::PeerServer::new(PeerService::new(handler, stopping))
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
@@ -630,6 +1055,220 @@ pub async fn discover_members(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers Raft calls with their payload reversed, after holding each one until the
+    /// test lets it go (so replies can be made to come back in any order), and counts
+    /// deliveries.
+    #[derive(Default)]
+    struct Echo {
+        gates: Mutex<HashMap<u64, oneshot::Receiver<()>>>,
+        delivered: std::sync::atomic::AtomicUsize,
+    }
+
+    impl PeerHandler for Echo {
+        fn handle(&self, request: PeerRequest) -> BoxFuture<'static, PeerResponse> {
+            match request {
+                PeerRequest::Raft { group, payload, .. } => {
+                    let gate = lock(&self.gates).remove(&group);
+                    Box::pin(async move {
+                        if let Some(gate) = gate {
+                            let _ = gate.await;
+                        }
+                        PeerResponse::Raft(Ok(payload.into_iter().rev().collect()))
+                    })
+                }
+                PeerRequest::Submit { queue, .. } => {
+                    Box::pin(async move { PeerResponse::Submit(Forwarded::NotLeader(Some(queue))) })
+                }
+                PeerRequest::Deliver { .. } => {
+                    self.delivered
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    Box::pin(async { PeerResponse::Delivered })
+                }
+                other => {
+                    Box::pin(
+                        async move { PeerResponse::Service(Err(format!("unexpected {other:?}"))) },
+                    )
+                }
+            }
+        }
+    }
+
+    /// Serves `handler` on a fresh loopback port: the Raft service, and the Peer service
+    /// (with `Calls`) unless `with_peer` is false, as a build from before `Calls` would not
+    /// answer it either. Dropping the returned sender stops the server.
+    async fn serve_for_test(
+        handler: Arc<dyn PeerHandler>,
+        with_peer: bool,
+    ) -> (String, oneshot::Sender<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (stop_calls, stopping) = watch::channel(false);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+        let peer = with_peer
+            .then(|| pb::peer_server::PeerServer::new(PeerService::new(handler.clone(), stopping)));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::raft_server::RaftServer::new(RaftService(handler)))
+                .add_optional_service(peer)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stopped.await;
+                    let _ = stop_calls.send(true);
+                }),
+        );
+        (addr, stop)
+    }
+
+    fn raft(group: u64, payload: &[u8]) -> PeerRequest {
+        PeerRequest::Raft {
+            group,
+            rpc: RaftRpc::AppendEntries,
+            payload: payload.to_vec(),
+        }
+    }
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    #[tokio::test]
+    async fn calls_on_one_stream_get_their_own_replies_in_whatever_order_they_finish() {
+        let echo = Arc::new(Echo::default());
+        let mut release = Vec::new();
+        for group in 1..=3 {
+            let (open, gate) = oneshot::channel();
+            lock(&echo.gates).insert(group, gate);
+            release.push(open);
+        }
+        let (addr, _server) = serve_for_test(echo.clone(), true).await;
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &addr);
+        let calls: Vec<_> = (1..=3u8)
+            .map(|g| transport.call(2, raft(u64::from(g), &[g, 0, 9]), PATIENCE))
+            .collect();
+        // The last call is let go first, so replies come back in reverse order.
+        for open in release.into_iter().rev() {
+            let _ = open.send(());
+        }
+        let replies = futures::future::join_all(calls).await;
+        for (g, reply) in (1..=3u8).zip(replies) {
+            match reply {
+                Ok(PeerResponse::Raft(Ok(p))) => assert_eq!(p, vec![9, 0, g]),
+                other => panic!("call {g}: {other:?}"),
+            }
+        }
+        let submitted = transport
+            .call(
+                2,
+                PeerRequest::Submit {
+                    queue: 7,
+                    requests: vec![vec![1]],
+                },
+                PATIENCE,
+            )
+            .await;
+        assert!(
+            matches!(
+                submitted,
+                Ok(PeerResponse::Submit(Forwarded::NotLeader(Some(7))))
+            ),
+            "{submitted:?}"
+        );
+        let delivered = transport
+            .call(
+                2,
+                PeerRequest::Deliver {
+                    from: 1,
+                    items: vec![vec![1]],
+                },
+                PATIENCE,
+            )
+            .await;
+        assert!(
+            matches!(delivered, Ok(PeerResponse::Delivered)),
+            "{delivered:?}"
+        );
+        assert_eq!(echo.delivered.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            lock(&transport.streams).len(),
+            1,
+            "one stream carried them all"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_call_that_times_out_leaves_the_stream_usable() {
+        let echo = Arc::new(Echo::default());
+        let (_hold, gate) = oneshot::channel();
+        lock(&echo.gates).insert(1, gate);
+        let (addr, _server) = serve_for_test(echo, true).await;
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &addr);
+        let stuck = transport
+            .call(2, raft(1, b"x"), Duration::from_millis(200))
+            .await;
+        assert!(
+            matches!(stuck, Err(TransportError::Timeout { node: 2, .. })),
+            "{stuck:?}"
+        );
+        let next = transport.call(2, raft(2, b"ab"), PATIENCE).await;
+        assert!(
+            matches!(&next, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
+            "{next:?}"
+        );
+        let streams = lock(&transport.streams);
+        assert!(
+            lock(&streams[&2].pending).waiting.is_empty(),
+            "nobody left waiting"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_went_away_fails_the_calls_it_held_and_a_new_stream_reaches_its_successor()
+    {
+        let echo = Arc::new(Echo::default());
+        let (_hold, gate) = oneshot::channel();
+        lock(&echo.gates).insert(1, gate);
+        let (addr, server) = serve_for_test(echo, true).await;
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &addr);
+        let held = transport.call(2, raft(1, b"x"), PATIENCE);
+        let started = transport.call(2, raft(2, b"y"), PATIENCE).await;
+        assert!(
+            matches!(started, Ok(PeerResponse::Raft(Ok(_)))),
+            "{started:?}"
+        );
+        drop(server);
+        let failed = held.await;
+        assert!(
+            matches!(failed, Err(TransportError::Unreachable { .. })),
+            "{failed:?}"
+        );
+        // The peer comes back (same node, new process) at another address.
+        let (addr, _server) = serve_for_test(Arc::new(Echo::default()), true).await;
+        transport.set_address(2, &addr);
+        let again = transport.call(2, raft(3, b"zw"), PATIENCE).await;
+        assert!(
+            matches!(&again, Ok(PeerResponse::Raft(Ok(p))) if p == b"wz"),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_without_the_call_stream_is_called_the_unary_way() {
+        let (addr, _server) = serve_for_test(Arc::new(Echo::default()), false).await;
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &addr);
+        // The first call finds out (and fails, as a call to a peer in an upgrade may);
+        // the ones after it go unary.
+        let first = transport.call(2, raft(1, b"ab"), PATIENCE).await;
+        assert!(first.is_err(), "{first:?}");
+        assert!(transport.unary_only(2));
+        let second = transport.call(2, raft(1, b"ab"), PATIENCE).await;
+        assert!(
+            matches!(&second, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
+            "{second:?}"
+        );
+    }
 
     /// A node whose process is gone leaves its port closed: the call must say so, not just
     /// "unreachable", so its peers can declare it down at once.

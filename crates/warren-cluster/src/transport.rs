@@ -1,11 +1,12 @@
 //! How nodes talk to each other, independent of the wire: a request/response `Transport` that
 //! the node uses to reach a peer, and the `PeerHandler` a node implements to answer.
 //!
-//! Everything between nodes is a unary call — Raft RPCs of every group (tagged with the group
-//! id), forwarded queue commands, forwarded metadata writes, deliveries for consumers on
-//! another node, and liveness pings. Ordering, where it matters, comes from the caller waiting
-//! for one call before making the next. `grpc` carries these calls over tonic; `mem_net`
-//! carries them in process, with partition, drop and delay filters, for cluster tests.
+//! Everything between nodes is a call with one reply — Raft RPCs of every group (tagged with
+//! the group id), forwarded queue commands, forwarded metadata writes, deliveries for consumers
+//! on another node, and liveness pings. Ordering, where it matters, comes from the caller
+//! waiting for one call before making the next. `grpc` carries these calls over tonic (the
+//! frequent ones on one stream per peer); `mem_net` carries them in process, with partition,
+//! drop and delay filters, for cluster tests.
 
 use std::time::Duration;
 
