@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
@@ -55,9 +55,14 @@ struct Pending {
     waiting: HashMap<u64, ReplySender>,
     /// The stream is over (its waiting calls failed); the next call opens a new one.
     ended: bool,
-    /// The peer has no `Calls` method: talk to it with unary calls only.
-    unary_only: bool,
+    /// When the peer was found to have no `Calls` method: it is called the unary way until
+    /// `UNARY_RETRY` later, when the stream is tried again (it may have been upgraded).
+    unary_since: Option<Instant>,
 }
+
+/// How long a peer without the call stream is called the unary way before the stream is
+/// tried again.
+const UNARY_RETRY: Duration = Duration::from_secs(30);
 
 impl Pending {
     fn end(&mut self, error: &TransportError) {
@@ -108,7 +113,7 @@ async fn read_replies(
     let error = match client.calls(calls).await {
         Err(status) => {
             if status.code() == tonic::Code::Unimplemented {
-                lock(&pending).unary_only = true;
+                lock(&pending).unary_since = Some(Instant::now());
             }
             status_error(target, Duration::ZERO, status)
         }
@@ -265,11 +270,19 @@ impl GrpcTransport {
         Ok((id, stream.pending.clone(), reply))
     }
 
-    /// Whether calls to `target` must be unary: its last call stream found no such method.
+    /// Whether calls to `target` must be unary: its last call stream, lately, found no such
+    /// method.
     fn unary_only(&self, target: NodeId) -> bool {
-        lock(&self.streams)
-            .get(&target)
-            .is_some_and(|s| lock(&s.pending).unary_only)
+        let addresses = self.addresses.read().unwrap_or_else(|p| p.into_inner());
+        let Some(addr) = addresses.get(&target) else {
+            return false;
+        };
+        lock(&self.streams).get(&target).is_some_and(|s| {
+            s.addr == *addr
+                && lock(&s.pending)
+                    .unary_since
+                    .is_some_and(|since| since.elapsed() < UNARY_RETRY)
+        })
     }
 
     fn channel(&self, node: NodeId) -> Result<Channel, TransportError> {
@@ -1267,6 +1280,27 @@ mod tests {
         assert!(
             matches!(&second, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
             "{second:?}"
+        );
+        // Some time later the stream is tried again: this peer still has none.
+        let aged = Instant::now() - UNARY_RETRY;
+        lock(&lock(&transport.streams)[&2].pending).unary_since = Some(aged);
+        assert!(!transport.unary_only(2));
+        let retried = transport.call(2, raft(1, b"ab"), PATIENCE).await;
+        assert!(retried.is_err(), "{retried:?}");
+        assert!(transport.unary_only(2));
+        // The node comes back elsewhere with a build that has the stream: it is used at once.
+        let (addr, _upgraded) = serve_for_test(Arc::new(Echo::default()), true).await;
+        transport.set_address(2, &addr);
+        assert!(!transport.unary_only(2));
+        let streamed = transport.call(2, raft(1, b"ab"), PATIENCE).await;
+        assert!(
+            matches!(&streamed, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
+            "{streamed:?}"
+        );
+        assert!(
+            lock(&lock(&transport.streams)[&2].pending)
+                .unary_since
+                .is_none()
         );
     }
 
