@@ -98,7 +98,7 @@ impl Node {
     }
 
     /// Whether the group's leader (found among its replicas) no longer has `gone` as voter.
-    async fn group_left(&self, group: u64, replicas: &[NodeId], gone: NodeId) -> bool {
+    pub(crate) async fn group_left(&self, group: u64, replicas: &[NodeId], gone: NodeId) -> bool {
         for n in replicas.iter().copied().filter(|n| *n != gone) {
             let view = if n == self.id() {
                 self.group_voters(group)

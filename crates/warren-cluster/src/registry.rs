@@ -311,6 +311,8 @@ impl Registry {
                 h.set_raft(None);
                 h.set_leader(false);
                 h.set_leader_hint(None);
+                // What this replica last applied is not the queue any more.
+                h.set_stats(warren_core::queue::QueueStats::default());
             }
             let _ = runner.stop.send(true);
         }

@@ -420,6 +420,10 @@ type Changes = HashMap<u64, (Instant, tokio::task::JoinHandle<()>)>;
 
 const CHANGE_RETRY: Duration = Duration::from_secs(5);
 
+/// How often a replica that is no longer wanted but still a voter in its own log asks the
+/// leader whether it has been removed.
+const LEAVE_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// Brings every group this node leads to its replica set from the metadata (add and catch up
 /// new replicas, then switch the voters), hands leadership to the preferred replica when it
 /// is up and has caught up, and retires replicas this node should no longer hold.
@@ -447,11 +451,9 @@ fn reconcile(
                         && desired.iter().all(is_voter);
                     in_sync && desired.first().is_none_or(|p| *p == me)
                 } else {
-                    // A follower has something to do only once it is neither wanted nor a
-                    // voter any more (see below).
-                    desired.contains(&me)
-                        || is_voter(&me)
-                        || membership.voter_ids().next().is_none()
+                    // A follower has something to do only once it is no longer wanted (see
+                    // below).
+                    desired.contains(&me) || membership.voter_ids().next().is_none()
                 }
             })
         };
@@ -468,9 +470,26 @@ fn reconcile(
             (m.state == ServerState::Leader, voters, learners)
         };
         if !leading {
-            // A replica that is no longer wanted and no longer a voter leaves.
-            if !desired_set.contains(&me) && !voters.contains(&me) && !voters.is_empty() {
+            if desired_set.contains(&me) || voters.is_empty() {
+                continue;
+            }
+            if !voters.contains(&me) {
+                // No longer wanted and no longer a voter: it leaves.
                 node.registry().retire_group(group);
+            } else if let std::collections::hash_map::Entry::Vacant(slot) = changes.entry(group) {
+                // Still a voter as far as this replica knows, but the leader may have removed
+                // it already: the entry that does so is the first one a leader no longer
+                // replicates to it, so a removed replica never learns it from its log. It
+                // asks the leader (through the wanted replicas) instead, about once a second.
+                let node = node.clone();
+                let task = tokio::spawn(async move {
+                    if node.group_left(group, &desired, me).await {
+                        node.registry().retire_group(group);
+                    } else {
+                        tokio::time::sleep(LEAVE_CHECK_EVERY).await;
+                    }
+                });
+                slot.insert((Instant::now(), task));
             }
             continue;
         }

@@ -646,6 +646,65 @@ async fn the_balanced_locator_spreads_leaders() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_from_a_queue_leaves_the_group_though_its_log_never_says_so() {
+    // The leader stops replicating to a replica as soon as it appends the configuration that
+    // removes it, so the removed replica's log still counts it as a voter. It must still
+    // leave (stop its group, report nothing of the queue) once the leader has dropped it.
+    let c = TestCluster::start(3).await;
+    c.declare(1, "shrinking").await;
+    assert_eq!(c.await_leader("shrinking", |n| n == 1).await, 1);
+    let rec = Arc::new(Recorder::default());
+    let h = c.node(1).queue("/", "shrinking").unwrap();
+    publish_numbered(&h, channel(c.node(1), 1), 1..=20, &rec);
+    rec.wait_for("20 confirms", WAIT, |r| (1..=20).all(|s| r.confirmed(s)))
+        .await;
+    let group = |n: u64| {
+        c.node(n)
+            .status()
+            .groups
+            .into_iter()
+            .find(|g| g.name == "//shrinking")
+            .expect("the queue is listed")
+    };
+    let deadline = Instant::now() + WAIT;
+    while group(3).messages_ready != 20 {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 never applied the publishes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    c.node(1)
+        .meta_write(MetaCmd::SetReplicas {
+            vhost: "/".into(),
+            name: "shrinking".into(),
+            replicas: vec![1, 2],
+        })
+        .await
+        .expect("shrink");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let leader_view = group(1);
+        let removed = leader_view.leader == 1 && !leader_view.lag.contains_key(&3);
+        let on_3 = group(3);
+        if removed && on_3.leader == 0 && on_3.messages_ready == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node 3 still runs the group: leader's view {leader_view:?}, node 3 {on_3:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        group(2).messages_ready,
+        20,
+        "the replica kept has everything"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodies() {
     let c = TestCluster::start_with(3, 10).await;
     // A queue with one replica, on node 1.
