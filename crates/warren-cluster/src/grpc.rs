@@ -252,6 +252,14 @@ impl GrpcTransport {
         }
         let stream = &streams[&target];
         let mut pending = lock(&stream.pending);
+        if pending.ended {
+            // It ended since it was found usable: its reader has failed every waiting call
+            // and would never answer this one.
+            return Err(TransportError::Unreachable {
+                node: target,
+                reason: "the call stream ended".into(),
+            });
+        }
         let id = pending.next_id;
         pending.next_id += 1;
         let (waiter, reply) = oneshot::channel();
