@@ -717,6 +717,53 @@ fn add_node_joins_a_running_cluster() {
     });
 }
 
+/// `warrenctl add-node` right after the metadata leader removed itself: the remaining nodes
+/// still name the removed node as leader (with no address) until they elect one, and
+/// warrenctl waits for that election instead of failing (found by the membership chaos
+/// nemesis: "not the metadata leader; leader=2 address=").
+#[test]
+fn add_node_right_after_the_metadata_leader_removed_itself() {
+    let Some(mut cluster) = cluster("add_node_right_after_the_metadata_leader_removed_itself", 3)
+    else {
+        return;
+    };
+    run(async {
+        let id = cluster.launch_joiner();
+        assert_eq!(id, 4);
+        let addr4 = cluster.cluster_addr(4).to_string();
+        let leader = meta_leader(&cluster, 1).await as usize;
+        let via = (1..=3).find(|n| *n != leader).expect("a follower");
+        let out = cluster
+            .ctl(via, &["remove-node", &leader.to_string()])
+            .await
+            .expect_ok();
+        assert!(
+            out.contains(&format!("node {leader} removed")),
+            "remove-node output: {out}"
+        );
+        let out = cluster
+            .ctl(via, &["add-node", "4", &addr4])
+            .await
+            .expect_ok();
+        assert!(
+            out.contains("node 4") && out.contains("joined"),
+            "add-node output: {out}"
+        );
+        cluster.await_ready(4);
+        let rest: Vec<usize> = (1..=4).filter(|n| *n != leader).collect();
+        let members: Vec<u64> = rest.iter().map(|n| *n as u64).collect();
+        wait_for(
+            "the new member list through every node",
+            CONVERGE,
+            || async {
+                let v = views(&cluster, &rest).await?;
+                members_are(&v, &members)
+            },
+        )
+        .await;
+    });
+}
+
 /// `warrenctl remove-node 3` on a four-node cluster: every queue with a replica on node 3
 /// (including queues node 3 leads) gets one on another member, the groups converge to
 /// three replicas without node 3, the members no longer include it, and once its process is

@@ -152,11 +152,26 @@ fn leader_address(status: &tonic::Status) -> Option<String> {
     (!addr.is_empty()).then(|| addr.to_owned())
 }
 
-/// Runs a call, following at most two redirects to the metadata leader.
+/// A "not the metadata leader" refusal that names no member to go to: the node knows no
+/// leader, or only one that is no longer a member (just after the leader removed itself),
+/// so an election is under way.
+fn no_leader_yet(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::FailedPrecondition
+        && status.message().starts_with("not the metadata leader")
+        && leader_address(status).is_none()
+}
+
+/// How long a membership call waits for the metadata group to elect a leader.
+const LEADER_WAIT: Duration = Duration::from_secs(15);
+const LEADER_POLL: Duration = Duration::from_millis(200);
+
+/// Runs a call, following at most two redirects to the metadata leader and asking again
+/// while the metadata group has no leader (for up to `LEADER_WAIT`).
 macro_rules! call_on_leader {
     ($cli:expr, $timeout:expr, |$c:ident| $body:expr) => {{
         let mut addr = $cli.node.clone();
         let mut hops = 0;
+        let deadline = std::time::Instant::now() + LEADER_WAIT;
         loop {
             let mut $c = client(&addr, $timeout).await?;
             match $body.await {
@@ -165,6 +180,9 @@ macro_rules! call_on_leader {
                     Some(next) if hops < 2 && next != addr => {
                         hops += 1;
                         addr = next;
+                    }
+                    None if no_leader_yet(&status) && std::time::Instant::now() < deadline => {
+                        tokio::time::sleep(LEADER_POLL).await;
                     }
                     _ => anyhow::bail!("{}", status.message()),
                 },
@@ -438,5 +456,22 @@ mod tests {
             tonic::Status::failed_precondition("not the metadata leader; leader=unknown address=");
         assert_eq!(leader_address(&unknown), None);
         assert_eq!(leader_address(&tonic::Status::unavailable("x")), None);
+    }
+
+    #[test]
+    fn a_refusal_naming_no_reachable_leader_means_an_election_is_under_way() {
+        let elsewhere = tonic::Status::failed_precondition(
+            "not the metadata leader; leader=2 address=127.0.0.1:25702",
+        );
+        assert!(!no_leader_yet(&elsewhere));
+        // The leader removed itself: the node still names it, but it has no address.
+        let removed =
+            tonic::Status::failed_precondition("not the metadata leader; leader=2 address=");
+        assert!(no_leader_yet(&removed));
+        let unknown =
+            tonic::Status::failed_precondition("not the metadata leader; leader=unknown address=");
+        assert!(no_leader_yet(&unknown));
+        let other = tonic::Status::failed_precondition("node 9 is not a cluster member");
+        assert!(!no_leader_yet(&other));
     }
 }
