@@ -47,7 +47,15 @@ struct CallStream {
     pending: Arc<Mutex<Pending>>,
 }
 
-type ReplySender = oneshot::Sender<Result<Option<pb::call_reply::Result>, TransportError>>;
+type CallResult = Result<Option<pb::call_reply::Result>, TransportError>;
+type ReplySender = oneshot::Sender<CallResult>;
+
+/// A call queued on a stream: its id and where its reply arrives.
+struct SentCall {
+    id: u64,
+    pending: Arc<Mutex<Pending>>,
+    reply: oneshot::Receiver<CallResult>,
+}
 
 #[derive(Default)]
 struct Pending {
@@ -226,28 +234,19 @@ impl GrpcTransport {
         Arc::new(Self::default())
     }
 
-    /// Queues `request` on the peer's call stream (opening one if there is none or the last
-    /// one ended) and returns the receiver of its reply, or the request back if the peer
-    /// takes unary calls only.
-    #[allow(clippy::type_complexity)]
+    /// Queues `request` on the peer's call stream (opening one if there is none, the last one
+    /// ended or the peer moved) and returns what waits for its reply.
     fn send_on_stream(
         &self,
         target: NodeId,
         request: pb::call::Request,
-    ) -> Result<
-        (
-            u64,
-            Arc<Mutex<Pending>>,
-            oneshot::Receiver<Result<Option<pb::call_reply::Result>, TransportError>>,
-        ),
-        TransportError,
-    > {
-        let (addr, channel) = self.addressed_channel(target)?;
+    ) -> Result<SentCall, TransportError> {
         let mut streams = lock(&self.streams);
         let usable = streams
             .get(&target)
-            .is_some_and(|s| s.addr == addr && !lock(&s.pending).ended);
+            .is_some_and(|s| self.address_is(target, &s.addr) && !lock(&s.pending).ended);
         if !usable {
+            let (addr, channel) = self.addressed_channel(target)?;
             streams.insert(target, CallStream::open(target, addr, channel)?);
         }
         let stream = &streams[&target];
@@ -275,22 +274,32 @@ impl GrpcTransport {
                 reason: "the call stream closed".into(),
             });
         }
-        Ok((id, stream.pending.clone(), reply))
+        Ok(SentCall {
+            id,
+            pending: stream.pending.clone(),
+            reply,
+        })
     }
 
     /// Whether calls to `target` must be unary: its last call stream, lately, found no such
     /// method.
     fn unary_only(&self, target: NodeId) -> bool {
-        let addresses = self.addresses.read().unwrap_or_else(|p| p.into_inner());
-        let Some(addr) = addresses.get(&target) else {
-            return false;
-        };
         lock(&self.streams).get(&target).is_some_and(|s| {
-            s.addr == *addr
+            self.address_is(target, &s.addr)
                 && lock(&s.pending)
                     .unary_since
                     .is_some_and(|since| since.elapsed() < UNARY_RETRY)
         })
+    }
+
+    /// Whether `addr` is where `node` is to be reached now. Taken under `streams`, never the
+    /// other way round.
+    fn address_is(&self, node: NodeId, addr: &str) -> bool {
+        self.addresses
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .is_some_and(|known| known == addr)
     }
 
     fn channel(&self, node: NodeId) -> Result<Channel, TransportError> {
@@ -392,7 +401,7 @@ impl Transport for GrpcTransport {
                 Ok(call) => {
                     let sent = self.send_on_stream(target, call);
                     return Box::pin(async move {
-                        let (id, pending, reply) = sent?;
+                        let SentCall { id, pending, reply } = sent?;
                         match tokio::time::timeout(timeout, reply).await {
                             Ok(Ok(Ok(result))) => streamed_response(target, result),
                             Ok(Ok(Err(e))) => Err(e),
@@ -1151,6 +1160,14 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(10);
 
+    /// The call got the Raft payload `want` back.
+    fn assert_answered(reply: &Result<PeerResponse, TransportError>, want: &[u8]) {
+        assert!(
+            matches!(reply, Ok(PeerResponse::Raft(Ok(p))) if p == want),
+            "{reply:?}"
+        );
+    }
+
     #[tokio::test]
     async fn calls_on_one_stream_get_their_own_replies_in_whatever_order_they_finish() {
         let echo = Arc::new(Echo::default());
@@ -1232,10 +1249,7 @@ mod tests {
             "{stuck:?}"
         );
         let next = transport.call(2, raft(2, b"ab"), PATIENCE).await;
-        assert!(
-            matches!(&next, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
-            "{next:?}"
-        );
+        assert_answered(&next, b"ba");
         let streams = lock(&transport.streams);
         assert!(
             lock(&streams[&2].pending).waiting.is_empty(),
@@ -1268,10 +1282,7 @@ mod tests {
         let (addr, _server) = serve_for_test(Arc::new(Echo::default()), true).await;
         transport.set_address(2, &addr);
         let again = transport.call(2, raft(3, b"zw"), PATIENCE).await;
-        assert!(
-            matches!(&again, Ok(PeerResponse::Raft(Ok(p))) if p == b"wz"),
-            "{again:?}"
-        );
+        assert_answered(&again, b"wz");
     }
 
     #[tokio::test]
@@ -1285,10 +1296,7 @@ mod tests {
         assert!(first.is_err(), "{first:?}");
         assert!(transport.unary_only(2));
         let second = transport.call(2, raft(1, b"ab"), PATIENCE).await;
-        assert!(
-            matches!(&second, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
-            "{second:?}"
-        );
+        assert_answered(&second, b"ba");
         // Some time later the stream is tried again: this peer still has none.
         let aged = Instant::now() - UNARY_RETRY;
         lock(&lock(&transport.streams)[&2].pending).unary_since = Some(aged);
@@ -1301,10 +1309,7 @@ mod tests {
         transport.set_address(2, &addr);
         assert!(!transport.unary_only(2));
         let streamed = transport.call(2, raft(1, b"ab"), PATIENCE).await;
-        assert!(
-            matches!(&streamed, Ok(PeerResponse::Raft(Ok(p))) if p == b"ba"),
-            "{streamed:?}"
-        );
+        assert_answered(&streamed, b"ba");
         assert!(
             lock(&lock(&transport.streams)[&2].pending)
                 .unary_since
