@@ -658,14 +658,7 @@ async fn a_replica_removed_from_a_queue_leaves_the_group_though_its_log_never_sa
     publish_numbered(&h, channel(c.node(1), 1), 1..=20, &rec);
     rec.wait_for("20 confirms", WAIT, |r| (1..=20).all(|s| r.confirmed(s)))
         .await;
-    let group = |n: u64| {
-        c.node(n)
-            .status()
-            .groups
-            .into_iter()
-            .find(|g| g.name == "//shrinking")
-            .expect("the queue is listed")
-    };
+    let group = |n: u64| queue_group(c.node(n), "shrinking").expect("the queue is listed");
     let deadline = Instant::now() + WAIT;
     while group(3).messages_ready != 20 {
         assert!(
@@ -741,9 +734,10 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
     let deadline = Instant::now() + WAIT;
     loop {
         // Node 1 (leading) sees node 2 in the group with no lag; node 2 applied everything.
-        let group =
-            |s: warren_proto::StatusReply| s.groups.into_iter().find(|g| g.name == "//solo");
-        let caught_up = match (group(c.node(1).status()), group(c.node(2).status())) {
+        let caught_up = match (
+            queue_group(c.node(1), "solo"),
+            queue_group(c.node(2), "solo"),
+        ) {
             (Some(l), Some(f)) => l.lag.get(&2) == Some(&0) && f.committed >= 60,
             _ => false,
         };
@@ -784,14 +778,16 @@ async fn a_replica_added_after_the_log_was_purged_gets_a_snapshot_with_the_bodie
     assert_eq!(bodies.len(), 60);
 }
 
+/// What `node`'s status says of `queue`'s group (in the default vhost).
+fn queue_group(node: &Node, queue: &str) -> Option<warren_proto::GroupStatus> {
+    let name = format!("//{queue}");
+    node.status().groups.into_iter().find(|g| g.name == name)
+}
+
 /// Message bodies stored in a node's `sm` column family for `queue`'s group (paged index
 /// entries, which share it, have longer keys).
 fn stored_bodies(node: &Node, queue: &str) -> usize {
-    let group = node
-        .status()
-        .groups
-        .into_iter()
-        .find(|g| g.name == format!("//{queue}"))
+    let group = queue_group(node, queue)
         .expect("the group is on this node")
         .group;
     let prefix = warren_cluster::db::keys::group_prefix(group);

@@ -467,6 +467,20 @@ async fn wait_converged_busy(cluster: &Cluster, ids: &[usize], queue: &str, want
 }
 
 /// The metadata group's leader as node `id` sees it.
+/// `warrenctl add-node 4` through node `via`: node 4 (started with `launch_joiner`) joins and
+/// becomes ready.
+async fn add_node_4(cluster: &mut Cluster, via: usize, addr4: &str) {
+    let out = cluster
+        .ctl(via, &["add-node", "4", addr4])
+        .await
+        .expect_ok();
+    assert!(
+        out.contains("node 4") && out.contains("joined"),
+        "add-node output: {out}"
+    );
+    cluster.await_ready(4);
+}
+
 async fn meta_leader(cluster: &Cluster, id: usize) -> u64 {
     wait_for("a metadata leader", FAILOVER, || async {
         let s = cluster.try_status(id).await?;
@@ -679,15 +693,7 @@ fn add_node_joins_a_running_cluster() {
 
         let leader = meta_leader(&cluster, 1).await;
         let via = (1..=3).find(|n| *n != leader as usize).expect("a follower");
-        let out = cluster
-            .ctl(via, &["add-node", "4", &addr4])
-            .await
-            .expect_ok();
-        assert!(
-            out.contains("node 4") && out.contains("joined"),
-            "add-node output: {out}"
-        );
-        cluster.await_ready(4);
+        add_node_4(&mut cluster, via, &addr4).await;
 
         let all = [1, 2, 3, 4];
         wait_for("four voters, up, through every node", CONVERGE, || async {
@@ -741,15 +747,7 @@ fn add_node_right_after_the_metadata_leader_removed_itself() {
             out.contains(&format!("node {leader} removed")),
             "remove-node output: {out}"
         );
-        let out = cluster
-            .ctl(via, &["add-node", "4", &addr4])
-            .await
-            .expect_ok();
-        assert!(
-            out.contains("node 4") && out.contains("joined"),
-            "add-node output: {out}"
-        );
-        cluster.await_ready(4);
+        add_node_4(&mut cluster, via, &addr4).await;
         let rest: Vec<usize> = (1..=4).filter(|n| *n != leader).collect();
         let members: Vec<u64> = rest.iter().map(|n| *n as u64).collect();
         wait_for(
