@@ -764,8 +764,16 @@ mod tests {
         assert_eq!(seqs(w.settle(3, false)), Vec::<u64>::new(), "settled once");
         assert_eq!(seqs(w.settle(4, true)), vec![0, 1, 3]);
         assert_eq!((w.outstanding, w.first_tag), (1, 5));
-        assert_eq!(seqs(w.settle(2, true)), Vec::<u64>::new(), "already settled");
-        assert_eq!(seqs(w.settle(9, true)), Vec::<u64>::new(), "never published");
+        assert_eq!(
+            seqs(w.settle(2, true)),
+            Vec::<u64>::new(),
+            "already settled"
+        );
+        assert_eq!(
+            seqs(w.settle(9, true)),
+            Vec::<u64>::new(),
+            "never published"
+        );
         assert_eq!(seqs(w.settle(5, false)), vec![4]);
         assert_eq!((w.outstanding, w.pending.len()), (0, 0));
     }
