@@ -65,8 +65,9 @@ pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
 /// every change to the shape of an encoded value (2: queue `Configure` carries a version;
 /// 3: queues remember the publishers of closed channels; 4: staged transactions in queues and
 /// transaction decisions in the metadata; 5: paged-out index entries of deep queues; 6: queue
-/// commands carry their proposer's numbering, queues keep the last number taken).
-const FORMAT_POSTCARD: u8 = 6;
+/// commands carry their proposer's numbering, queues keep the last number taken; 7: a log
+/// entry may carry a batch of queue commands).
+const FORMAT_POSTCARD: u8 = 7;
 
 /// The version of everything this build keeps in the database; recorded in it when it is
 /// created and checked at every open. There is no in-place upgrade between versions yet.

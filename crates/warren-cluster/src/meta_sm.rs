@@ -127,7 +127,9 @@ impl RaftStateMachine<TypeConfig> for MetaMachine {
                     }
                     GroupResponse::Meta(reply)
                 }
-                EntryPayload::Normal(GroupRequest::Queue(_)) => GroupResponse::Empty,
+                EntryPayload::Normal(GroupRequest::Queue(_) | GroupRequest::QueueBatch(_)) => {
+                    GroupResponse::Empty
+                }
             };
             if let Some(r) = responder {
                 r.send(response);

@@ -152,7 +152,9 @@ fn queue_config(cfg: &NodeConfig) -> Result<Arc<openraft::Config>, NodeError> {
         // Entries kept behind a snapshot let a briefly lagging replica catch up from the log
         // instead of a snapshot transfer.
         max_in_snapshot_log_to_keep: cfg.snapshot_every.min(256),
-        max_payload_entries: 1024,
+        // An entry may carry a batch of commands (up to 64 KiB of messages, `proposer`): at
+        // most 16 MiB in one message to a follower.
+        max_payload_entries: 256,
         ..Default::default()
     }
     .validate()

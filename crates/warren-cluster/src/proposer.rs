@@ -77,7 +77,7 @@ pub(crate) async fn write_local(
     loop {
         attempts += 1;
         let (out, lease_expired) = match submit_local(raft, requests).await {
-            Ok(results) => collect_local(results, requests.len()).await,
+            Ok(submitted) => collect_local(submitted).await,
             Err(retry) => return vec![retry; requests.len()],
         };
         if !(lease_expired && attempts < 5) {
@@ -96,51 +96,117 @@ type LocalResults = futures::stream::BoxStream<
     >,
 >;
 
+/// A batch handed to the Raft group: the outcome of each of its log entries arrives on
+/// `results`, and entry `i` carries `commands[i]` of the batch's commands.
+struct Submitted {
+    results: LocalResults,
+    commands: Vec<usize>,
+}
+
+/// Most commands one log entry carries, and most message bytes: an entry is replicated
+/// whole, and up to `max_payload_entries` of them travel in one message to a follower.
+const ENTRY_COMMANDS: usize = 128;
+const ENTRY_BYTES: usize = 64 * 1024;
+
+/// Groups consecutive commands into log entries: one command alone as `Queue`, several as
+/// a `QueueBatch` (applied in order, as separate entries would be; what the log and the
+/// replication cost per entry is paid once for all). Returns the entries and how many
+/// commands each carries.
+fn entries_of(requests: &[QueueRequest], at_ms: u64) -> (Vec<GroupRequest>, Vec<usize>) {
+    let mut entries = Vec::new();
+    let mut commands = Vec::new();
+    let mut current: Vec<QueueRequest> = Vec::new();
+    let mut bytes = 0;
+    let mut close = |current: &mut Vec<QueueRequest>| {
+        commands.push(current.len());
+        entries.push(if current.len() == 1 {
+            GroupRequest::Queue(current.pop().expect("one command"))
+        } else {
+            GroupRequest::QueueBatch(std::mem::take(current))
+        });
+    };
+    for request in requests {
+        let size = request
+            .content
+            .as_ref()
+            .map_or(0, |c| c.body.len() + c.properties.len());
+        if !current.is_empty() && (current.len() >= ENTRY_COMMANDS || bytes + size > ENTRY_BYTES) {
+            close(&mut current);
+            bytes = 0;
+        }
+        let mut request = request.clone();
+        // The leader's clock decides when messages expire; replicas read it from the entry.
+        request.at_ms = at_ms;
+        current.push(request);
+        bytes += size;
+    }
+    if !current.is_empty() {
+        close(&mut current);
+    }
+    (entries, commands)
+}
+
 /// Hands a batch to this node's Raft group and returns as soon as it is queued for the log:
 /// the outcomes arrive on the returned stream, in order, once the entries are applied.
 async fn submit_local(
     raft: &Raft<QueueMachine>,
     requests: &[QueueRequest],
-) -> Result<LocalResults, ItemResult> {
-    // The leader's clock decides when messages expire; replicas read it from the entry.
-    let at_ms = crate::types::now_ms();
-    let entries = requests.iter().cloned().map(|mut r| {
-        r.at_ms = at_ms;
-        GroupRequest::Queue(r)
-    });
-    raft.client_write_many(entries)
+) -> Result<Submitted, ItemResult> {
+    let (entries, commands) = entries_of(requests, crate::types::now_ms());
+    let results = raft
+        .client_write_many(entries)
         .await
-        .map_err(|fatal| ItemResult::Retry(fatal.to_string()))
+        .map_err(|fatal| ItemResult::Retry(fatal.to_string()))?;
+    Ok(Submitted { results, commands })
 }
 
-/// The outcomes of a submitted batch, and whether the leader refused it for an expired lease.
-async fn collect_local(mut results: LocalResults, expected: usize) -> (Vec<ItemResult>, bool) {
+/// The outcome of one queue command as its entry's response gives it.
+fn command_result(response: GroupResponse) -> ItemResult {
+    match response {
+        GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
+        GroupResponse::OutOfOrder => {
+            ItemResult::Retry("an earlier command of its proposer was not taken".into())
+        }
+        other => ItemResult::Retry(format!("unexpected response {other:?}")),
+    }
+}
+
+/// The outcomes of a submitted batch, one per command, and whether the leader refused it for
+/// an expired lease.
+async fn collect_local(submitted: Submitted) -> (Vec<ItemResult>, bool) {
+    let Submitted {
+        mut results,
+        commands,
+    } = submitted;
+    let expected: usize = commands.iter().sum();
     let mut out = Vec::with_capacity(expected);
     let mut lease_expired = false;
+    let mut sizes = commands.into_iter();
     while let Some(result) = results.next().await {
-        out.push(match result {
+        let Some(size) = sizes.next() else { break };
+        let whole = |r: ItemResult| vec![r; size];
+        let mut items = match result {
             Ok(Ok(resp)) => match resp.response {
-                GroupResponse::Queue(outcome) => ItemResult::Ok(outcome),
-                GroupResponse::OutOfOrder => {
-                    ItemResult::Retry("an earlier command of its proposer was not taken".into())
+                GroupResponse::QueueBatch(responses) => {
+                    responses.into_iter().map(command_result).collect()
                 }
-                other => ItemResult::Retry(format!("unexpected response {other:?}")),
+                single => vec![command_result(single)],
             },
             Ok(Err(ClientWriteError::ForwardToLeader(f))) => {
                 if f.reason == ForwardReason::LeaseExpired {
                     lease_expired = true;
-                    ItemResult::Retry("leader lease expired".into())
+                    whole(ItemResult::Retry("leader lease expired".into()))
                 } else {
-                    ItemResult::NotLeader(f.leader_id)
+                    whole(ItemResult::NotLeader(f.leader_id))
                 }
             }
-            Ok(Err(e)) => ItemResult::Retry(e.to_string()),
-            Err(fatal) => ItemResult::Retry(fatal.to_string()),
-        });
+            Ok(Err(e)) => whole(ItemResult::Retry(e.to_string())),
+            Err(fatal) => whole(ItemResult::Retry(fatal.to_string())),
+        };
+        items.resize(size, ItemResult::Retry("missing result".into()));
+        out.extend(items);
     }
-    while out.len() < expected {
-        out.push(ItemResult::Retry("write was not answered".into()));
-    }
+    out.resize(expected, ItemResult::Retry("write was not answered".into()));
     (out, lease_expired)
 }
 
@@ -355,9 +421,9 @@ pub(crate) async fn run(
                         let requests: Vec<QueueRequest> =
                             pending.iter().map(|(r, _)| r.clone()).collect();
                         match submit_local(&raft, &requests).await {
-                            Ok(results) => {
+                            Ok(submitted) => {
                                 in_flight.push_back(async move {
-                                    let (out, _) = collect_local(results, requests.len()).await;
+                                    let (out, _) = collect_local(submitted).await;
                                     (pending, out)
                                 });
                                 continue;
@@ -618,5 +684,72 @@ mod tests {
             cmds(coalesce_acks(batch)),
             vec![settle(1, &[1]), settle(1, &[2]), settle(1, &[3])]
         );
+    }
+
+    fn publish(body_len: usize) -> QueueRequest {
+        QueueRequest::with_content(
+            QueueCmd::Enqueue {
+                meta: warren_core::queue::MessageMeta {
+                    size: body_len as u64,
+                    ..Default::default()
+                },
+                publisher: None,
+            },
+            warren_core::message::MessageContent {
+                exchange: Default::default(),
+                routing_key: Default::default(),
+                properties: bytes::Bytes::new(),
+                body: bytes::Bytes::from(vec![b'x'; body_len]),
+            },
+        )
+    }
+
+    /// The commands of the entries, in log order, with the time each carries.
+    fn flatten(entries: Vec<GroupRequest>) -> Vec<(QueueCmd, u64)> {
+        entries
+            .into_iter()
+            .flat_map(|e| match e {
+                GroupRequest::Queue(r) => vec![r],
+                GroupRequest::QueueBatch(rs) => {
+                    assert!(rs.len() > 1, "a batch entry of one command");
+                    rs
+                }
+                GroupRequest::Meta(_) => panic!("a metadata entry"),
+            })
+            .map(|r| (r.cmd, r.at_ms))
+            .collect()
+    }
+
+    #[test]
+    fn one_command_is_a_plain_entry() {
+        let (entries, commands) = entries_of(&[QueueRequest::new(QueueCmd::Purge)], 7);
+        assert_eq!(commands, vec![1]);
+        assert!(matches!(&entries[..], [GroupRequest::Queue(r)] if r.at_ms == 7));
+    }
+
+    #[test]
+    fn commands_share_entries_up_to_the_count_limit_in_order() {
+        let requests: Vec<QueueRequest> = (0..ENTRY_COMMANDS as u64 * 2 + 3)
+            .map(|n| QueueRequest::new(settle(1, &[n])))
+            .collect();
+        let (entries, commands) = entries_of(&requests, 42);
+        assert_eq!(commands, vec![ENTRY_COMMANDS, ENTRY_COMMANDS, 3]);
+        let expected: Vec<(QueueCmd, u64)> = requests.into_iter().map(|r| (r.cmd, 42)).collect();
+        assert_eq!(flatten(entries), expected);
+    }
+
+    #[test]
+    fn message_bytes_close_an_entry() {
+        // Three quarters of the limit each: every entry holds one message.
+        let big = ENTRY_BYTES * 3 / 4;
+        let requests = vec![publish(big), publish(big), publish(10), publish(10)];
+        let (entries, commands) = entries_of(&requests, 1);
+        assert_eq!(commands, vec![1, 3]);
+        assert!(
+            matches!(&entries[..], [GroupRequest::Queue(_), GroupRequest::QueueBatch(b)] if b.len() == 3)
+        );
+        // A message larger than the limit still gets an entry, of its own.
+        let (_, commands) = entries_of(&[publish(10), publish(ENTRY_BYTES * 2), publish(10)], 1);
+        assert_eq!(commands, vec![1, 1, 1]);
     }
 }

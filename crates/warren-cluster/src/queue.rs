@@ -204,6 +204,8 @@ pub struct QueueHandle {
     policy_arguments: Mutex<Option<(FieldTable, u64)>>,
     /// See `set_leader_term`.
     leader_term: AtomicU64,
+    /// See `set_recovered_term`.
+    recovered_term: AtomicU64,
     /// When the armed expiry timer fires (ms since the epoch; 0: none armed).
     timer_at: AtomicU64,
     /// When this replica last refused a candidate whose log is behind its own (see
@@ -247,6 +249,7 @@ impl QueueHandle {
             on_dead_letter: OnceLock::new(),
             policy_arguments: Mutex::new(None),
             leader_term: AtomicU64::new(0),
+            recovered_term: AtomicU64::new(0),
             timer_at: AtomicU64::new(0),
             refused_a_candidate_behind: Mutex::new(None),
         });
@@ -445,6 +448,18 @@ impl QueueHandle {
 
     pub(crate) fn leader_term(&self) -> u64 {
         self.leader_term.load(Ordering::Acquire)
+    }
+
+    /// The term whose leader-recovery command this node applied as its leader. Until then a
+    /// new leader holds back deliveries to consumers that ack: the old leader may have decided
+    /// some it never sent, and the recovery command resends every one still out in queue
+    /// order, so a delivery decided in the new term must not overtake them.
+    pub(crate) fn set_recovered_term(&self, term: u64) {
+        self.recovered_term.store(term, Ordering::Release);
+    }
+
+    pub(crate) fn recovered_term(&self) -> u64 {
+        self.recovered_term.load(Ordering::Acquire)
     }
 
     pub(crate) fn node_id(&self) -> NodeId {

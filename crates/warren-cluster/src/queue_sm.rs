@@ -437,6 +437,15 @@ pub struct QueueMachine {
     /// Bodies of live messages enqueued since the last snapshot was started (see the module
     /// comment).
     unwritten: UnwrittenBodies,
+    /// Snapshots come every this many commands (`raft.snapshot_every`). openraft counts log
+    /// entries, and one entry may carry a batch of commands; the log, the bodies kept in
+    /// memory and the replay after a restart all grow with commands, so this machine asks
+    /// for a snapshot when enough commands were applied.
+    snapshot_every: u64,
+    commands_since_snapshot: u64,
+    /// The count at which to ask (again: a request made while a snapshot is being built is
+    /// dropped) for the next snapshot.
+    ask_for_snapshot_at: u64,
 }
 
 impl QueueMachine {
@@ -448,8 +457,12 @@ impl QueueMachine {
         handle: &Arc<QueueHandle>,
         replay_until: u64,
         page_window: u32,
+        snapshot_every: u64,
     ) -> io::Result<Self> {
         let mut machine = QueueMachine {
+            snapshot_every,
+            commands_since_snapshot: 0,
+            ask_for_snapshot_at: snapshot_every,
             unwritten: UnwrittenBodies::new(storage.unwritten_bodies_budget().clone()),
             group,
             storage,
@@ -516,6 +529,86 @@ impl RaftSnapshotBuilder<TypeConfig> for QueueSnapshotBuilder {
     }
 }
 
+/// Page-ins the state asks for while a run of entries is applied, by priority: (the index
+/// entry's sequence number, the message to read from). Answered once the run is on disk.
+type PageIns = BTreeMap<u8, (u64, MsgId)>;
+
+/// What applying one queue command needs from the entry that carries it and the run of
+/// entries being applied; a batch entry applies each of its commands with the same.
+struct Applying<'a, 'b> {
+    state: &'a mut QueueState,
+    log_id: &'a LogIdOf<TypeConfig>,
+    replaying: bool,
+    handle: Option<&'a Arc<QueueHandle>>,
+    bodies: &'a mut StagedBodies<'b>,
+    page_ins: &'a mut PageIns,
+}
+
+impl Applying<'_, '_> {
+    fn request(&mut self, req: QueueRequest) -> GroupResponse {
+        if req.origin.is_some_and(|o| !self.state.in_order(o)) {
+            return GroupResponse::OutOfOrder;
+        }
+        let recovery = matches!(req.cmd, QueueCmd::LeaderRecovery { .. });
+        let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
+        let replaying = self.replaying;
+        if let (
+            QueueReply::Enqueued { msg }
+            | QueueReply::Rejected { msg: Some(msg) }
+            | QueueReply::Staged { msg: Some(msg) },
+            Some(content),
+        ) = (&reply, req.content)
+        {
+            self.bodies.put(*msg, content, replaying);
+        }
+        let content = match &reply {
+            QueueReply::GetOk { msg, .. } => self.bodies.get(*msg),
+            _ => None,
+        };
+        let mut effects: Vec<Effect> = effects
+            .into_iter()
+            .filter_map(|e| self.bodies.page(e))
+            .collect();
+        match self.handle {
+            Some(h) if !replaying => {
+                // Only entries this node wrote as the current leader.
+                let term = self.log_id.leader_id.term;
+                let own = self.log_id.leader_id.node_id == h.node_id() && term == h.leader_term();
+                let serving = h.is_leader() && own;
+                if serving && recovery {
+                    h.set_recovered_term(term);
+                }
+                let recovered = h.recovered_term() == term;
+                let page_ins = &mut *self.page_ins;
+                effects.retain(|e| match e {
+                    // Stays checked out; the recovery command sends it (`set_recovered_term`).
+                    Effect::Deliver { no_ack: false, .. } if serving && !recovered => false,
+                    Effect::WantPageIn {
+                        priority,
+                        seq,
+                        from,
+                    } => {
+                        if serving {
+                            page_ins.insert(*priority, (*seq, *from));
+                        }
+                        false
+                    }
+                    _ => true,
+                });
+                h.run_effects_as(serving, effects, self.bodies)
+            }
+            _ => {
+                for e in effects {
+                    if let warren_core::queue::Effect::Release { msgs } = e {
+                        self.bodies.release(&msgs);
+                    }
+                }
+            }
+        }
+        GroupResponse::Queue(QueueOutcome { reply, content })
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for QueueMachine {
     type SnapshotData = Cursor<Vec<u8>>;
     type SnapshotBuilder = QueueSnapshotBuilder;
@@ -541,7 +634,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         };
         let mut responses = Vec::new();
         // Page-ins the state asks for, answered once this batch is on disk (leader only).
-        let mut page_ins: BTreeMap<u8, (u64, MsgId)> = BTreeMap::new();
+        let mut page_ins = PageIns::new();
         while let Some((entry, responder)) = entries.try_next().await? {
             self.last_applied = Some(entry.log_id);
             let response = match entry.payload {
@@ -550,61 +643,29 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     GroupResponse::Empty
                 }
-                EntryPayload::Normal(GroupRequest::Queue(req))
-                    if req.origin.is_some_and(|o| !self.state.in_order(o)) =>
-                {
-                    GroupResponse::OutOfOrder
-                }
-                EntryPayload::Normal(GroupRequest::Queue(req)) => {
-                    let (reply, effects) = self.state.apply(req.cmd, req.at_ms);
-                    let replaying = entry.log_id.index <= self.replay_until;
-                    if let (
-                        QueueReply::Enqueued { msg }
-                        | QueueReply::Rejected { msg: Some(msg) }
-                        | QueueReply::Staged { msg: Some(msg) },
-                        Some(content),
-                    ) = (&reply, req.content)
-                    {
-                        bodies.put(*msg, content, replaying);
-                    }
-                    let content = match &reply {
-                        QueueReply::GetOk { msg, .. } => bodies.get(*msg),
-                        _ => None,
+                EntryPayload::Normal(request) => {
+                    let mut apply = Applying {
+                        state: &mut self.state,
+                        log_id: &entry.log_id,
+                        replaying: entry.log_id.index <= self.replay_until,
+                        handle: handle.as_ref(),
+                        bodies: &mut bodies,
+                        page_ins: &mut page_ins,
                     };
-                    let mut effects: Vec<Effect> =
-                        effects.into_iter().filter_map(|e| bodies.page(e)).collect();
-                    match &handle {
-                        Some(h) if !replaying => {
-                            // Only entries this node wrote as the current leader.
-                            let own = entry.log_id.leader_id.node_id == h.node_id()
-                                && entry.log_id.leader_id.term == h.leader_term();
-                            let serving = h.is_leader() && own;
-                            effects.retain(|e| match e {
-                                Effect::WantPageIn {
-                                    priority,
-                                    seq,
-                                    from,
-                                } => {
-                                    if serving {
-                                        page_ins.insert(*priority, (*seq, *from));
-                                    }
-                                    false
-                                }
-                                _ => true,
-                            });
-                            h.run_effects_as(serving, effects, &mut bodies)
+                    match request {
+                        GroupRequest::Queue(req) => {
+                            self.commands_since_snapshot += 1;
+                            apply.request(req)
                         }
-                        _ => {
-                            for e in effects {
-                                if let warren_core::queue::Effect::Release { msgs } = e {
-                                    bodies.release(&msgs);
-                                }
-                            }
+                        GroupRequest::QueueBatch(reqs) => {
+                            self.commands_since_snapshot += reqs.len() as u64;
+                            GroupResponse::QueueBatch(
+                                reqs.into_iter().map(|r| apply.request(r)).collect(),
+                            )
                         }
+                        GroupRequest::Meta(_) => GroupResponse::Empty,
                     }
-                    GroupResponse::Queue(QueueOutcome { reply, content })
                 }
-                EntryPayload::Normal(GroupRequest::Meta(_)) => GroupResponse::Empty,
             };
             if let Some(r) = responder {
                 responses.push((r, response));
@@ -617,6 +678,16 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         drop(bodies);
         if !batch.is_empty() {
             self.storage.db().write(batch).map_err(io_err)?;
+        }
+        if self.commands_since_snapshot >= self.ask_for_snapshot_at {
+            self.ask_for_snapshot_at = self.commands_since_snapshot + self.snapshot_every;
+            if let Some(raft) = handle.as_ref().and_then(|h| h.raft()) {
+                // Not awaited here: the request goes through the Raft core, which may be
+                // waiting for this very apply.
+                tokio::spawn(async move {
+                    let _ = raft.trigger().snapshot().await;
+                });
+            }
         }
         if let Some(h) = &handle {
             h.set_stats(self.state.stats());
@@ -646,6 +717,8 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
     /// builder saves the snapshot later with a synced write, which makes them durable first;
     /// until it does, the log keeps every entry after the previous snapshot.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.commands_since_snapshot = 0;
+        self.ask_for_snapshot_at = self.snapshot_every;
         let bodies_not_written = self.write_unwritten_bodies().err();
         QueueSnapshotBuilder {
             group: self.group,

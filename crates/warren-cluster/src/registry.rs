@@ -26,6 +26,7 @@ use crate::db::Storage;
 use crate::meta_sm::MetaEffects;
 use crate::network::GroupNetwork;
 use crate::outbox::{Liveness, Outbox};
+use crate::proposer::ItemResult;
 use crate::proposer::{self, ProposerContext};
 use crate::queue::{Backend, DeadLetter, QueueHandle, UnusedHook};
 use crate::queue_sm::{QueueMachine, destroy_state};
@@ -480,14 +481,24 @@ async fn run_group(
         }
     };
     let page_window = reg.page_window;
-    let machine =
-        match QueueMachine::open(storage.clone(), group, &handle, replay_until, page_window) {
-            Ok(m) => m,
-            Err(e) => {
-                error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
-                return;
-            }
-        };
+    let snapshot_every = match config.snapshot_policy {
+        openraft::SnapshotPolicy::LogsSinceLast(n) => n,
+        openraft::SnapshotPolicy::Never => u64::MAX,
+    };
+    let machine = match QueueMachine::open(
+        storage.clone(),
+        group,
+        &handle,
+        replay_until,
+        page_window,
+        snapshot_every,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            error!(group, queue = %handle.name(), error = %e, "cannot open queue state");
+            return;
+        }
+    };
     let network = GroupNetwork::new(group, transport, storage.clone());
     let raft = match Raft::new(node_id, config, network, log_store, machine).await {
         Ok(r) => r,
@@ -587,6 +598,9 @@ async fn watch_leadership(
     let mut metrics = raft.metrics();
     let mut was_leader = false;
     let mut known_leader = None;
+    // The term recovery was last started for: each term this node leads needs its own (the
+    // watch may show two terms in a row as leader, never the step-down between).
+    let mut recovery_term = 0;
     loop {
         let (leading, leader, term) = {
             let m = metrics.borrow_watched();
@@ -603,7 +617,8 @@ async fn watch_leadership(
         if let Some(l) = leader {
             h.set_leader_hint(Some(l));
         }
-        if leading && !was_leader {
+        if leading && term != recovery_term {
+            recovery_term = term;
             let down: Vec<NodeId> = registry
                 .upgrade()
                 .map(|r| {
@@ -631,7 +646,23 @@ async fn watch_leadership(
                 if let Some(h) = policy_of.upgrade().filter(|h| h.has_policy()) {
                     requests.push(crate::types::QueueRequest::new(h.configure_cmd()));
                 }
-                let _ = crate::proposer::write_local(&raft, &requests).await;
+                // Deliveries of this term wait for the recovery (`set_recovered_term`), so it
+                // is tried again for as long as this node leads the term.
+                for attempt in 0u32.. {
+                    let out = crate::proposer::write_local(&raft, &requests).await;
+                    let applied = out.iter().all(|r| matches!(r, ItemResult::Ok(_)));
+                    let still_leading = policy_of
+                        .upgrade()
+                        .is_some_and(|h| h.leader_term() == term && h.is_leader());
+                    if applied || !still_leading {
+                        break;
+                    }
+                    warn!(
+                        ?out,
+                        attempt, "queue leader recovery not applied; trying again"
+                    );
+                    tokio::time::sleep(RECOVERY_RETRY).await;
+                }
             });
         }
         if leading != was_leader || leader != known_leader {
@@ -648,6 +679,9 @@ async fn watch_leadership(
         }
     }
 }
+
+/// How long a new leader waits before writing its recovery command again after a failure.
+const RECOVERY_RETRY: Duration = Duration::from_millis(100);
 
 /// How long an election attempt by the supervisor is given before it may try again.
 pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(300);

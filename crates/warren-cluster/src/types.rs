@@ -77,6 +77,11 @@ pub struct QueueOutcome {
 pub enum GroupRequest {
     Meta(MetaCmd),
     Queue(QueueRequest),
+    /// Several commands of one proposer in one log entry, applied in order as if each had
+    /// its own: what openraft, the log store and replication cost per entry is paid once
+    /// for the batch. A batch is written, replicated and committed whole, so it never
+    /// splits the way a run of entries can fail as a suffix.
+    QueueBatch(Vec<QueueRequest>),
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -88,6 +93,8 @@ pub enum GroupResponse {
     /// A queue command refused unapplied: an earlier command of its proposer was not taken
     /// yet. The proposer sends it again after that one.
     OutOfOrder,
+    /// One response (`Queue` or `OutOfOrder`) per command of a `QueueBatch`, in order.
+    QueueBatch(Vec<GroupResponse>),
 }
 
 impl fmt::Display for GroupRequest {
@@ -95,6 +102,7 @@ impl fmt::Display for GroupRequest {
         match self {
             GroupRequest::Meta(cmd) => write!(f, "meta:{}", meta_name(cmd)),
             GroupRequest::Queue(req) => write!(f, "queue:{}", queue_name(&req.cmd)),
+            GroupRequest::QueueBatch(reqs) => write!(f, "queue-batch:{}", reqs.len()),
         }
     }
 }
