@@ -56,11 +56,13 @@ const BATCH: usize = 1024;
 /// queue's commands and its publishes, numbered below ones already taken, were dropped as
 /// resends after being confirmed (lost messages, found by the chaos partition nemesis).
 ///
-/// Two, not more: one batch replicates and fsyncs while the next forms and is written. On the
-/// benchmark's 3 nodes deeper pipelines gained no throughput (the nodes are CPU-bound) and
-/// 8 batches doubled the end-to-end p99 with 10 queues (consumers' acks wait behind up to 8
-/// publish batches, so their prefetch windows stay full longer; `docs/benchmarks.md`).
-const MAX_IN_FLIGHT: usize = 2;
+/// Eight: a publisher's confirm window is only refilled as confirms come back, so one queue's
+/// rate is its window over the confirm latency, and a batch that waits for a slot adds a
+/// whole Raft round to it. With one queue on 3 nodes, four batches gave 1.28x the throughput
+/// of two and eight 1.10x that of four; a single node gained 1.08x (eight against two) and
+/// 10 queues nothing either way (`docs/benchmarks.md`). An earlier measurement that found no gain and a doubled
+/// end-to-end p99 with 10 queues was bounded by the load generator's own CPU.
+const MAX_IN_FLIGHT: usize = 8;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.

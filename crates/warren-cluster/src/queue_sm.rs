@@ -19,7 +19,7 @@
 //! (written for a snapshot that was not saved, or by an earlier version), so its settlement
 //! deletes it there too. Deliveries and releases go through the queue's `QueueHandle`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{self, Cursor};
 use std::sync::{Arc, Weak};
 
@@ -446,6 +446,37 @@ pub struct QueueMachine {
     /// The count at which to ask (again: a request made while a snapshot is being built is
     /// dropped) for the next snapshot.
     ask_for_snapshot_at: u64,
+    held_back: HeldBack,
+}
+
+/// Deliveries this node, as the new leader of a term, decided before its recovery command
+/// applied and so did not send (`QueueHandle::set_recovered_term`). The recovery command
+/// sends them with the old leader's leftovers, and these are first deliveries, not repeats:
+/// nothing sent them before.
+#[derive(Default)]
+struct HeldBack {
+    term: u64,
+    msgs: HashSet<MsgId>,
+}
+
+impl HeldBack {
+    fn hold(&mut self, term: u64, msg: MsgId) {
+        if self.term != term {
+            self.term = term;
+            self.msgs.clear();
+        }
+        self.msgs.insert(msg);
+    }
+
+    /// Takes the messages held back in `term`.
+    fn take(&mut self, term: u64) -> HashSet<MsgId> {
+        let msgs = std::mem::take(&mut self.msgs);
+        if self.term == term {
+            msgs
+        } else {
+            HashSet::new()
+        }
+    }
 }
 
 impl QueueMachine {
@@ -463,6 +494,7 @@ impl QueueMachine {
             snapshot_every,
             commands_since_snapshot: 0,
             ask_for_snapshot_at: snapshot_every,
+            held_back: HeldBack::default(),
             unwritten: UnwrittenBodies::new(storage.unwritten_bodies_budget().clone()),
             group,
             storage,
@@ -542,6 +574,7 @@ struct Applying<'a, 'b> {
     handle: Option<&'a Arc<QueueHandle>>,
     bodies: &'a mut StagedBodies<'b>,
     page_ins: &'a mut PageIns,
+    held_back: &'a mut HeldBack,
 }
 
 impl Applying<'_, '_> {
@@ -577,12 +610,26 @@ impl Applying<'_, '_> {
                 let serving = h.is_leader() && own;
                 if serving && recovery {
                     h.set_recovered_term(term);
+                    let first_sends = self.held_back.take(term);
+                    for e in &mut effects {
+                        if let Effect::Deliver { msg, resend, .. } = e
+                            && first_sends.contains(msg)
+                        {
+                            *resend = false;
+                        }
+                    }
                 }
                 let recovered = h.recovered_term() == term;
                 let page_ins = &mut *self.page_ins;
+                let held_back = &mut *self.held_back;
                 effects.retain(|e| match e {
                     // Stays checked out; the recovery command sends it (`set_recovered_term`).
-                    Effect::Deliver { no_ack: false, .. } if serving && !recovered => false,
+                    Effect::Deliver {
+                        no_ack: false, msg, ..
+                    } if serving && !recovered => {
+                        held_back.hold(term, *msg);
+                        false
+                    }
                     Effect::WantPageIn {
                         priority,
                         seq,
@@ -651,6 +698,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                         handle: handle.as_ref(),
                         bodies: &mut bodies,
                         page_ins: &mut page_ins,
+                        held_back: &mut self.held_back,
                     };
                     match request {
                         GroupRequest::Queue(req) => {
