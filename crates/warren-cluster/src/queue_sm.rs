@@ -884,4 +884,160 @@ mod tests {
         drop(queue);
         assert_eq!(big.used(), 0);
     }
+
+    /// Deliveries a sink received: (message body, resend flag), in order.
+    #[derive(Default)]
+    struct Received(std::sync::Mutex<Vec<(String, bool)>>);
+
+    impl crate::queue::DeliverySink for Received {
+        fn deliver(&self, d: crate::queue::Delivery) {
+            let body = String::from_utf8_lossy(&d.content.body).into_owned();
+            self.0.lock().unwrap().push((body, d.resend));
+        }
+
+        fn consumer_gone(&self, _: &warren_core::ConsumerKey) {}
+    }
+
+    /// One queue command as the only command of the entry at `index`, written by `leader` in
+    /// `term`.
+    fn entry(
+        term: u64,
+        leader: u64,
+        index: u64,
+        request: crate::types::QueueRequest,
+    ) -> openraft::alias::EntryOf<crate::types::TypeConfig> {
+        openraft::Entry {
+            log_id: openraft::testing::log_id::<crate::types::TypeConfig>(term, leader, index),
+            payload: openraft::EntryPayload::Normal(crate::types::GroupRequest::Queue(request)),
+        }
+    }
+
+    fn enqueue(body: &str) -> crate::types::QueueRequest {
+        crate::types::QueueRequest::with_content(
+            warren_core::queue::QueueCmd::Enqueue {
+                meta: warren_core::queue::MessageMeta {
+                    size: body.len() as u64,
+                    ..Default::default()
+                },
+                publisher: None,
+            },
+            MessageContent {
+                exchange: warren_codec::ShortStr::default(),
+                routing_key: warren_codec::ShortStr::try_from("q").unwrap(),
+                properties: Bytes::new(),
+                body: Bytes::from(body.to_owned()),
+            },
+        )
+    }
+
+    /// A new leader's own entries may decide deliveries before its recovery command applies.
+    /// Sent at once, they would overtake what the old leader decided and maybe never sent,
+    /// which only the recovery sends (again); so they wait for the recovery and go out with
+    /// it, in queue order, as first deliveries (not flagged as resends).
+    #[tokio::test]
+    async fn a_new_leaders_deliveries_wait_for_its_recovery_and_keep_queue_order() {
+        use openraft::storage::RaftStateMachine;
+        use warren_core::queue::QueueCmd;
+        use warren_core::{ChannelRef, ConnectionRef, ConsumerKey, NodeRun};
+
+        const GROUP: u64 = 7;
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::db::Storage::open(dir.path()).unwrap();
+        let net = crate::mem_net::MemNet::new();
+        let outbox = crate::outbox::Outbox::new(1, net.transport(1));
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let def = warren_core::meta::QueueDef {
+            id: GROUP,
+            name: "q".into(),
+            durable: true,
+            exclusive_owner: None,
+            auto_delete: false,
+            arguments: Default::default(),
+            placement: warren_core::meta::Placement::Replicated {
+                group: GROUP,
+                replicas: vec![1, 2],
+            },
+        };
+        let handle = crate::queue::QueueHandle::new(
+            1,
+            "/".into(),
+            def,
+            crate::queue::Backend::Proposer { tx },
+            None,
+            outbox,
+        );
+        let consumer = ConsumerKey {
+            channel: ChannelRef {
+                conn: ConnectionRef {
+                    run: NodeRun {
+                        node: 1,
+                        incarnation: 1,
+                    },
+                    conn: 1,
+                },
+                channel: 1,
+                opened: 1,
+            },
+            tag: "c".into(),
+        };
+        let received = Arc::new(Received::default());
+        handle.attach(consumer.clone(), received.clone());
+        let mut machine =
+            super::QueueMachine::open(storage, GROUP, &handle, 0, 8192, u64::MAX).unwrap();
+        let mut apply = async |entries: Vec<openraft::alias::EntryOf<crate::types::TypeConfig>>| {
+            let stream = futures::stream::iter(entries.into_iter().map(|e| Ok((e, None))));
+            machine.apply(stream).await.unwrap();
+        };
+
+        // Term 1, led by node 2: the consumer takes m1 and m2 (node 2 sends them, or not).
+        let consume = QueueCmd::Consume {
+            consumer: consumer.clone(),
+            prefetch: 10,
+            no_ack: false,
+            exclusive: false,
+            priority: 0,
+        };
+        apply(vec![
+            entry(1, 2, 1, crate::types::QueueRequest::new(consume)),
+            entry(1, 2, 2, enqueue("m1")),
+            entry(1, 2, 3, enqueue("m2")),
+        ])
+        .await;
+        assert!(received.0.lock().unwrap().is_empty(), "node 2's to send");
+
+        // Term 2, led by this node: m3 is decided for the consumer before the recovery.
+        handle.set_leader_term(2);
+        handle.set_leader(true);
+        apply(vec![entry(2, 1, 4, enqueue("m3"))]).await;
+        assert!(
+            received.0.lock().unwrap().is_empty(),
+            "sent before the recovery: {:?}",
+            received.0.lock().unwrap()
+        );
+
+        let recovery = QueueCmd::LeaderRecovery { down: Vec::new() };
+        apply(vec![entry(
+            2,
+            1,
+            5,
+            crate::types::QueueRequest::new(recovery),
+        )])
+        .await;
+        let expected = |body: &str, resend| (body.to_owned(), resend);
+        assert_eq!(
+            *received.0.lock().unwrap(),
+            vec![
+                expected("m1", true),
+                expected("m2", true),
+                expected("m3", false)
+            ]
+        );
+
+        // After the recovery, deliveries go out as they are decided.
+        apply(vec![entry(2, 1, 6, enqueue("m4"))]).await;
+        assert_eq!(
+            received.0.lock().unwrap().last(),
+            Some(&expected("m4", false))
+        );
+    }
 }
