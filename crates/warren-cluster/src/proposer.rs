@@ -60,8 +60,8 @@ const BATCH: usize = 1024;
 /// rate is its window over the confirm latency, and a batch that waits for a slot adds a
 /// whole Raft round to it. With one queue on 3 nodes, four batches gave 1.28x the throughput
 /// of two and eight 1.10x that of four; a single node gained 1.08x (eight against two) and
-/// 10 queues nothing either way (`docs/benchmarks.md`). An earlier measurement that found no gain and a doubled
-/// end-to-end p99 with 10 queues was bounded by the load generator's own CPU.
+/// 10 queues nothing either way (`docs/benchmarks.md`). An earlier measurement that found no
+/// gain and a doubled end-to-end p99 with 10 queues was bounded by the load generator's CPU.
 const MAX_IN_FLIGHT: usize = 8;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
@@ -205,10 +205,13 @@ async fn collect_local(submitted: Submitted) -> (Vec<ItemResult>, bool) {
             Ok(Err(e)) => whole(ItemResult::Retry(e.to_string())),
             Err(fatal) => whole(ItemResult::Retry(fatal.to_string())),
         };
-        items.resize(size, ItemResult::Retry("missing result".into()));
+        // Built only when missing: this runs for every entry of every batch.
+        items.resize_with(size, || ItemResult::Retry("missing result".into()));
         out.extend(items);
     }
-    out.resize(expected, ItemResult::Retry("write was not answered".into()));
+    out.resize_with(expected, || {
+        ItemResult::Retry("write was not answered".into())
+    });
     (out, lease_expired)
 }
 

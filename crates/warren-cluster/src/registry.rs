@@ -26,8 +26,7 @@ use crate::db::Storage;
 use crate::meta_sm::MetaEffects;
 use crate::network::GroupNetwork;
 use crate::outbox::{Liveness, Outbox};
-use crate::proposer::ItemResult;
-use crate::proposer::{self, ProposerContext};
+use crate::proposer::{self, ItemResult, ProposerContext};
 use crate::queue::{Backend, DeadLetter, QueueHandle, UnusedHook};
 use crate::queue_sm::{QueueMachine, destroy_state};
 use crate::transport::Transport;
@@ -637,21 +636,21 @@ async fn watch_leadership(
             // leadership restored at start-up from an old term), the command is dropped
             // rather than forwarded, and the real leader has run its own recovery.
             let raft = raft.clone();
-            let policy_of = std::sync::Arc::downgrade(&h);
+            let queue = std::sync::Arc::downgrade(&h);
             tokio::spawn(async move {
                 let mut requests =
                     vec![crate::types::QueueRequest::new(QueueCmd::LeaderRecovery {
                         down,
                     })];
-                if let Some(h) = policy_of.upgrade().filter(|h| h.has_policy()) {
+                if let Some(h) = queue.upgrade().filter(|h| h.has_policy()) {
                     requests.push(crate::types::QueueRequest::new(h.configure_cmd()));
                 }
                 // Deliveries of this term wait for the recovery (`set_recovered_term`), so it
                 // is tried again for as long as this node leads the term.
                 for attempt in 0u32.. {
-                    let out = crate::proposer::write_local(&raft, &requests).await;
+                    let out = proposer::write_local(&raft, &requests).await;
                     let applied = out.iter().all(|r| matches!(r, ItemResult::Ok(_)));
-                    let still_leading = policy_of
+                    let still_leading = queue
                         .upgrade()
                         .is_some_and(|h| h.leader_term() == term && h.is_leader());
                     if applied || !still_leading {
