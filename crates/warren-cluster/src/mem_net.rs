@@ -7,6 +7,7 @@
 //! real network is `grpc`.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -41,6 +42,27 @@ impl Rules {
 pub struct MemNet {
     nodes: RwLock<HashMap<NodeId, Weak<dyn PeerHandler>>>,
     rules: Mutex<Rules>,
+    /// Forwarded command batches (`Submit` calls) under way now, and the most there were at
+    /// once: tells a test whether a proposer keeps several on their way.
+    submits_in_flight: AtomicUsize,
+    most_submits_in_flight: AtomicUsize,
+}
+
+/// Counts a `Submit` call as under way until dropped.
+struct SubmitUnderWay(Arc<MemNet>);
+
+impl SubmitUnderWay {
+    fn start(net: &Arc<MemNet>) -> Self {
+        let now = net.submits_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        net.most_submits_in_flight.fetch_max(now, Ordering::SeqCst);
+        SubmitUnderWay(net.clone())
+    }
+}
+
+impl Drop for SubmitUnderWay {
+    fn drop(&mut self) {
+        self.0.submits_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 pub struct MemTransport {
@@ -119,6 +141,11 @@ impl MemNet {
         rules.rng = seed;
     }
 
+    /// The most forwarded command batches that were under way at once, over every link.
+    pub fn most_submits_in_flight(&self) -> usize {
+        self.most_submits_in_flight.load(Ordering::SeqCst)
+    }
+
     /// Removes every cut, delay and drop.
     pub fn heal(&self) {
         *self.rules() = Rules::default();
@@ -135,6 +162,8 @@ impl Transport for MemTransport {
         let net = self.net.clone();
         let from = self.from;
         Box::pin(async move {
+            let _under_way =
+                matches!(request, PeerRequest::Submit { .. }).then(|| SubmitUnderWay::start(&net));
             let (forward_cut, reply_cut, delay, dropped) = {
                 let mut rules = net.rules();
                 let dropped = rules.drop_one_in > 0 && {

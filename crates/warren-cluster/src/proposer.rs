@@ -4,16 +4,17 @@
 //!
 //! It takes the commands submitted so far as one batch and writes them to this node's Raft
 //! group if this node leads, or forwards them to the node that does (`PeerRequest::Submit`,
-//! answered by `Node::handle_submit` with `write_local`). While this node leads, up to
-//! `MAX_IN_FLIGHT` batches are in the log at once; every command carries its number from this
-//! proposer and the queue refuses one that arrives after a gap, which keeps submission order
-//! when an earlier batch is refused unlogged. Forwarded batches go one at a time. A command
+//! answered by `Node::handle_submit` with `write_local`). Up to `MAX_IN_FLIGHT` batches are on
+//! their way at once, in this node's log or forwarded; every command carries its number from
+//! this proposer and the queue refuses one that arrives after a gap, which keeps submission
+//! order when an earlier batch is refused unlogged, lost or overtaken. A command
 //! whose outcome is unknown (timeout, leader change) is sent again to the next leader:
 //! enqueues carry their publisher's sequence number and every other queue command is idempotent, so a resend is
 //! applied at most once. A Raft batch fails as a suffix — once an entry is rejected or
 //! discarded, every later one is too — so resends never skip over a gap.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -48,13 +49,19 @@ pub(crate) enum ItemResult {
 }
 
 const BATCH: usize = 1024;
-/// Batches of a locally led queue in the Raft log and not yet answered. A batch can be refused
-/// unlogged (an expired lease, a lost leadership) while the batch behind it is taken a moment
-/// later; the queue then refuses the later one's commands as arriving after a gap (every
-/// command carries its number from this proposer, see `warren_core::submission_order`), and
-/// both go again in order. Without that check, resending the refused batch reordered the
-/// queue's commands and its publishes, numbered below ones already taken, were dropped as
-/// resends after being confirmed (lost messages, found by the chaos partition nemesis).
+/// Batches on their way and not yet answered: in this node's Raft log, or forwarded to the
+/// leader. A batch can be refused unlogged (an expired lease, a lost leadership, a forward
+/// lost or overtaken on the way) while the batch behind it is taken a moment later; the queue
+/// then refuses the later one's commands as arriving after a gap (every command carries its
+/// number from this proposer, see `warren_core::submission_order`), and both go again in
+/// order. Without that check, resending the refused batch reordered the queue's commands and
+/// its publishes, numbered below ones already taken, were dropped as resends after being
+/// confirmed (lost messages, found by the chaos partition nemesis).
+///
+/// Forwards were one at a time until the same rule covered them: a publisher on a follower
+/// sends its whole confirm window in a burst, the first few publishes left alone and the rest
+/// waited a whole forward round trip behind them, so the producer-on-a-follower scenario ran
+/// at two round trips per window (1.4x with several on their way, `docs/benchmarks.md`).
 ///
 /// Eight: a publisher's confirm window is only refilled as confirms come back, so one queue's
 /// rate is its window over the confirm latency, and a batch that waits for a slot adds a
@@ -63,6 +70,12 @@ const BATCH: usize = 1024;
 /// 10 queues nothing either way (`docs/benchmarks.md`). An earlier measurement that found no
 /// gain and a doubled end-to-end p99 with 10 queues was bounded by the load generator's CPU.
 const MAX_IN_FLIGHT: usize = 8;
+
+/// A batch on its way: once answered, its commands, their outcomes in order, and the node
+/// that was asked.
+type InFlight = std::pin::Pin<
+    Box<dyn Future<Output = (VecDeque<Submission>, Vec<ItemResult>, Option<NodeId>)> + Send>,
+>;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 /// How often a forward in flight checks whether its target was declared down.
@@ -371,37 +384,37 @@ async fn forward(
 
 /// The proposer task of one queue handle on this node.
 ///
-/// While this node leads the queue, up to `MAX_IN_FLIGHT` batches are in the Raft log at once,
-/// answered in submission order as they are applied, while the next batch gathers (what
-/// arrives meanwhile shares the next commit's fsync). Any other case (a forward, no leader
-/// known, a failed batch) goes one batch at a time through `settle`, after everything in flight has been answered, which keeps
-/// submission order across resends.
+/// Up to `MAX_IN_FLIGHT` batches are on their way at once — in the Raft log while this node
+/// leads the queue, forwarded to the leader otherwise — answered in submission order, while
+/// the next batch gathers (what arrives meanwhile shares the next commit's fsync). Any other
+/// case (no leader known, a failed batch) goes one batch at a time through `settle`, after
+/// everything on its way has been answered, which keeps submission order across resends.
 pub(crate) async fn run(
     handle: Weak<QueueHandle>,
     mut rx: mpsc::UnboundedReceiver<Submission>,
     ctx: Arc<ProposerContext>,
 ) {
     let mut numbering = Numbering::new(&ctx);
-    let mut in_flight = FuturesOrdered::new();
+    let mut in_flight: FuturesOrdered<InFlight> = FuturesOrdered::new();
     loop {
         let batch = tokio::select! {
             biased;
-            Some((pending, results)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((pending, results, asked)) = in_flight.next(), if !in_flight.is_empty() => {
                 let Some(h) = handle.upgrade() else {
                     let mut pending = pending;
                     fail_all(&mut pending, &mut rx, ClusterError::ShuttingDown);
                     return;
                 };
-                let (mut retry, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                let (mut retry, _) = answer(&h, ctx.node, pending, results, asked);
                 if retry.is_empty() {
                     continue;
                 }
                 // A failed batch: whatever was submitted after it is answered first (in
                 // order), then every command still unanswered is resent one batch at a time.
                 drop(h);
-                while let Some((pending, results)) = in_flight.next().await {
+                while let Some((pending, results, asked)) = in_flight.next().await {
                     let Some(h) = handle.upgrade() else { break };
-                    let (more, _) = answer(&h, ctx.node, pending, results, Some(ctx.node));
+                    let (more, _) = answer(&h, ctx.node, pending, results, asked);
                     retry.extend(more);
                 }
                 retry
@@ -417,26 +430,38 @@ pub(crate) async fn run(
                 }
                 let mut pending = coalesce_acks(pending);
                 numbering.stamp(&mut pending);
-                let local = handle.upgrade().and_then(|h| match target(&h, &ctx) {
-                    Target::Local(raft) if !h.is_closed() => Some(raft),
-                    _ => None,
-                });
-                match local {
-                    Some(raft) => {
+                // A queue that is gone is answered by the slow path.
+                let target = handle
+                    .upgrade()
+                    .filter(|h| !h.is_closed())
+                    .map(|h| (target(&h, &ctx), h.id()));
+                match target {
+                    Some((Target::Local(raft), _)) => {
                         let requests: Vec<QueueRequest> =
                             pending.iter().map(|(r, _)| r.clone()).collect();
                         match submit_local(&raft, &requests).await {
                             Ok(submitted) => {
-                                in_flight.push_back(async move {
+                                let asked = Some(ctx.node);
+                                in_flight.push_back(Box::pin(async move {
                                     let (out, _) = collect_local(submitted).await;
-                                    (pending, out)
-                                });
+                                    (pending, out, asked)
+                                }));
                                 continue;
                             }
                             Err(_) => pending,
                         }
                     }
-                    None => pending,
+                    Some((Target::Remote(node), queue)) => {
+                        let requests: Vec<QueueRequest> =
+                            pending.iter().map(|(r, _)| r.clone()).collect();
+                        let ctx = ctx.clone();
+                        in_flight.push_back(Box::pin(async move {
+                            let out = forward(&ctx, node, queue, &requests).await;
+                            (pending, out, Some(node))
+                        }));
+                        continue;
+                    }
+                    _ => pending,
                 }
             }
             else => break,
@@ -444,18 +469,18 @@ pub(crate) async fn run(
         // The slow path keeps order: what is still in flight was submitted before `batch`, so
         // whatever of it must be sent again goes first.
         let mut earlier = VecDeque::new();
-        while let Some((pending, results)) = in_flight.next().await {
+        while let Some((pending, results, asked)) = in_flight.next().await {
             let Some(h) = handle.upgrade() else { break };
-            earlier.extend(answer(&h, ctx.node, pending, results, Some(ctx.node)).0);
+            earlier.extend(answer(&h, ctx.node, pending, results, asked).0);
         }
         earlier.extend(batch);
         if !settle(&handle, &mut rx, &ctx, earlier).await {
             return;
         }
     }
-    while let Some((pending, results)) = in_flight.next().await {
+    while let Some((pending, results, asked)) = in_flight.next().await {
         let Some(h) = handle.upgrade() else { break };
-        answer(&h, ctx.node, pending, results, Some(ctx.node));
+        answer(&h, ctx.node, pending, results, asked);
     }
 }
 

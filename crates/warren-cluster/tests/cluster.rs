@@ -1202,6 +1202,77 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
     assert_eq!(rec.first_copies(), expected, "in publish order, once each");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_publishes_go_several_at_once_and_stay_in_order_and_once_across_a_leader_cut_off()
+{
+    // A publisher on a follower: its proposer forwards batches to the leader and keeps several
+    // on their way at once (one at a time made every forwarded publish wait for a whole round
+    // trip behind the batch before it). Cutting the leader off mid-stream fails forwards that
+    // were taken, not taken, or whose answer is lost, while later ones are under way. Every
+    // publish must still be confirmed, taken once and delivered in publish order.
+    const N: u64 = 3000;
+    let c = TestCluster::start(3).await;
+    c.declare(1, "forwarded").await;
+    assert_eq!(c.await_leader("forwarded", |n| n == 1).await, 1);
+    let rec = Arc::new(Recorder::default());
+    let publisher = c.node(2).queue("/", "forwarded").unwrap();
+    let ch = channel(c.node(2), 1);
+    // Every call takes ten bursts' time, so bursts arrive while a forward is on its way.
+    c.net.set_delay(Duration::from_millis(20));
+    let stream = {
+        let rec = rec.clone();
+        tokio::spawn(async move {
+            for seq in 1..=N {
+                publisher.submit(
+                    enqueue(ch, seq, &format!("m{seq:05}")),
+                    ReplyTo::Sink(rec.clone(), seq),
+                );
+                if seq % 50 == 0 {
+                    // Bursts, so that batches form and follow each other to the leader.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        })
+    };
+    rec.wait_for("the first confirms", WAIT, |r| {
+        (1..=300).all(|s| r.confirmed(s))
+    })
+    .await;
+    assert!(
+        c.net.most_submits_in_flight() > 1,
+        "the follower's proposer forwarded one batch at a time"
+    );
+    c.net.set_delay(Duration::ZERO);
+    c.net.partition(&[1], &[2, 3]);
+    let new_leader = c.await_leader("forwarded", |n| n != 1).await;
+    c.net.heal();
+    stream.await.unwrap();
+    rec.wait_for("every confirm", Duration::from_secs(60), |r| {
+        (1..=N).all(|s| r.confirmed(s))
+    })
+    .await;
+
+    let serving = c.node(new_leader).queue("/", "forwarded").unwrap();
+    assert_eq!(ready_count(&serving).await, N, "each publish exactly once");
+    let key = ConsumerKey {
+        channel: channel(c.node(new_leader), 9),
+        tag: "check".into(),
+    };
+    serving.attach(key.clone(), rec.clone());
+    serving
+        .call(consume(key, 200), None)
+        .await
+        .expect("consume");
+    rec.wait_for(
+        "every message at the consumer",
+        Duration::from_secs(60),
+        |r| r.first_copies().len() as u64 >= N,
+    )
+    .await;
+    let expected: Vec<String> = (1..=N).map(|s| format!("m{s:05}")).collect();
+    assert_eq!(rec.first_copies(), expected, "in publish order, once each");
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_command_that_arrives_after_a_gap_in_its_proposers_numbering_waits_for_the_missing_one() {
     // Two publishes numbered by one proposer reach the log in the wrong order (as when the
