@@ -99,16 +99,18 @@ async fn drain(
                 Err(_) => break,
             }
         }
-        let encoded: Vec<Vec<u8>> = items.iter().filter_map(|i| encode(i).ok()).collect();
         loop {
             let Some(outbox) = outbox.upgrade() else {
                 return;
             };
+            // Encoded for each attempt rather than encoded once and copied for each: the
+            // first attempt, nearly always the only one, then copies no body.
+            let encoded: Vec<Vec<u8>> = items.iter().filter_map(|i| encode(i).ok()).collect();
             let call = outbox.transport.call(
                 node,
                 PeerRequest::Deliver {
                     from: outbox.node,
-                    items: encoded.clone(),
+                    items: encoded,
                 },
                 CALL_TIMEOUT,
             );
