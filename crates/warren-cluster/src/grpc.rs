@@ -84,7 +84,7 @@ impl Pending {
 impl CallStream {
     /// Opens the stream; a task reads the replies and hands each to its caller. The outgoing
     /// queue is unbounded because its callers bound it: Raft sends one message at a time per
-    /// group and follower, a queue's proposer has at most 8 forwarded batches on their way, and
+    /// group and follower, a queue's proposer has at most 16 forwarded batches on their way, and
     /// deliveries wait for each batch's reply.
     fn open(target: NodeId, addr: String, channel: Channel) -> Result<Self, TransportError> {
         let runtime =

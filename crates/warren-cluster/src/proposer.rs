@@ -63,13 +63,14 @@ const BATCH: usize = 1024;
 /// waited a whole forward round trip behind them, so the producer-on-a-follower scenario ran
 /// at two round trips per window (1.4x with several on their way, `docs/benchmarks.md`).
 ///
-/// Eight: a publisher's confirm window is only refilled as confirms come back, so one queue's
-/// rate is its window over the confirm latency, and a batch that waits for a slot adds a
-/// whole Raft round to it. With one queue on 3 nodes, four batches gave 1.28x the throughput
-/// of two and eight 1.10x that of four; a single node gained 1.08x (eight against two) and
-/// 10 queues nothing either way (`docs/benchmarks.md`). An earlier measurement that found no
-/// gain and a doubled end-to-end p99 with 10 queues was bounded by the load generator's CPU.
-const MAX_IN_FLIGHT: usize = 8;
+/// Sixteen: a publisher's confirm window is only refilled as confirms come back, so one
+/// queue's rate is its window over the confirm latency, and a batch that waits for a slot adds
+/// a whole round to it. With one queue on 3 nodes, four batches gave 1.28x the throughput of
+/// two, eight 1.10x that of four and sixteen 1.05x that of eight (ten queues 1.03x, a single
+/// node unchanged; thirty-two no more than sixteen; `docs/benchmarks.md`). An earlier
+/// measurement that found no gain and a doubled end-to-end p99 with 10 queues was bounded by
+/// the load generator's CPU.
+const MAX_IN_FLIGHT: usize = 16;
 
 /// A batch on its way: once answered, its commands, their outcomes in order, and the node
 /// that was asked.
