@@ -1138,19 +1138,20 @@ async fn a_deep_queue_pages_to_disk_and_drains_in_order_across_a_leader_loss() {
     assert_eq!(firsts, sorted, "first deliveries out of publish order");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
-    // The leader's own publisher keeps several batches in its log at once; cutting the leader
-    // off mid-stream makes batches fail (unlogged, or with an unknown outcome) while later
-    // ones are in flight. Every publish must still be confirmed, taken once and delivered in
-    // publish order.
+/// Publishes numbered messages in bursts through node `publishing`'s handle of `queue`, led
+/// by node 1; once the first 300 are confirmed, runs `before_cut` and cuts node 1 off from the
+/// others. Every publish must still be confirmed, taken once by the new leader and delivered
+/// in publish order.
+async fn publishes_survive_a_leader_cut_off(
+    c: &TestCluster,
+    publishing: NodeId,
+    queue: &str,
+    before_cut: impl FnOnce(),
+) {
     const N: u64 = 3000;
-    let c = TestCluster::start(3).await;
-    c.declare(1, "piped").await;
-    assert_eq!(c.await_leader("piped", |n| n == 1).await, 1);
     let rec = Arc::new(Recorder::default());
-    let publisher = c.node(1).queue("/", "piped").unwrap();
-    let ch = channel(c.node(1), 1);
+    let publisher = c.node(publishing).queue("/", queue).unwrap();
+    let ch = channel(c.node(publishing), 1);
     let stream = {
         let rec = rec.clone();
         tokio::spawn(async move {
@@ -1160,7 +1161,7 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
                     ReplyTo::Sink(rec.clone(), seq),
                 );
                 if seq % 50 == 0 {
-                    // Bursts, so that batches form and follow each other into the log.
+                    // Bursts, so that batches form and follow each other on their way.
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
             }
@@ -1170,8 +1171,9 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
         (1..=300).all(|s| r.confirmed(s))
     })
     .await;
+    before_cut();
     c.net.partition(&[1], &[2, 3]);
-    let new_leader = c.await_leader("piped", |n| n != 1).await;
+    let new_leader = c.await_leader(queue, |n| n != 1).await;
     c.net.heal();
     stream.await.unwrap();
     rec.wait_for("every confirm", Duration::from_secs(60), |r| {
@@ -1179,7 +1181,7 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
     })
     .await;
 
-    let serving = c.node(new_leader).queue("/", "piped").unwrap();
+    let serving = c.node(new_leader).queue("/", queue).unwrap();
     assert_eq!(ready_count(&serving).await, N, "each publish exactly once");
     let key = ConsumerKey {
         channel: channel(c.node(new_leader), 9),
@@ -1203,74 +1205,36 @@ async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_publishes_stay_in_order_and_once_across_a_leader_cut_off() {
+    // The leader's own publisher keeps several batches in its log at once; cutting the leader
+    // off mid-stream makes batches fail (unlogged, or with an unknown outcome) while later
+    // ones are in flight.
+    let c = TestCluster::start(3).await;
+    c.declare(1, "piped").await;
+    assert_eq!(c.await_leader("piped", |n| n == 1).await, 1);
+    publishes_survive_a_leader_cut_off(&c, 1, "piped", || {}).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_publishes_go_several_at_once_and_stay_in_order_and_once_across_a_leader_cut_off()
 {
     // A publisher on a follower: its proposer forwards batches to the leader and keeps several
     // on their way at once (one at a time made every forwarded publish wait for a whole round
     // trip behind the batch before it). Cutting the leader off mid-stream fails forwards that
-    // were taken, not taken, or whose answer is lost, while later ones are under way. Every
-    // publish must still be confirmed, taken once and delivered in publish order.
-    const N: u64 = 3000;
+    // were taken, not taken, or whose answer is lost, while later ones are under way.
     let c = TestCluster::start(3).await;
     c.declare(1, "forwarded").await;
     assert_eq!(c.await_leader("forwarded", |n| n == 1).await, 1);
-    let rec = Arc::new(Recorder::default());
-    let publisher = c.node(2).queue("/", "forwarded").unwrap();
-    let ch = channel(c.node(2), 1);
     // Every call takes ten bursts' time, so bursts arrive while a forward is on its way.
     c.net.set_delay(Duration::from_millis(20));
-    let stream = {
-        let rec = rec.clone();
-        tokio::spawn(async move {
-            for seq in 1..=N {
-                publisher.submit(
-                    enqueue(ch, seq, &format!("m{seq:05}")),
-                    ReplyTo::Sink(rec.clone(), seq),
-                );
-                if seq % 50 == 0 {
-                    // Bursts, so that batches form and follow each other to the leader.
-                    tokio::time::sleep(Duration::from_millis(2)).await;
-                }
-            }
-        })
-    };
-    rec.wait_for("the first confirms", WAIT, |r| {
-        (1..=300).all(|s| r.confirmed(s))
+    publishes_survive_a_leader_cut_off(&c, 2, "forwarded", || {
+        assert!(
+            c.net.most_submits_in_flight() > 1,
+            "the follower's proposer forwarded one batch at a time"
+        );
+        c.net.set_delay(Duration::ZERO);
     })
     .await;
-    assert!(
-        c.net.most_submits_in_flight() > 1,
-        "the follower's proposer forwarded one batch at a time"
-    );
-    c.net.set_delay(Duration::ZERO);
-    c.net.partition(&[1], &[2, 3]);
-    let new_leader = c.await_leader("forwarded", |n| n != 1).await;
-    c.net.heal();
-    stream.await.unwrap();
-    rec.wait_for("every confirm", Duration::from_secs(60), |r| {
-        (1..=N).all(|s| r.confirmed(s))
-    })
-    .await;
-
-    let serving = c.node(new_leader).queue("/", "forwarded").unwrap();
-    assert_eq!(ready_count(&serving).await, N, "each publish exactly once");
-    let key = ConsumerKey {
-        channel: channel(c.node(new_leader), 9),
-        tag: "check".into(),
-    };
-    serving.attach(key.clone(), rec.clone());
-    serving
-        .call(consume(key, 200), None)
-        .await
-        .expect("consume");
-    rec.wait_for(
-        "every message at the consumer",
-        Duration::from_secs(60),
-        |r| r.first_copies().len() as u64 >= N,
-    )
-    .await;
-    let expected: Vec<String> = (1..=N).map(|s| format!("m{s:05}")).collect();
-    assert_eq!(rec.first_copies(), expected, "in publish order, once each");
 }
 
 #[tokio::test(flavor = "current_thread")]
