@@ -128,7 +128,10 @@ const ENTRY_BYTES: usize = 64 * 1024;
 /// a `QueueBatch` (applied in order, as separate entries would be; what the log and the
 /// replication cost per entry is paid once for all). Returns the entries and how many
 /// commands each carries.
-fn entries_of(requests: &[QueueRequest], at_ms: u64) -> (Vec<GroupRequest>, Vec<usize>) {
+fn entries_of<'a>(
+    requests: impl IntoIterator<Item = &'a QueueRequest>,
+    at_ms: u64,
+) -> (Vec<GroupRequest>, Vec<usize>) {
     let mut entries = Vec::new();
     let mut commands = Vec::new();
     let mut current: Vec<QueueRequest> = Vec::new();
@@ -164,9 +167,9 @@ fn entries_of(requests: &[QueueRequest], at_ms: u64) -> (Vec<GroupRequest>, Vec<
 
 /// Hands a batch to this node's Raft group and returns as soon as it is queued for the log:
 /// the outcomes arrive on the returned stream, in order, once the entries are applied.
-async fn submit_local(
+async fn submit_local<'a>(
     raft: &Raft<QueueMachine>,
-    requests: &[QueueRequest],
+    requests: impl IntoIterator<Item = &'a QueueRequest>,
 ) -> Result<Submitted, ItemResult> {
     let (entries, commands) = entries_of(requests, crate::types::now_ms());
     let results = raft
@@ -438,9 +441,8 @@ pub(crate) async fn run(
                     .map(|h| (target(&h, &ctx), h.id()));
                 match target {
                     Some((Target::Local(raft), _)) => {
-                        let requests: Vec<QueueRequest> =
-                            pending.iter().map(|(r, _)| r.clone()).collect();
-                        match submit_local(&raft, &requests).await {
+                        // `entries_of` copies each command into its entry, once.
+                        match submit_local(&raft, pending.iter().map(|(r, _)| r)).await {
                             Ok(submitted) => {
                                 let asked = Some(ctx.node);
                                 in_flight.push_back(Box::pin(async move {
