@@ -19,6 +19,7 @@ pub struct Metrics {
     pub delivered: AtomicU64,
     pub acked: AtomicU64,
     pub nacked: AtomicU64,
+    pub settlement_commands: AtomicU64,
     pub auth_failures: AtomicU64,
     pub frames_in: AtomicU64,
 }
@@ -87,6 +88,12 @@ impl Metrics {
             "counter",
             "Deliveries rejected or nacked by clients.",
             get(&self.nacked),
+        );
+        metric(
+            "warren_settlement_commands_total",
+            "counter",
+            "Settlement commands (acks, nacks, rejects) sent to queues; a run of acks of one channel read together is one command per queue.",
+            get(&self.settlement_commands),
         );
         metric(
             "warren_auth_failures_total",

@@ -788,3 +788,98 @@ fn a_policy_from_before_the_metadata_snapshot_still_applies_after_a_restart() {
         conn.close(200, "bye".into()).await.expect("close");
     });
 }
+
+/// The value of an unlabelled counter in `/metrics` text.
+fn counter(metrics: &str, name: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{metrics}"))
+}
+
+#[test]
+fn a_burst_of_single_acks_settles_every_delivery_in_few_commands() {
+    use support::raw::{Args, FRAME_METHOD, frame, method, method_payload};
+    const N: u32 = 100;
+    let Some(b) =
+        support::process_broker("a_burst_of_single_acks_settles_every_delivery_in_few_commands")
+    else {
+        return;
+    };
+    let q = unique("ack-burst");
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let ch = confirm_channel(&conn).await;
+        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
+            .await
+            .expect("declare");
+        publish_range(&ch, "", &q, 0, N).await;
+
+        let mut raw = tokio::task::block_in_place(|| RawConn::open(b.amqp_addr()));
+        tokio::task::block_in_place(|| {
+            raw.open_channel(1);
+            raw.send_method(
+                1,
+                method::BASIC_CONSUME,
+                Args::new()
+                    .short(0)
+                    .shortstr(&q)
+                    .shortstr("burst")
+                    .bits(&[false, false, false, false])
+                    .empty_table(),
+            );
+            let mut tags = Vec::new();
+            while tags.len() < N as usize {
+                let f = raw.expect_frame("a delivery");
+                if f.is(method::BASIC_DELIVER) {
+                    let mut args = f.args();
+                    assert_eq!(args.shortstr(), "burst");
+                    tags.push(args.longlong());
+                }
+            }
+            // Every ack its own frame, all in one write: one read on the broker's side.
+            let mut acks = Vec::new();
+            for tag in &tags {
+                acks.extend(frame(
+                    FRAME_METHOD,
+                    1,
+                    &method_payload(
+                        method::BASIC_ACK,
+                        &Args::new().longlong(*tag).bits(&[false]).0,
+                    ),
+                ));
+            }
+            raw.send(&acks);
+            // Closing the channel would return whatever it still held to the queue.
+            raw.send_method(
+                1,
+                method::CHANNEL_CLOSE,
+                Args::new().short(200).shortstr("bye").short(0).short(0),
+            );
+            // (after the last delivery's content frames)
+            loop {
+                let f = raw.expect_frame("channel.close-ok");
+                if f.kind == FRAME_METHOD {
+                    assert!(f.is(method::CHANNEL_CLOSE_OK), "got {f:?}");
+                    break;
+                }
+            }
+        });
+
+        let metrics = support::http_get(b.http_addr(), "/metrics").2;
+        assert_eq!(counter(&metrics, "warren_acked_total"), u64::from(N));
+        let commands = counter(&metrics, "warren_settlement_commands_total");
+        assert!(
+            (1..=10).contains(&commands),
+            "{N} acks read together took {commands} settlement commands"
+        );
+        // Every ack took effect: nothing came back when the channel closed.
+        let got = ch
+            .basic_get(q.as_str().into(), BasicGetOptions::default())
+            .await
+            .expect("basic.get");
+        assert!(got.is_none(), "an acked message came back: {got:?}");
+        support::delete_queue(&conn, &q).await;
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
