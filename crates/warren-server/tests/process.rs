@@ -61,6 +61,18 @@ async fn publish_range(ch: &Channel, exchange: &str, rk: &str, from: u32, to: u3
     }
 }
 
+/// Declares durable queue `q` and fills it with persistent `m0`..`m{count-1}`, all
+/// confirmed; returns the confirm channel it used (keep it until the connection closes:
+/// dropping it closes the channel, which races with a connection.close).
+async fn durable_queue_with_messages(conn: &Connection, q: &str, count: u32) -> Channel {
+    let ch = confirm_channel(conn).await;
+    ch.queue_declare(q.into(), DURABLE, FieldTable::default())
+        .await
+        .expect("declare");
+    publish_range(&ch, "", q, 0, count).await;
+    ch
+}
+
 /// Whether a queue exists (passive declare on a throwaway channel).
 async fn queue_exists(conn: &Connection, name: &str) -> bool {
     let ch = support::channel(conn).await;
@@ -359,11 +371,7 @@ fn confirmed_persistent_messages_survive_kill_9() {
     let q = unique("durable");
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let ch = confirm_channel(&conn).await;
-        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-            .await
-            .expect("declare");
-        publish_range(&ch, "", &q, 0, N).await;
+        let _ch = durable_queue_with_messages(&conn, &q, N).await;
         // The connection is still open when the broker dies.
         crash_and_restart(&mut b);
         drop(conn);
@@ -416,11 +424,7 @@ fn unacked_deliveries_come_back_redelivered_after_kill_9() {
     let q = unique("unacked");
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let ch = confirm_channel(&conn).await;
-        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-            .await
-            .expect("declare");
-        publish_range(&ch, "", &q, 0, N).await;
+        let _ch = durable_queue_with_messages(&conn, &q, N).await;
         let cch = support::channel(&conn).await;
         cch.basic_qos(UNACKED as u16, BasicQosOptions::default())
             .await
@@ -613,11 +617,7 @@ fn graceful_restart_keeps_messages_and_topology() {
     let q = unique("graceful");
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let ch = confirm_channel(&conn).await;
-        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-            .await
-            .expect("declare");
-        publish_range(&ch, "", &q, 0, 100).await;
+        let _ch = durable_queue_with_messages(&conn, &q, 100).await;
         conn.close(200, "bye".into()).await.expect("close");
     });
     let status = b.sigterm();
@@ -646,11 +646,7 @@ fn a_backlog_deeper_than_the_page_window_survives_kill_9_in_order() {
     let q = unique("deep");
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let ch = confirm_channel(&conn).await;
-        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-            .await
-            .expect("declare");
-        publish_range(&ch, "", &q, 0, N).await;
+        let ch = durable_queue_with_messages(&conn, &q, N).await;
         assert_eq!(support::ready_count(&ch, &q).await, N);
         conn.close(200, "bye".into()).await.expect("close");
     });
@@ -685,11 +681,7 @@ fn start_in_a_given_data_dir() {
         let b = Broker::start_in(&data);
         run(async {
             let conn = support::connect(&b.amqp_url()).await;
-            let ch = confirm_channel(&conn).await;
-            ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-                .await
-                .expect("declare");
-            publish_range(&ch, "", &q, 0, 3).await;
+            let _ch = durable_queue_with_messages(&conn, &q, 3).await;
             conn.close(200, "bye".into()).await.expect("close");
         });
         // Dropping the broker kills it; the directory stays.
@@ -809,11 +801,7 @@ fn a_burst_of_single_acks_settles_every_delivery_in_few_commands() {
     let q = unique("ack-burst");
     run(async {
         let conn = support::connect(&b.amqp_url()).await;
-        let ch = confirm_channel(&conn).await;
-        ch.queue_declare(q.as_str().into(), DURABLE, FieldTable::default())
-            .await
-            .expect("declare");
-        publish_range(&ch, "", &q, 0, N).await;
+        let ch = durable_queue_with_messages(&conn, &q, N).await;
 
         let mut raw = tokio::task::block_in_place(|| RawConn::open(b.amqp_addr()));
         tokio::task::block_in_place(|| {
