@@ -1438,11 +1438,7 @@ impl Connection {
             }
             Method::BasicAck(ref m) => {
                 let entries = self.take_unacked(channel, m.delivery_tag, m.multiple, &method)?;
-                if self.channel(channel).tx.is_some() {
-                    self.settle_or_buffer(channel, entries, Settlement::Ack);
-                } else {
-                    self.defer_acks(channel, entries);
-                }
+                self.settle_or_buffer(channel, entries, Settlement::Ack);
                 Ok(())
             }
             Method::BasicNack(ref m) => {
@@ -2053,28 +2049,26 @@ impl Connection {
         );
     }
 
-    /// Acks, nacks and rejects: applied now, or at tx.commit on a transactional channel.
+    /// Acks, nacks and rejects: applied now (acks join the pending run, see `pending_acks`),
+    /// or at tx.commit on a transactional channel.
     fn settle_or_buffer(&mut self, channel: u16, entries: Vec<(u64, Unacked)>, how: Settlement) {
         if let Some(tx) = self.channel(channel).tx.as_mut() {
             tx.settlements.push((entries, how));
             return;
         }
-        self.settle(channel, entries.into_iter().map(|(_, u)| u).collect(), how);
-    }
-
-    /// Adds acked deliveries to the pending run (see `pending_acks`); a run of another
-    /// channel is sent first.
-    fn defer_acks(&mut self, channel: u16, entries: Vec<(u64, Unacked)>) {
-        match &mut self.pending_acks {
-            Some((pending, acks)) if *pending == channel => {
-                acks.extend(entries.into_iter().map(|(_, u)| u));
-            }
-            _ => {
-                self.flush_acks();
-                let acks = entries.into_iter().map(|(_, u)| u).collect();
-                self.pending_acks = Some((channel, acks));
-            }
+        let entries = entries.into_iter().map(|(_, u)| u);
+        if how != Settlement::Ack {
+            self.settle(channel, entries.collect(), how);
+            return;
         }
+        // A run of another channel is sent first.
+        if !matches!(&self.pending_acks, Some((pending, _)) if *pending == channel) {
+            self.flush_acks();
+        }
+        let (_, acks) = self
+            .pending_acks
+            .get_or_insert_with(|| (channel, Vec::new()));
+        acks.extend(entries);
     }
 
     /// Sends the pending run of acks to its queues.

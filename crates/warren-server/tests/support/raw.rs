@@ -37,7 +37,6 @@ pub mod method {
     pub const QUEUE_DELETE: (u16, u16) = (50, 40);
     pub const QUEUE_DELETE_OK: (u16, u16) = (50, 41);
     pub const BASIC_CONSUME: (u16, u16) = (60, 20);
-    pub const BASIC_CONSUME_OK: (u16, u16) = (60, 21);
     pub const BASIC_PUBLISH: (u16, u16) = (60, 40);
     pub const BASIC_RETURN: (u16, u16) = (60, 50);
     pub const BASIC_DELIVER: (u16, u16) = (60, 60);
