@@ -3,9 +3,12 @@
 //!
 //! A queue's serving node puts items here from state-machine apply (`QueueHandle::run_effects`),
 //! so sending never blocks apply. Items for a peer stay in order; a batch that fails is
-//! retried until the peer answers or is declared down, after which its items are dropped:
-//! the queue's node-down command returns those messages to the queue anyway. The receiving
-//! side is `Node::handle_deliver`.
+//! retried until the peer answers or is declared down. Then its deliveries are dropped (the
+//! queue's node-down command returns those messages to the queue anyway), but not its
+//! consumer removals: a peer declared down may only be cut off from this node, and a consumer
+//! there that is never told it is gone waits for deliveries forever. Those are sent once the
+//! peer answers again, and dropped only when it leaves the cluster. The receiving side is
+//! `Node::handle_deliver`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -39,6 +42,8 @@ pub enum RemoteItem {
 /// The node's view of which peers are down, shared with the failure detector.
 pub trait Liveness: Send + Sync {
     fn is_down(&self, node: NodeId) -> bool;
+    /// Whether `node` is no longer a member of the cluster: nothing will ever reach it.
+    fn has_left(&self, node: NodeId) -> bool;
 }
 
 const BATCH: usize = 512;
@@ -72,6 +77,14 @@ impl Outbox {
             .unwrap_or_else(|p| p.into_inner())
             .as_ref()
             .is_some_and(|l| l.is_down(node))
+    }
+
+    fn has_left(&self, node: NodeId) -> bool {
+        self.liveness
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|l| l.has_left(node))
     }
 
     pub fn send(self: &Arc<Self>, node: NodeId, item: RemoteItem) {
@@ -120,13 +133,27 @@ async fn drain(
                     break;
                 }
                 result => {
-                    if outbox.is_down(node) {
+                    if outbox.has_left(node) {
                         debug!(
                             node,
                             items = items.len(),
-                            "dropping deliveries for a down node"
+                            "dropping items for a former member"
                         );
                         break;
+                    }
+                    if outbox.is_down(node) {
+                        let before = items.len();
+                        items.retain(|i| matches!(i, RemoteItem::ConsumerGone { .. }));
+                        if before != items.len() {
+                            debug!(
+                                node,
+                                dropped = before - items.len(),
+                                "dropping deliveries for a down node"
+                            );
+                        }
+                        if items.is_empty() {
+                            break;
+                        }
                     }
                     debug!(node, ?result, "delivery batch failed; retrying");
                     drop(outbox);

@@ -635,34 +635,20 @@ async fn watch_leadership(
             // Written here, not through the proposer: if this node turns out not to lead (a
             // leadership restored at start-up from an old term), the command is dropped
             // rather than forwarded, and the real leader has run its own recovery.
-            let raft = raft.clone();
-            let queue = std::sync::Arc::downgrade(&h);
-            tokio::spawn(async move {
-                let mut requests =
-                    vec![crate::types::QueueRequest::new(QueueCmd::LeaderRecovery {
-                        down,
-                    })];
-                if let Some(h) = queue.upgrade().filter(|h| h.has_policy()) {
-                    requests.push(crate::types::QueueRequest::new(h.configure_cmd()));
-                }
-                // Deliveries of this term wait for the recovery (`set_recovered_term`), so it
-                // is tried again for as long as this node leads the term.
-                for attempt in 0u32.. {
-                    let out = proposer::write_local(&raft, &requests).await;
-                    let applied = out.iter().all(|r| matches!(r, ItemResult::Ok(_)));
-                    let still_leading = queue
-                        .upgrade()
-                        .is_some_and(|h| h.leader_term() == term && h.is_leader());
-                    if applied || !still_leading {
-                        break;
-                    }
-                    warn!(
-                        ?out,
-                        attempt, "queue leader recovery not applied; trying again"
-                    );
-                    tokio::time::sleep(RECOVERY_RETRY).await;
-                }
-            });
+            let mut requests = vec![crate::types::QueueRequest::new(QueueCmd::LeaderRecovery {
+                down,
+            })];
+            if h.has_policy() {
+                requests.push(crate::types::QueueRequest::new(h.configure_cmd()));
+            }
+            // Deliveries of this term wait for the recovery (`set_recovered_term`), so it is
+            // tried again for as long as this node leads the term.
+            tokio::spawn(write_while_leading(
+                raft.clone(),
+                std::sync::Arc::downgrade(&h),
+                term,
+                requests,
+            ));
         }
         if leading != was_leader || leader != known_leader {
             // The supervisor's next round looks at every group (see `Registry::generation`).
@@ -679,8 +665,33 @@ async fn watch_leadership(
     }
 }
 
-/// How long a new leader waits before writing its recovery command again after a failure.
-const RECOVERY_RETRY: Duration = Duration::from_millis(100);
+/// Writes `requests`, which carry this leader's own judgement (who is down, what to resend),
+/// to the queue's log as long as this node leads `term`, trying again after a failure. They
+/// never go through the proposer: a node that turns out not to lead (cut off and not yet
+/// told, or a leadership restored at start-up from an old term) would forward them to the
+/// real leader, which would apply a judgement it did not make, such as releasing the
+/// consumers of a node it reaches well. The real leader makes its own.
+pub(crate) async fn write_while_leading(
+    raft: Raft<QueueMachine>,
+    queue: Weak<QueueHandle>,
+    term: u64,
+    requests: Vec<crate::types::QueueRequest>,
+) {
+    for attempt in 0u32.. {
+        let out = proposer::write_local(&raft, &requests).await;
+        let applied = out.iter().all(|r| matches!(r, ItemResult::Ok(_)));
+        let Some(h) = queue.upgrade() else { return };
+        if applied || h.leader_term() != term || !h.is_leader() {
+            return;
+        }
+        warn!(queue = %h.name(), ?out, attempt, "leader's command not applied; trying again");
+        drop(h);
+        tokio::time::sleep(LEADER_WRITE_RETRY).await;
+    }
+}
+
+/// How long a leader waits before writing its own command again after a failure.
+const LEADER_WRITE_RETRY: Duration = Duration::from_millis(100);
 
 /// How long an election attempt by the supervisor is given before it may try again.
 pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(300);

@@ -24,7 +24,7 @@ use warren_core::queue::QueueCmd;
 use crate::node::Node;
 use crate::outbox::Liveness;
 use crate::queue::QueueHandle;
-use crate::queue::ReplyTo;
+use crate::registry::write_while_leading;
 use crate::transport::{PeerRequest, PeerResponse, TransportError};
 use crate::types::QueueRequest;
 
@@ -71,6 +71,8 @@ pub struct LivenessTable {
     self_doubt_until: RwLock<Option<Instant>>,
     /// The supervisor's last round; a long gap means this node was stalled.
     last_round: RwLock<Instant>,
+    /// The other members as of the last round; None before the first.
+    members: RwLock<Option<HashSet<NodeId>>>,
 }
 
 impl LivenessTable {
@@ -80,6 +82,7 @@ impl LivenessTable {
             failure_timeout,
             self_doubt_until: RwLock::new(None),
             last_round: RwLock::new(Instant::now()),
+            members: RwLock::new(None),
         }
     }
 
@@ -205,11 +208,12 @@ impl LivenessTable {
         }
     }
 
-    fn forget_except(&self, members: &HashSet<NodeId>) {
+    fn forget_except(&self, members: HashSet<NodeId>) {
         self.peers
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|n, _| members.contains(n));
+        *self.members.write().unwrap_or_else(|p| p.into_inner()) = Some(members);
     }
 }
 
@@ -220,6 +224,14 @@ impl Liveness for LivenessTable {
             .unwrap_or_else(|p| p.into_inner())
             .get(&node)
             .is_some_and(|s| s.down)
+    }
+
+    fn has_left(&self, node: NodeId) -> bool {
+        self.members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .is_some_and(|m| !m.contains(&node))
     }
 }
 
@@ -267,7 +279,7 @@ pub(crate) async fn run(node: Weak<Node>, liveness: Arc<LivenessTable>, fallback
             .copied()
             .filter(|n| *n != node.id())
             .collect();
-        liveness.forget_except(&others.iter().copied().collect());
+        liveness.forget_except(others.iter().copied().collect());
         // A removed member never answers again and is no longer pinged, so it is never
         // declared down: release what its connections held here, once.
         let removed = node.registry().removed_members();
@@ -562,13 +574,22 @@ fn node_gone(node: &Arc<Node>, gone: NodeId) {
 }
 
 /// For every queue this node serves, the down node's consumers and unsettled messages go.
+/// Only while this node leads: cut off from everyone, it would find every peer down, and the
+/// command must not reach whoever leads once the cut heals (see `write_while_leading`).
 fn release_down_node(node: &Node, down: NodeId) {
     for handle in node.registry().handles() {
-        if handle.is_leader() && handle.is_replicated() {
-            handle.submit(
-                QueueRequest::new(QueueCmd::NodeDown { node: down }),
-                ReplyTo::None,
-            );
+        let term = handle.leader_term();
+        if handle.is_leader()
+            && term != 0
+            && handle.is_replicated()
+            && let Some(raft) = handle.raft()
+        {
+            tokio::spawn(write_while_leading(
+                raft,
+                Arc::downgrade(&handle),
+                term,
+                vec![QueueRequest::new(QueueCmd::NodeDown { node: down })],
+            ));
         }
     }
 }

@@ -244,7 +244,9 @@ impl Completion for Recorder {
 impl DeliverySink for Recorder {
     fn deliver(&self, d: Delivery) {
         let body = String::from_utf8_lossy(&d.content.body).into_owned();
-        self.deliveries.lock().unwrap().push((body, d.resend));
+        // As a client's redelivered flag has it.
+        let again = d.resend || d.delivery_count > 0;
+        self.deliveries.lock().unwrap().push((body, again));
         // Settle as a consumer with manual ack would.
         d.handle.submit(
             QueueRequest::new(QueueCmd::Settle {
@@ -288,7 +290,8 @@ impl Recorder {
 
     /// Each body once, in the order of its first delivery. A leader change sends what was out
     /// again, flagged as a repeat (a connection drops those it still holds and marks the rest
-    /// redelivered), so a repeat is allowed only with the flag.
+    /// redelivered), and a released consumer's messages come back redelivered, so a repeat is
+    /// allowed only with the flag.
     fn first_copies(&self) -> Vec<String> {
         let mut seen = std::collections::BTreeSet::new();
         let mut firsts = Vec::new();
@@ -1183,23 +1186,30 @@ async fn publishes_survive_a_leader_cut_off(
 
     let serving = c.node(new_leader).queue("/", queue).unwrap();
     assert_eq!(ready_count(&serving).await, N, "each publish exactly once");
-    let key = ConsumerKey {
-        channel: channel(c.node(new_leader), 9),
-        tag: "check".into(),
-    };
-    serving.attach(key.clone(), rec.clone());
-    serving
-        .call(consume(key, 200), None)
-        .await
-        .expect("consume");
     // The old leader rejoining may take the queue back while the consumer drains it; what
-    // was out then comes again, flagged, which `first_copies` allows.
-    rec.wait_for(
-        "every message at the consumer",
-        Duration::from_secs(60),
-        |r| r.first_copies().len() as u64 >= N,
-    )
-    .await;
+    // was out then comes again, flagged, which `first_copies` allows. If it takes the queue
+    // before it sees the consumer's node again, it releases the consumer, which hears so (as
+    // a client hears basic.cancel) and, as a client would, consumes again.
+    for attempt in 0..5 {
+        let key = ConsumerKey {
+            channel: channel(c.node(new_leader), 9),
+            tag: format!("check-{attempt}"),
+        };
+        serving.attach(key.clone(), rec.clone());
+        serving
+            .call(consume(key.clone(), 200), None)
+            .await
+            .expect("consume");
+        rec.wait_for(
+            "every message at the consumer, or its cancellation",
+            Duration::from_secs(60),
+            |r| r.first_copies().len() as u64 >= N || r.gone.lock().unwrap().contains(&key),
+        )
+        .await;
+        if rec.first_copies().len() as u64 >= N {
+            break;
+        }
+    }
     let expected: Vec<String> = (1..=N).map(|s| format!("m{s:05}")).collect();
     assert_eq!(rec.first_copies(), expected, "in publish order, once each");
 }
@@ -1233,6 +1243,52 @@ async fn forwarded_publishes_go_several_at_once_and_stay_in_order_and_once_acros
             "the follower's proposer forwarded one batch at a time"
         );
         c.net.set_delay(Duration::ZERO);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_released_by_a_leader_cut_off_from_its_node_is_told_once_the_node_is_reached() {
+    // A leader that cannot reach a consumer's node takes it for down and releases the
+    // consumer, but the node may be running, cut off from that leader alone. Its consumer
+    // must hear that it is gone once the leader reaches it again, as a client hears
+    // basic.cancel; otherwise it would wait for deliveries that never come.
+    let c = TestCluster::start(3).await;
+    c.declare(1, "cut").await;
+    assert_eq!(c.await_leader("cut", |n| n == 1).await, 1);
+    c.net.isolate(1);
+    // The first live replica in the queue's preference order stands alone.
+    assert_eq!(c.await_leader("cut", |n| n != 1).await, 2);
+    let rec = Arc::new(Recorder::default());
+    let on_3 = c.node(3).queue("/", "cut").unwrap();
+    let key = ConsumerKey {
+        channel: channel(c.node(3), 1),
+        tag: "cut-off".into(),
+    };
+    on_3.attach(key.clone(), rec.clone());
+    on_3.call(consume(key.clone(), 10), None)
+        .await
+        .expect("consume");
+    // Node 1 comes back to node 2 only, and, as the preferred leader, gets the queue back
+    // while node 3 is still out of its reach.
+    c.net.heal();
+    c.net.partition(&[1], &[3]);
+    // Node 1 still holds its old leadership until node 2 reaches it; the take-over is done
+    // when node 2 has handed the queue over and node 1 has released node 3's consumer.
+    let on_1 = c.node(1).queue("/", "cut").unwrap();
+    let on_2 = c.node(2).queue("/", "cut").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while on_2.is_leader() || !on_1.is_leader() || on_1.stats().consumers != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not take the queue back and release the consumer it cannot reach"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(rec.gone.lock().unwrap().is_empty());
+    c.net.heal();
+    rec.wait_for("the consumer to hear it is gone", WAIT, |r| {
+        r.gone.lock().unwrap().contains(&key)
     })
     .await;
 }
