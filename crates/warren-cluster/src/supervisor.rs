@@ -537,10 +537,14 @@ fn reconcile(
             changes.insert(group, (Instant::now(), task));
             continue;
         }
-        // Leadership goes to the preferred replica once it is up and fully caught up.
+        // Leadership goes to the preferred replica once it is up and fully caught up, and not
+        // while it is in doubt (back lately from a cut or a pause): its own view of who is down
+        // is as old as the cut, and a leader commits that view in its recovery, releasing the
+        // consumers of nodes it has not pinged since (see `LivenessTable::in_doubt`).
         if let Some(&preferred) = desired.first()
             && preferred != me
             && !liveness.is_down(preferred)
+            && !liveness.in_doubt(preferred)
             && voters.contains(&preferred)
         {
             let last = m.last_log_index.unwrap_or(0);

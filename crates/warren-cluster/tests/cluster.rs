@@ -1293,6 +1293,55 @@ async fn a_consumer_released_by_a_leader_cut_off_from_its_node_is_told_once_the_
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preferred_leader_back_from_a_cut_gets_its_queue_back_without_releasing_live_consumers() {
+    // Cut off, node 1 finds every peer down. Once the cut heals, neither what it concluded
+    // then (it wanted to release the consumers of nodes 2 and 3; forwarded to node 2, that
+    // cancelled this consumer) nor its view when it gets the queue back as the preferred
+    // leader (its recovery releases the consumers of the nodes it sees down) may cancel a
+    // consumer on a node that never stopped.
+    let c = TestCluster::start(3).await;
+    c.declare(1, "back").await;
+    assert_eq!(c.await_leader("back", |n| n == 1).await, 1);
+    c.net.isolate(1);
+    assert_eq!(c.await_leader("back", |n| n != 1).await, 2);
+    let rec = Arc::new(Recorder::default());
+    let on_3 = c.node(3).queue("/", "back").unwrap();
+    let key = ConsumerKey {
+        channel: channel(c.node(3), 1),
+        tag: "stays".into(),
+    };
+    on_3.attach(key.clone(), rec.clone());
+    on_3.call(consume(key.clone(), 10), None)
+        .await
+        .expect("consume");
+    c.net.heal();
+    let on_1 = c.node(1).queue("/", "back").unwrap();
+    let on_2 = c.node(2).queue("/", "back").unwrap();
+    let deadline = Instant::now() + WAIT;
+    while on_2.is_leader() || !on_1.is_leader() {
+        assert!(
+            Instant::now() < deadline,
+            "node 1 did not get the queue back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Node 1 delivers nothing of its term before its recovery has applied; a message that
+    // reaches the consumer shows it survived the recovery.
+    on_1.submit(
+        enqueue(channel(c.node(1), 2), 1, "after"),
+        ReplyTo::Sink(rec.clone(), 1),
+    );
+    rec.wait_for("the message at the consumer on node 3", WAIT, |r| {
+        r.bodies().contains(&"after".to_string()) || !r.gone.lock().unwrap().is_empty()
+    })
+    .await;
+    assert!(
+        rec.gone.lock().unwrap().is_empty(),
+        "the consumer on node 3 was released"
+    );
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn a_command_that_arrives_after_a_gap_in_its_proposers_numbering_waits_for_the_missing_one() {
     // Two publishes numbered by one proposer reach the log in the wrong order (as when the
