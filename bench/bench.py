@@ -552,13 +552,18 @@ def main():
     results = []
     brokers = []
 
-    def record(scenario, broker, run, figures):
+    def record(scenario, broker, run, figures, counted=True):
+        """Appends a run to the raw results; one not counted stays out of the table."""
         row = {"scenario": scenario, "broker": broker, "run": run, "figures": figures}
-        results.append(row)
+        if counted:
+            results.append(row)
+        else:
+            row["not_counted"] = True
         with open(out_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
-        log(f"[{time.strftime('%H:%M:%S')}] {scenario} {broker} run {run}: {shown}")
+        if counted:
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
+            log(f"[{time.strftime('%H:%M:%S')}] {scenario} {broker} run {run}: {shown}")
 
     def run_set(pair, table, names):
         for name in names:
@@ -581,9 +586,7 @@ def main():
                         log(f"[{time.strftime('%H:%M:%S')}] {name} {b.kind} run {run}: the "
                             f"hypervisor took {steal:.1f} % of the machine (over "
                             f"BENCH_MAX_STEAL={MAX_STEAL:g}); not counted, run again")
-                        with open(out_path, "a") as f:
-                            f.write(json.dumps({"scenario": name, "broker": b.kind, "run": run,
-                                                "figures": figures, "not_counted": True}) + "\n")
+                        record(name, b.kind, run, figures, counted=False)
 
     try:
         single = [s for s in SCENARIOS if s in SINGLE]
