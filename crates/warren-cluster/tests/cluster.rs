@@ -698,6 +698,17 @@ async fn a_replica_removed_from_a_queue_leaves_the_group_though_its_log_never_sa
         20,
         "the replica kept has everything"
     );
+    // What node 3 stored for the queue goes when it leaves, not at its next start.
+    let id = c.node(3).queue("/", "shrinking").unwrap().id();
+    let deadline = Instant::now() + WAIT;
+    while c.node(3).storage().stored_groups().unwrap().contains(&id) {
+        assert!(
+            Instant::now() < deadline,
+            "node 3 kept the log of a queue it left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(c.node(2).storage().stored_groups().unwrap().contains(&id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
