@@ -333,6 +333,16 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
     for f in &nemesis_failures {
         warnings.push(format!("nemesis: {f}"));
     }
+    let idle_reconnects = load.idle_reconnects();
+    if idle_reconnects > 0 {
+        // Not a failure: a fault may keep a queue from its consumer that long. But it is how
+        // a consumer left waiting for deliveries that never come shows (one released by a
+        // leader that did not tell its node did, before 5bb6ff5).
+        warnings.push(format!(
+            "{idle_reconnects} consumer(s) got nothing for {:?} and reconnected",
+            crate::workload::IDLE_RECONNECT
+        ));
+    }
     let verdict = if problems.is_empty() { "pass" } else { "fail" };
     let summary = Summary {
         verdict: verdict.to_owned(),
@@ -353,7 +363,7 @@ pub async fn run(opts: &RunOptions) -> anyhow::Result<Summary> {
         drain_ms,
         confirms_after_heal,
         nemesis_failures,
-        idle_reconnects: load.idle_reconnects(),
+        idle_reconnects,
         node_starts,
         final_members,
         elapsed_s: started.elapsed().as_secs(),

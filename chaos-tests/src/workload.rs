@@ -45,7 +45,7 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(20);
 /// A consumer that receives nothing for this long reconnects (a safety net next to the
 /// AMQP heartbeat, recorded so silent stalls show in the history).
-const IDLE_RECONNECT: Duration = Duration::from_secs(20);
+pub(crate) const IDLE_RECONNECT: Duration = Duration::from_secs(20);
 /// Unconfirmed publishes a producer may have out at once.
 const WINDOW: usize = 16;
 const PREFETCH: u16 = 10;
