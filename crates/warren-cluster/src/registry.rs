@@ -677,6 +677,7 @@ pub(crate) async fn write_while_leading(
     term: u64,
     requests: Vec<crate::types::QueueRequest>,
 ) {
+    let mut wait = LEADER_WRITE_RETRY;
     for attempt in 0u32.. {
         let out = proposer::write_local(&raft, &requests).await;
         let applied = out.iter().all(|r| matches!(r, ItemResult::Ok(_)));
@@ -684,14 +685,23 @@ pub(crate) async fn write_while_leading(
         if applied || h.leader_term() != term || !h.is_leader() {
             return;
         }
-        warn!(queue = %h.name(), ?out, attempt, "leader's command not applied; trying again");
+        // A leader cut off keeps taking itself for leader, with every queue it leads trying
+        // here: one warning each, and the retries slow down.
+        if attempt == 0 {
+            warn!(queue = %h.name(), ?out, "leader's command not applied; trying again");
+        } else {
+            debug!(queue = %h.name(), ?out, attempt, "leader's command not applied; trying again");
+        }
         drop(h);
-        tokio::time::sleep(LEADER_WRITE_RETRY).await;
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(LEADER_WRITE_RETRY_MAX);
     }
 }
 
-/// How long a leader waits before writing its own command again after a failure.
+/// How long a leader waits before writing its own command again after a first failure; the
+/// wait doubles up to `LEADER_WRITE_RETRY_MAX`.
 const LEADER_WRITE_RETRY: Duration = Duration::from_millis(100);
+const LEADER_WRITE_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// How long an election attempt by the supervisor is given before it may try again.
 pub(crate) const ELECTION_RETRY: Duration = Duration::from_millis(300);
