@@ -1258,6 +1258,47 @@ async fn forwarded_publishes_go_several_at_once_and_stay_in_order_and_once_acros
     .await;
 }
 
+/// Declares `queue` (node 1 its preferred leader), cuts node 1 off from the others so node
+/// 2 takes the queue over, and attaches a consumer on node 3 meanwhile.
+async fn consumer_on_node_3_while_node_1_is_cut_off(
+    c: &TestCluster,
+    queue: &str,
+) -> (Arc<Recorder>, ConsumerKey) {
+    c.declare(1, queue).await;
+    assert_eq!(c.await_leader(queue, |n| n == 1).await, 1);
+    c.net.isolate(1);
+    // The first live replica in the queue's preference order stands alone.
+    assert_eq!(c.await_leader(queue, |n| n != 1).await, 2);
+    let rec = Arc::new(Recorder::default());
+    let on_3 = c.node(3).queue("/", queue).unwrap();
+    let key = ConsumerKey {
+        channel: channel(c.node(3), 1),
+        tag: "on-3".into(),
+    };
+    on_3.attach(key.clone(), rec.clone());
+    on_3.call(consume(key.clone(), 10), None)
+        .await
+        .expect("consume");
+    (rec, key)
+}
+
+/// Waits until node 2 has handed `queue` back to node 1 (node 1 keeps its old leadership
+/// until node 2 reaches it, so node 1 leading is not enough) and `done` holds on node 1's
+/// handle.
+async fn await_hand_back_to_node_1(
+    c: &TestCluster,
+    queue: &str,
+    done: impl Fn(&QueueHandle) -> bool,
+) {
+    let on_1 = c.node(1).queue("/", queue).unwrap();
+    let on_2 = c.node(2).queue("/", queue).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while on_2.is_leader() || !on_1.is_leader() || !done(&on_1) {
+        assert!(Instant::now() < deadline, "node 1 did not get {queue} back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_released_by_a_leader_cut_off_from_its_node_is_told_once_the_node_is_reached() {
     // A leader that cannot reach a consumer's node takes it for down and releases the
@@ -1265,38 +1306,16 @@ async fn a_consumer_released_by_a_leader_cut_off_from_its_node_is_told_once_the_
     // must hear that it is gone once the leader reaches it again, as a client hears
     // basic.cancel; otherwise it would wait for deliveries that never come.
     let c = TestCluster::start(3).await;
-    c.declare(1, "cut").await;
-    assert_eq!(c.await_leader("cut", |n| n == 1).await, 1);
-    c.net.isolate(1);
-    // The first live replica in the queue's preference order stands alone.
-    assert_eq!(c.await_leader("cut", |n| n != 1).await, 2);
-    let rec = Arc::new(Recorder::default());
-    let on_3 = c.node(3).queue("/", "cut").unwrap();
-    let key = ConsumerKey {
-        channel: channel(c.node(3), 1),
-        tag: "cut-off".into(),
-    };
-    on_3.attach(key.clone(), rec.clone());
-    on_3.call(consume(key.clone(), 10), None)
-        .await
-        .expect("consume");
+    let (rec, key) = consumer_on_node_3_while_node_1_is_cut_off(&c, "cut").await;
     // Node 1 comes back to node 2 only, and, as the preferred leader, gets the queue back
-    // while node 3 is still out of its reach.
+    // while node 3 is still out of its reach, releasing node 3's consumer.
     c.net.heal();
     c.net.partition(&[1], &[3]);
-    // Node 1 still holds its old leadership until node 2 reaches it; the take-over is done
-    // when node 2 has handed the queue over and node 1 has released node 3's consumer.
-    let on_1 = c.node(1).queue("/", "cut").unwrap();
-    let on_2 = c.node(2).queue("/", "cut").unwrap();
-    let deadline = Instant::now() + WAIT;
-    while on_2.is_leader() || !on_1.is_leader() || on_1.stats().consumers != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "node 1 did not take the queue back and release the consumer it cannot reach"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(rec.gone.lock().unwrap().is_empty());
+    await_hand_back_to_node_1(&c, "cut", |h| h.stats().consumers == 0).await;
+    assert!(
+        rec.gone.lock().unwrap().is_empty(),
+        "node 2, which reaches node 3, released its consumer"
+    );
     c.net.heal();
     rec.wait_for("the consumer to hear it is gone", WAIT, |r| {
         r.gone.lock().unwrap().contains(&key)
@@ -1312,31 +1331,10 @@ async fn a_preferred_leader_back_from_a_cut_gets_its_queue_back_without_releasin
     // leader (its recovery releases the consumers of the nodes it sees down) may cancel a
     // consumer on a node that never stopped.
     let c = TestCluster::start(3).await;
-    c.declare(1, "back").await;
-    assert_eq!(c.await_leader("back", |n| n == 1).await, 1);
-    c.net.isolate(1);
-    assert_eq!(c.await_leader("back", |n| n != 1).await, 2);
-    let rec = Arc::new(Recorder::default());
-    let on_3 = c.node(3).queue("/", "back").unwrap();
-    let key = ConsumerKey {
-        channel: channel(c.node(3), 1),
-        tag: "stays".into(),
-    };
-    on_3.attach(key.clone(), rec.clone());
-    on_3.call(consume(key.clone(), 10), None)
-        .await
-        .expect("consume");
+    let (rec, _) = consumer_on_node_3_while_node_1_is_cut_off(&c, "back").await;
     c.net.heal();
+    await_hand_back_to_node_1(&c, "back", |_| true).await;
     let on_1 = c.node(1).queue("/", "back").unwrap();
-    let on_2 = c.node(2).queue("/", "back").unwrap();
-    let deadline = Instant::now() + WAIT;
-    while on_2.is_leader() || !on_1.is_leader() {
-        assert!(
-            Instant::now() < deadline,
-            "node 1 did not get the queue back"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // Node 1 delivers nothing of its term before its recovery has applied; a message that
     // reaches the consumer shows it survived the recovery.
     on_1.submit(
