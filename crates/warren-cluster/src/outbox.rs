@@ -71,20 +71,12 @@ impl Outbox {
         *self.liveness.write().unwrap_or_else(|p| p.into_inner()) = Some(liveness);
     }
 
-    fn is_down(&self, node: NodeId) -> bool {
+    /// The failure detector's view, once the node has set it.
+    fn liveness(&self) -> Option<Arc<dyn Liveness>> {
         self.liveness
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|l| l.is_down(node))
-    }
-
-    fn has_left(&self, node: NodeId) -> bool {
-        self.liveness
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .is_some_and(|l| l.has_left(node))
+            .clone()
     }
 
     pub fn send(self: &Arc<Self>, node: NodeId, item: RemoteItem) {
@@ -133,7 +125,8 @@ async fn drain(
                     break;
                 }
                 result => {
-                    if outbox.has_left(node) {
+                    let liveness = outbox.liveness();
+                    if liveness.as_ref().is_some_and(|l| l.has_left(node)) {
                         debug!(
                             node,
                             items = items.len(),
@@ -141,7 +134,7 @@ async fn drain(
                         );
                         break;
                     }
-                    if outbox.is_down(node) {
+                    if liveness.as_ref().is_some_and(|l| l.is_down(node)) {
                         let before = items.len();
                         items.retain(|i| matches!(i, RemoteItem::ConsumerGone { .. }));
                         if before != items.len() {
@@ -156,7 +149,7 @@ async fn drain(
                         }
                     }
                     debug!(node, ?result, "delivery batch failed; retrying");
-                    drop(outbox);
+                    drop((outbox, liveness));
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
