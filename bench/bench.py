@@ -555,13 +555,12 @@ def main():
     def record(scenario, broker, run, figures, counted=True):
         """Appends a run to the raw results; one not counted stays out of the table."""
         row = {"scenario": scenario, "broker": broker, "run": run, "figures": figures}
-        if counted:
-            results.append(row)
-        else:
+        if not counted:
             row["not_counted"] = True
         with open(out_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if counted:
+            results.append(row)
             shown = ", ".join(f"{k} {v:.4g}" for k, v in figures.items())
             log(f"[{time.strftime('%H:%M:%S')}] {scenario} {broker} run {run}: {shown}")
 
