@@ -12,10 +12,11 @@
 //! - [`CF_SM`] and [`CF_SNAPSHOT`]: state-machine data and snapshots, for the state-machine side,
 //!   which reaches them through [`Storage::db`] and [`Storage::cf`].
 //!
-//! Every write goes through the same WAL, so durability is prefix-ordered across all column
-//! families and groups: once the WAL is synced, everything written before is durable. The
-//! [`crate::flusher`] builds group commit on that, and [`Storage::when_durable`] /
-//! [`Storage::sync`] let the state-machine side share it.
+//! Every write goes through [`Storage::write`] and so through the node's one
+//! [`crate::journal`], in place of RocksDB's WAL: durability is prefix-ordered across all
+//! column families and groups, and once the journal is synced, everything written before is
+//! durable. The [`crate::flusher`] builds group commit on that, and [`Storage::when_durable`]
+//! / [`Storage::sync`] let the state-machine side share it.
 //!
 //! Values are encoded by [`encode`] / [`decode`]: one format byte, then postcard. The
 //! database records the [`STORAGE_FORMAT`] it was written in, and a database of another
@@ -38,6 +39,8 @@ use serde::de::DeserializeOwned;
 use crate::flusher::Completion;
 use crate::flusher::FlushStats;
 use crate::flusher::Flusher;
+use crate::journal;
+use crate::journal::Journal;
 use crate::log_store::LogStore;
 
 /// Identifies one Raft group on a node: the metadata group or one durable queue's group.
@@ -54,7 +57,8 @@ pub const CF_SNAPSHOT: &str = "snapshot";
 
 /// Memory all memtables of a node may take together.
 const MEMTABLE_BUDGET: usize = 64 << 20;
-/// WAL size past which the oldest memtables are flushed.
+/// RocksDB WAL size past which the oldest memtables are flushed. Only writes too large for the
+/// journal, and databases written before the journal, use the WAL.
 const WAL_LIMIT: u64 = 128 << 20;
 
 /// Every column family this crate creates, in creation order.
@@ -70,8 +74,14 @@ pub const COLUMN_FAMILIES: [&str; 4] = [CF_LOG, CF_META, CF_SM, CF_SNAPSHOT];
 const FORMAT_POSTCARD: u8 = 7;
 
 /// The version of everything this build keeps in the database; recorded in it when it is
-/// created and checked at every open. There is no in-place upgrade between versions yet.
-pub const STORAGE_FORMAT: u8 = FORMAT_POSTCARD;
+/// created and checked at every open. It follows [`FORMAT_POSTCARD`] up to 7; 8: writes are
+/// made durable by the journal ([`crate::journal`]) rather than RocksDB's WAL, so a build that
+/// knows nothing of the journal must not open the database (it would miss writes that are only
+/// in the journal, and its own writes could be replayed over later).
+pub const STORAGE_FORMAT: u8 = 8;
+/// A database of this format differs from [`STORAGE_FORMAT`] only in having no journal yet:
+/// it is upgraded in place at open.
+const UPGRADED_IN_PLACE: u8 = 7;
 
 /// Where the database records its format, among the node's own keys.
 fn format_key() -> Vec<u8> {
@@ -100,8 +110,10 @@ pub enum DbError {
     IncompatibleFormat { path: String, found: u8 },
     #[error("empty value where an encoded one was expected")]
     EmptyValue,
-    #[error("cannot start the WAL flusher thread: {0}")]
+    #[error("cannot start the journal flusher thread: {0}")]
     Flusher(#[source] io::Error),
+    #[error("journal: {0}")]
+    Journal(#[source] io::Error),
     #[error("storage is closed")]
     Closed,
 }
@@ -114,7 +126,7 @@ impl From<DbError> for io::Error {
             }
             DbError::Encode(_) => io::ErrorKind::InvalidInput,
             DbError::Closed => io::ErrorKind::BrokenPipe,
-            DbError::Flusher(inner) => inner.kind(),
+            DbError::Flusher(inner) | DbError::Journal(inner) => inner.kind(),
             DbError::RocksDb(_)
             | DbError::MissingColumnFamily(_)
             | DbError::IncompatibleFormat { .. } => io::ErrorKind::Other,
@@ -205,7 +217,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DbError> {
     }
 }
 
-/// Handle to the node's RocksDB and its WAL flusher; cheap to clone.
+/// Handle to the node's RocksDB, its journal and their flusher; cheap to clone.
 ///
 /// One per node. Each Raft group gets its [`LogStore`] from [`Storage::log_store`]; every store
 /// keeps the database (and the flusher thread) alive, so it closes when the last handle is gone,
@@ -217,6 +229,7 @@ pub struct Storage {
 
 struct Inner {
     db: Arc<DB>,
+    journal: Arc<Journal>,
     flusher: Flusher,
     path: PathBuf,
     recent_entries: Arc<MemoryBudget>,
@@ -318,22 +331,19 @@ const UNWRITTEN_BODIES_BUDGET: usize = 128 << 20;
 
 impl Storage {
     /// Opens (creating if needed) the node database in directory `path` with all
-    /// [`COLUMN_FAMILIES`], and starts the WAL flusher thread.
+    /// [`COLUMN_FAMILIES`], replays the journal and starts the flusher thread.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DbError> {
         let path = path.as_ref().to_path_buf();
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        // Writes must reach the WAL (the default) and the WAL must be written to the OS on
-        // every write (manual_wal_flush = false, the default): the flusher's fsync then covers
-        // every write that returned before it started. Both defaults are relied upon, so set
-        // them explicitly.
+        // The few writes that go through RocksDB's WAL (see `crate::journal`) are synced
+        // writes; after a crash, recover the longest consistent prefix of it (the default).
         opts.set_manual_wal_flush(false);
-        // Recover the longest consistent prefix of the WAL after a crash (RocksDB's default).
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         // Memtables of all column families share one budget, and the WAL is kept short by
         // flushing the memtables its oldest file covers: a node's memory does not grow with
-        // the write rate, and opening after a crash replays at most this much WAL.
+        // the write rate.
         opts.set_db_write_buffer_size(MEMTABLE_BUDGET);
         opts.set_max_total_wal_size(WAL_LIMIT);
         // RocksDB's own log (`LOG` in the data directory): at its debug level, which the
@@ -353,11 +363,19 @@ impl Storage {
                 return Err(DbError::MissingColumnFamily(name));
             }
         }
-        check_format(&db, &path)?;
-        let flusher = Flusher::start(db.clone()).map_err(DbError::Flusher)?;
+        // Before anything reads the database: writes of the last run may be in the journal only.
+        let (journal, replayed) =
+            Journal::open(&path, db.clone(), journal::CAPACITY).map_err(DbError::Journal)?;
+        if replayed > 0 {
+            tracing::info!(records = replayed, "replayed the journal");
+        }
+        let journal = Arc::new(journal);
+        check_format(&db, &journal, &path)?;
+        let flusher = Flusher::start(journal.clone()).map_err(DbError::Flusher)?;
         Ok(Storage {
             inner: Arc::new(Inner {
                 db,
+                journal,
                 flusher,
                 path,
                 recent_entries: Arc::new(MemoryBudget::new(RECENT_ENTRIES_BUDGET)),
@@ -366,11 +384,27 @@ impl Storage {
         })
     }
 
-    /// The RocksDB instance, for the state-machine side. Writes it makes go through the same
-    /// WAL; use [`Storage::when_durable`] or [`Storage::sync`] rather than synced writes so that
-    /// they share the node's fsyncs.
+    /// The RocksDB instance, for reading. Never write through it: a write that bypasses
+    /// [`Storage::write`] is not journaled, so it is lost in a crash, and a replay of the journal
+    /// could order it wrongly against journaled writes.
     pub fn db(&self) -> &Arc<DB> {
         &self.inner.db
+    }
+
+    /// Writes `batch` (atomically), durable after the next fsync of the journal: wait with
+    /// [`Storage::when_durable`] or [`Storage::sync`], which share the node's fsyncs. Refused
+    /// once the storage is closed: nothing should be written that could never be made durable.
+    pub fn write(&self, batch: rocksdb::WriteBatch) -> Result<(), DbError> {
+        self.ensure_open()?;
+        self.inner.journal.write(batch).map_err(DbError::Journal)
+    }
+
+    /// Writes `batch` and makes it durable before returning, with an fsync of its own: for the
+    /// rare writes that must be durable before the caller goes on (snapshots, the node's
+    /// identity) and can afford to wait on a thread of their own.
+    pub fn write_durably(&self, batch: rocksdb::WriteBatch) -> Result<(), DbError> {
+        self.write(batch)?;
+        self.inner.journal.sync().map_err(DbError::Journal)
     }
 
     /// Handle of one of the [`COLUMN_FAMILIES`].
@@ -436,7 +470,7 @@ impl Storage {
         rx.await.unwrap_or_else(|_| {
             Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "WAL flusher stopped",
+                "journal flusher stopped",
             ))
         })
     }
@@ -481,22 +515,13 @@ impl Storage {
     }
 
     /// Stops the flusher after it has synced and completed everything queued so far. Later
-    /// log-store writes and [`Storage::sync`] calls fail; reads still work (and so do direct
-    /// writes through [`Storage::db`], which then wait for RocksDB's own close to be flushed).
-    /// The database itself closes when the last handle is dropped. Idempotent.
+    /// writes and [`Storage::sync`] calls fail; reads still work. The database itself closes
+    /// when the last handle is dropped. Idempotent.
     pub fn close(&self) {
         self.inner.flusher.close();
-        // Memtables written to table files now are not replayed from the WAL at the next
+        // Memtables written to table files now are not replayed from the journal at the next
         // open, which keeps a graceful restart quick whatever was written before it.
-        let mut flush = rocksdb::FlushOptions::default();
-        flush.set_wait(true);
-        for name in COLUMN_FAMILIES {
-            if let Some(cf) = self.inner.db.cf_handle(name)
-                && let Err(e) = self.inner.db.flush_cf_opt(cf, &flush)
-            {
-                tracing::warn!(cf = name, error = %e, "could not flush on close");
-            }
-        }
+        self.inner.journal.close();
     }
 
     #[cfg(test)]
@@ -507,7 +532,7 @@ impl Storage {
 
 /// Records the format in a new database; refuses one written in another format (one with
 /// data but no record is from before formats were recorded: format 1).
-fn check_format(db: &DB, path: &Path) -> Result<(), DbError> {
+fn check_format(db: &DB, journal: &Journal, path: &Path) -> Result<(), DbError> {
     let meta = db
         .cf_handle(CF_META)
         .ok_or(DbError::MissingColumnFamily(CF_META))?;
@@ -524,14 +549,30 @@ fn check_format(db: &DB, path: &Path) -> Result<(), DbError> {
             if has_data {
                 1
             } else {
-                let mut sync = rocksdb::WriteOptions::default();
-                sync.set_sync(true);
-                db.put_cf_opt(meta, format_key(), [STORAGE_FORMAT], &sync)?;
+                let mut batch = rocksdb::WriteBatch::default();
+                batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
+                journal
+                    .write(batch)
+                    .and_then(|()| journal.sync())
+                    .map_err(DbError::Journal)?;
                 STORAGE_FORMAT
             }
         }
     };
-    if found == STORAGE_FORMAT {
+    if found == UPGRADED_IN_PLACE {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
+        journal
+            .write(batch)
+            .and_then(|()| journal.sync())
+            .map_err(DbError::Journal)?;
+        tracing::info!(
+            from = UPGRADED_IN_PLACE,
+            to = STORAGE_FORMAT,
+            "storage format upgraded"
+        );
+        Ok(())
+    } else if found == STORAGE_FORMAT {
         Ok(())
     } else {
         Err(DbError::IncompatibleFormat {
@@ -562,17 +603,17 @@ mod tests {
     use super::keys::*;
     use super::*;
 
-    /// Every WAL fsync used to add a line to RocksDB's info log, which nothing rotated: a
-    /// node under load grew it by about 100 KB a second.
+    /// Every fsync of RocksDB's WAL used to add a line to RocksDB's info log, which nothing
+    /// rotated: a node under load grew it by about 100 KB a second. The journal's fsyncs must
+    /// not bring that back.
     #[tokio::test]
     async fn fsyncs_leave_rocksdb_info_log_alone() {
         let dir = tempfile::tempdir().unwrap();
         let storage = Storage::open(dir.path()).unwrap();
         for i in 0..50u32 {
-            storage
-                .db()
-                .put_cf(storage.cf(CF_SM), i.to_be_bytes(), b"x")
-                .unwrap();
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put_cf(storage.cf(CF_SM), i.to_be_bytes(), b"x");
+            storage.write(batch).unwrap();
             storage.sync().await.unwrap();
         }
         assert!(storage.flush_stats().fsyncs >= 1);
@@ -662,7 +703,7 @@ mod tests {
         let path = dir.path().join("db");
         let storage = Storage::open(&path).expect("a new database opens");
         drop(storage);
-        Storage::open(&path).expect("and opens again");
+        Storage::open(&path).expect("and opens again").close();
         // A database whose record names another format, as a build of that format leaves it.
         {
             let db = DB::open_cf(&Options::default(), &path, COLUMN_FAMILIES).unwrap();
@@ -690,5 +731,42 @@ mod tests {
             Storage::open(&old),
             Err(DbError::IncompatibleFormat { found: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_database_from_before_the_journal_is_upgraded_with_what_its_wal_held() {
+        let dir = tempfile::tempdir().unwrap();
+        // As the build before the journal left it after a crash: format 7, the last write in
+        // RocksDB's WAL only.
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let db = DB::open_cf(&opts, dir.path(), COLUMN_FAMILIES).unwrap();
+            db.put_cf(db.cf_handle(CF_META).unwrap(), format_key(), [7])
+                .unwrap();
+            db.put_cf(db.cf_handle(CF_LOG).unwrap(), log_key(1, 1), [1, 0])
+                .unwrap();
+        }
+        let storage = Storage::open(dir.path()).expect("format 7 is upgraded");
+        let db = storage.db();
+        assert_eq!(
+            db.get_cf(storage.cf(CF_LOG), log_key(1, 1)).unwrap(),
+            Some(vec![1, 0])
+        );
+        assert_eq!(
+            db.get_cf(storage.cf(CF_META), format_key()).unwrap(),
+            Some(vec![STORAGE_FORMAT])
+        );
+        // The upgrade is durable: a crash right after it (no close) keeps it.
+        drop(storage);
+        let storage = Storage::open(dir.path()).unwrap();
+        assert_eq!(
+            storage
+                .db()
+                .get_cf(storage.cf(CF_META), format_key())
+                .unwrap(),
+            Some(vec![STORAGE_FORMAT])
+        );
     }
 }

@@ -1,20 +1,19 @@
-//! Group commit: one OS thread per node makes the shared WAL durable for every waiting writer
-//! with a single fsync.
+//! Group commit: one OS thread per node makes the node's journal durable for every waiting
+//! writer with a single fsync.
 //!
-//! Neighbours: [`crate::db::Storage`] starts and owns the flusher; [`crate::log_store`] queues
+//! Neighbours: [`crate::db::Storage`] starts and owns the flusher, [`crate::journal`] is what it
+//! syncs; [`crate::log_store`] queues
 //! the `IOFlushed` callbacks of appends and the wake-ups of vote saves here; the state-machine
 //! side queues through [`crate::db::Storage::when_durable`].
 //!
 //! Writers write without sync (so their data is readable at once) and only then queue a
-//! completion. The thread takes every completion queued so far, calls `flush_wal(true)` once —
-//! RocksDB's `FlushWAL(sync = true)`, which with `manual_wal_flush = false` goes straight to
-//! `SyncWAL()` and fsyncs every WAL file up to the current one — and then runs all of them with
-//! its result. Completions queued during an fsync wait for the next one, so under load one fsync
+//! completion. The thread takes every completion queued so far, fsyncs the journal once
+//! ([`crate::journal::Journal::sync`]) and then runs all of them with its result. Completions queued during an fsync wait for the next one, so under load one fsync
 //! serves many groups; fsyncs start at most once per `MIN_FSYNC_INTERVAL`, which adds no
 //! latency when idle.
 //!
-//! Ordering: a completion is queued only after its write returned, so the write is in the WAL
-//! (in the OS page cache) before the completion is visible to the thread; the thread takes its
+//! Ordering: a completion is queued only after its write returned, so the write is in the
+//! journal (in the OS page cache) before the completion is visible to the thread; the thread takes its
 //! batch before starting the fsync; so the fsync that completes a batch covers every write of
 //! that batch. A completion therefore never runs before its own write is durable. Within one
 //! writer, completions run in the order they were queued.
@@ -32,7 +31,7 @@ use std::thread;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rocksdb::DB;
+use crate::journal::Journal;
 
 /// Shortest time between the starts of two fsyncs. Under sustained load an fsync per
 /// handful of writes spends a fifth of the node's CPU in the kernel; spacing them lets each
@@ -50,9 +49,9 @@ pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 /// Counters of the flusher since the storage was opened, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
-    /// WAL fsyncs done (successful or not).
+    /// journal fsyncs done (successful or not).
     pub fsyncs: u64,
-    /// WAL fsyncs that failed; each failed every completion of its batch.
+    /// journal fsyncs that failed; each failed every completion of its batch.
     pub fsync_errors: u64,
     /// Completions run (or about to run: counted just before), i.e. append callbacks, vote
     /// saves and [`crate::db::Storage::sync`] waiters.
@@ -104,8 +103,8 @@ pub(crate) struct Flusher {
 }
 
 impl Flusher {
-    /// Starts the thread that syncs `db`'s WAL.
-    pub(crate) fn start(db: Arc<DB>) -> io::Result<Self> {
+    /// Starts the thread that syncs `journal`.
+    pub(crate) fn start(journal: Arc<Journal>) -> io::Result<Self> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 waiting: Vec::new(),
@@ -123,7 +122,7 @@ impl Flusher {
             .name("warren-wal-sync".into())
             .spawn({
                 let shared = shared.clone();
-                move || run(&db, &shared)
+                move || run(&journal, &shared)
             })?;
         Ok(Flusher {
             shared,
@@ -131,7 +130,7 @@ impl Flusher {
         })
     }
 
-    /// Queues `done` to run after the next WAL fsync. The caller must have finished the write
+    /// Queues `done` to run after the next journal fsync. The caller must have finished the write
     /// that `done` stands for. Gives `done` back if the flusher is closed.
     pub(crate) fn enqueue(&self, done: Completion) -> Result<(), Completion> {
         let mut queue = self.shared.queue();
@@ -158,7 +157,7 @@ impl Flusher {
             // A completion that drops the last storage handle closes us from the flusher thread
             // itself: joining would deadlock, and the thread ends by itself once drained.
             if handle.thread().id() != thread::current().id() && handle.join().is_err() {
-                tracing::error!("WAL flusher thread panicked");
+                tracing::error!("journal flusher thread panicked");
             }
         }
     }
@@ -186,7 +185,7 @@ impl Flusher {
     }
 }
 
-fn run(db: &DB, shared: &Shared) {
+fn run(journal: &Journal, shared: &Shared) {
     // Swapped with the queue's vector each round so that neither reallocates in steady state.
     let mut batch: Vec<Completion> = Vec::new();
     let mut last_fsync = Instant::now()
@@ -223,7 +222,7 @@ fn run(db: &DB, shared: &Shared) {
         }
 
         last_fsync = Instant::now();
-        let result = db.flush_wal(true);
+        let result = journal.sync();
         // Counted before the completions run, so that whoever sees their completion also sees
         // the counters that include it.
         shared.fsyncs.fetch_add(1, Ordering::Relaxed);
@@ -235,19 +234,19 @@ fn run(db: &DB, shared: &Shared) {
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         if let Err(e) = &result {
             shared.fsync_errors.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, waiting = batch.len(), "WAL fsync failed");
+            tracing::error!(error = %e, waiting = batch.len(), "journal fsync failed");
         }
 
         for done in batch.drain(..) {
             // io::Error is not Clone: give each waiter its own copy of the failure.
             let r = match &result {
                 Ok(()) => Ok(()),
-                Err(e) => Err(io::Error::other(format!("WAL fsync failed: {e}"))),
+                Err(e) => Err(io::Error::other(format!("journal fsync failed: {e}"))),
             };
             // A panicking completion must not take the thread down: every group on the node
             // would then wait forever.
             if std::panic::catch_unwind(AssertUnwindSafe(move || done(r))).is_err() {
-                tracing::error!("a WAL durability completion panicked");
+                tracing::error!("a durability completion panicked");
             }
         }
     }

@@ -3,7 +3,9 @@
 //!
 //! - [`db`]: opens the one RocksDB instance of a node ([`Storage`]), its column families, key
 //!   layout and value encoding;
-//! - [`flusher`]: group commit, one WAL fsync shared by all groups' pending writes;
+//! - `journal`: what makes the node's writes durable in place of RocksDB's WAL, and replays
+//!   them after a crash;
+//! - [`flusher`]: group commit, one journal fsync shared by all groups' pending writes;
 //! - [`log_store`]: [`LogStore`], openraft's `RaftLogStorage` for one group.
 //!
 //! - [`types`]: the openraft type configuration and the requests every group's log carries;
@@ -24,6 +26,7 @@ pub mod db;
 mod dead_letter;
 pub mod flusher;
 pub mod grpc;
+mod journal;
 pub mod log_store;
 pub mod mem_net;
 pub mod meta_sm;

@@ -8,11 +8,12 @@
 //! Layout: entries in `CF_LOG` under `group ++ index`; in `CF_META` under `group ++ tag` the
 //! vote, the committed log id and the last purged log id.
 //!
-//! Durability: `append` writes its batch to the WAL without sync, so the entries are readable
-//! as soon as it returns, and hands its `IOFlushed` callback to the flusher, which fires it after
-//! the next WAL fsync. `save_vote` does the same but waits for that fsync before returning, as
-//! openraft requires. `truncate_after`, `purge` and `save_committed` do not wait: every write of
-//! the node goes through one WAL, recovered as a prefix, so each of them is durable no later
+//! Durability: `append` writes its batch through [`Storage::write`] (to the memtables and the
+//! node's [`crate::journal`]) without sync, so the entries are readable as soon as it returns,
+//! and hands its `IOFlushed` callback to the flusher, which fires it after the next journal
+//! fsync. `save_vote` does the same but waits for that fsync before returning, as openraft
+//! requires. `truncate_after`, `purge` and `save_committed` do not wait: every write of the node
+//! goes through one journal, replayed as a prefix, so each of them is durable no later
 //! than the next append or vote that follows it, and losing one in a crash only rolls this group
 //! back to an earlier consistent state (entries not yet truncated or purged, an older committed
 //! id — which openraft tolerates since committed entries are durable on a quorum).
@@ -268,9 +269,8 @@ where
     /// Every write of the store goes through here. Refused once the storage is closed: nothing
     /// should be written that the flusher could no longer make durable.
     fn write(&self, batch: WriteBatch) -> io::Result<()> {
-        self.storage.ensure_open()?;
-        // Default write options: through the WAL, not synced (see the module comment).
-        self.db().write(batch).map_err(|e| DbError::from(e).into())
+        // Not synced: the flusher's fsync makes it durable (see the module comment).
+        self.storage.write(batch).map_err(io::Error::from)
     }
 
     /// Writes a change to the log and makes the same change to the recent entries; if the

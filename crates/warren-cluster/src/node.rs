@@ -190,13 +190,10 @@ fn next_run(storage: &Storage, node_id: NodeId) -> Result<NodeRun, NodeError> {
         )));
     }
     let incarnation = read_u64(&inc_key)?.unwrap_or(0) + 1;
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
     let mut batch = rocksdb::WriteBatch::default();
     batch.put_cf(cf, &id_key, node_id.to_be_bytes());
     batch.put_cf(cf, &inc_key, incarnation.to_be_bytes());
-    db.write_opt(batch, &opts)
-        .map_err(|e| NodeError::Storage(DbError::from(e)))?;
+    storage.write_durably(batch).map_err(NodeError::Storage)?;
     Ok(NodeRun {
         node: node_id,
         incarnation,

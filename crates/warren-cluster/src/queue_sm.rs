@@ -73,18 +73,14 @@ pub(crate) fn save_snapshot(
     group: GroupId,
     snapshot: &StoredSnapshot,
 ) -> io::Result<()> {
-    let mut opts = rocksdb::WriteOptions::default();
-    opts.set_sync(true);
     let bytes = encode(snapshot).map_err(io_err)?;
-    storage
-        .db()
-        .put_cf_opt(
-            storage.cf(CF_SNAPSHOT),
-            keys::group_key(group, SNAPSHOT_TAG),
-            bytes,
-            &opts,
-        )
-        .map_err(io_err)
+    let mut batch = WriteBatch::default();
+    batch.put_cf(
+        storage.cf(CF_SNAPSHOT),
+        keys::group_key(group, SNAPSHOT_TAG),
+        bytes,
+    );
+    storage.write_durably(batch).map_err(io_err)
 }
 
 /// Stores a freshly built snapshot and hands it to openraft.
@@ -125,7 +121,7 @@ pub(crate) fn destroy_state(storage: &Storage, group: GroupId) -> io::Result<()>
     for cf in [CF_SM, CF_SNAPSHOT] {
         batch.delete_range_cf(storage.cf(cf), from.to_vec(), to.clone());
     }
-    storage.db().write(batch).map_err(io_err)
+    storage.write(batch).map_err(io_err)
 }
 
 /// A queue snapshot's data: the index, plus the group's records of the `sm` column family
@@ -525,7 +521,7 @@ impl QueueMachine {
         for (msg, body) in &self.unwritten.bodies {
             put_body(&mut batch, &self.storage, self.group, *msg, &body.content)?;
         }
-        self.storage.db().write(batch).map_err(io_err)?;
+        self.storage.write(batch).map_err(io_err)?;
         self.unwritten.clear();
         Ok(())
     }
@@ -725,7 +721,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
         let batch = std::mem::take(&mut bodies.batch);
         drop(bodies);
         if !batch.is_empty() {
-            self.storage.db().write(batch).map_err(io_err)?;
+            self.storage.write(batch).map_err(io_err)?;
         }
         if self.commands_since_snapshot >= self.ask_for_snapshot_at {
             self.ask_for_snapshot_at = self.commands_since_snapshot + self.snapshot_every;
@@ -800,7 +796,7 @@ impl RaftStateMachine<TypeConfig> for QueueMachine {
                 value,
             );
         }
-        self.storage.db().write(batch).map_err(io_err)?;
+        self.storage.write(batch).map_err(io_err)?;
         let state = payload.state;
         let data = postcard::to_allocvec(&SnapshotPayload {
             state: state.clone(),

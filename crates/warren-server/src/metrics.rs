@@ -111,13 +111,13 @@ impl Metrics {
         metric(
             "warren_storage_fsyncs_total",
             "counter",
-            "WAL fsyncs (each shared by every group's pending appends).",
+            "Journal fsyncs (each shared by every group's pending writes).",
             flush.fsyncs,
         );
         metric(
             "warren_storage_fsync_errors_total",
             "counter",
-            "Failed WAL fsyncs.",
+            "Failed journal fsyncs.",
             flush.fsync_errors,
         );
         metric(
