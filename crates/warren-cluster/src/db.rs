@@ -399,6 +399,14 @@ impl Storage {
         self.inner.journal.write(batch).map_err(DbError::Journal)
     }
 
+    /// Calls `handler` with the error once the node's storage has failed for good (a journal
+    /// write, fsync or checkpoint, or a RocksDB write, failed): from then on every write and
+    /// sync fails, so the node can make no more progress until it restarts, and the restart
+    /// replays the journal. The server exits there; tests leave it unset.
+    pub fn on_failure(&self, handler: impl Fn(&str) + Send + Sync + 'static) {
+        self.inner.journal.on_failure(Arc::new(handler));
+    }
+
     /// Writes `batch` and makes it durable before returning, with an fsync of its own: for the
     /// rare writes that must be durable before the caller goes on (snapshots, the node's
     /// identity) and can afford to wait on a thread of their own.

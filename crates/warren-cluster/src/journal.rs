@@ -137,7 +137,12 @@ struct State {
     closed: bool,
     /// Reused for each record, header and payload together, so that it takes one write.
     buffer: Vec<u8>,
+    /// Told of the first failure (see [`Journal::on_failure`]).
+    on_failure: Option<FailureHandler>,
 }
+
+/// What to do once the journal has failed for good.
+pub(crate) type FailureHandler = Arc<dyn Fn(&str) + Send + Sync>;
 
 impl State {
     fn usable(&self) -> io::Result<()> {
@@ -154,8 +159,13 @@ impl State {
     }
 
     fn fail(&mut self, e: &io::Error) -> io::Error {
-        tracing::error!(error = %e, "journal write failed; the node's storage refuses writes from now on");
-        self.failed.get_or_insert_with(|| e.to_string());
+        if self.failed.is_none() {
+            tracing::error!(error = %e, "journal write failed; the node's storage refuses writes from now on");
+            self.failed = Some(e.to_string());
+            if let Some(handler) = &self.on_failure {
+                handler(&e.to_string());
+            }
+        }
         io::Error::new(e.kind(), format!("journal: {e}"))
     }
 }
@@ -211,6 +221,7 @@ impl Journal {
                 checkpoint_wanted: false,
                 closed: false,
                 buffer: Vec::new(),
+                on_failure: None,
             }),
             changed: Condvar::new(),
         };
@@ -263,8 +274,10 @@ impl Journal {
         let mut no_wal = WriteOptions::default();
         no_wal.disable_wal(true);
         if let Err(e) = s.db.write_opt(batch, &no_wal) {
+            // RocksDB refuses writes after a background error (a failed flush, a full disk)
+            // until it is reopened: as final for this node as a failed journal write.
             state.buffer = record;
-            return Err(io::Error::other(e));
+            return Err(state.fail(&io::Error::other(e)));
         }
         if let Err(e) = s.append(&mut state, record) {
             return Err(state.fail(&e));
@@ -274,6 +287,20 @@ impl Journal {
             s.changed.notify_all();
         }
         Ok(())
+    }
+
+    /// Has `handler` told of the first failure of the journal (at once if it already failed),
+    /// from whichever thread meets it. After one, the node can write nothing more until it is
+    /// restarted, which replays the journal: the server exits (fail-stop).
+    pub(crate) fn on_failure(&self, handler: FailureHandler) {
+        let mut state = self.shared.lock();
+        match state.failed.clone() {
+            Some(e) => {
+                drop(state);
+                handler(&e);
+            }
+            None => state.on_failure = Some(handler),
+        }
     }
 
     /// Makes every write that returned before the call durable. Fails, and keeps failing, once
@@ -782,6 +809,37 @@ mod tests {
         assert_eq!(replayed, 2);
         assert_eq!(get(&db, CF_SM, b"a"), Some(b"1".to_vec()));
         assert_eq!(get(&db, CF_SM, b"b"), Some(b"1".to_vec()));
+    }
+
+    #[test]
+    fn the_first_failure_is_reported_once_and_every_later_write_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, journal, _) = open(dir.path(), CAPACITY);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        journal.on_failure(Arc::new({
+            let told = told.clone();
+            move |e: &str| told.lock().unwrap().push(e.to_string())
+        }));
+        put(&journal, &db, CF_SM, b"a", b"1");
+        // A write error of the journal's file, as a full disk gives on its first lap.
+        {
+            let mut state = journal.shared.lock();
+            let e = io::Error::other("No space left on device");
+            state.fail(&e);
+            state.fail(&e);
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(db.cf_handle(CF_SM).unwrap(), b"b", b"1");
+        assert!(journal.write(batch).is_err());
+        assert!(journal.sync().is_err());
+        assert_eq!(told.lock().unwrap().len(), 1);
+        // A handler set after the failure hears of it at once.
+        let late = Arc::new(Mutex::new(0));
+        journal.on_failure(Arc::new({
+            let late = late.clone();
+            move |_: &str| *late.lock().unwrap() += 1
+        }));
+        assert_eq!(*late.lock().unwrap(), 1);
     }
 
     #[test]

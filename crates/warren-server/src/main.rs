@@ -160,6 +160,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot open the node: {e}"))?;
+    // Fail-stop: a node whose storage failed can write nothing more, and a restart replays
+    // the journal and catches up from the peers (a full disk: once space is freed).
+    node.storage().on_failure(|e| {
+        eprintln!("warren: storage failed ({e}); exiting so that a restart recovers the node");
+        std::process::exit(74);
+    });
     slot.set(&node);
     let resources = warren_cluster::resources::ResourceMonitor::new(
         config.data_dir.clone(),
