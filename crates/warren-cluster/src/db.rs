@@ -104,8 +104,8 @@ pub enum DbError {
     UnknownFormat(u8),
     #[error(
         "the data directory {path} holds storage format {found}, this build reads format \
-         {STORAGE_FORMAT}: there is no in-place upgrade yet; start this node on an empty \
-         data_dir (it catches up from its peers) or with the version that wrote it"
+         {STORAGE_FORMAT} (and upgrades format {UPGRADED_IN_PLACE} in place): start this node \
+         on an empty data_dir (it catches up from its peers) or with the version that wrote it"
     )]
     IncompatibleFormat { path: String, found: u8 },
     #[error("empty value where an encoded one was expected")]
@@ -544,6 +544,14 @@ fn check_format(db: &DB, journal: &Journal, path: &Path) -> Result<(), DbError> 
     let meta = db
         .cf_handle(CF_META)
         .ok_or(DbError::MissingColumnFamily(CF_META))?;
+    let record_current = || {
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
+        journal
+            .write(batch)
+            .and_then(|()| journal.sync())
+            .map_err(DbError::Journal)
+    };
     let found = match db.get_cf(meta, format_key())? {
         Some(v) => v.first().copied().unwrap_or(0),
         None => {
@@ -557,23 +565,13 @@ fn check_format(db: &DB, journal: &Journal, path: &Path) -> Result<(), DbError> 
             if has_data {
                 1
             } else {
-                let mut batch = rocksdb::WriteBatch::default();
-                batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
-                journal
-                    .write(batch)
-                    .and_then(|()| journal.sync())
-                    .map_err(DbError::Journal)?;
+                record_current()?;
                 STORAGE_FORMAT
             }
         }
     };
     if found == UPGRADED_IN_PLACE {
-        let mut batch = rocksdb::WriteBatch::default();
-        batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
-        journal
-            .write(batch)
-            .and_then(|()| journal.sync())
-            .map_err(DbError::Journal)?;
+        record_current()?;
         tracing::info!(
             from = UPGRADED_IN_PLACE,
             to = STORAGE_FORMAT,
