@@ -370,9 +370,8 @@ impl Storage {
             tracing::info!(records = replayed, "replayed the journal");
         }
         let journal = Arc::new(journal);
-        check_format(&db, &journal, &path)?;
         let flusher = Flusher::start(journal.clone()).map_err(DbError::Flusher)?;
-        Ok(Storage {
+        let storage = Storage {
             inner: Arc::new(Inner {
                 db,
                 journal,
@@ -381,7 +380,9 @@ impl Storage {
                 recent_entries: Arc::new(MemoryBudget::new(RECENT_ENTRIES_BUDGET)),
                 unwritten_bodies: Arc::new(MemoryBudget::new(UNWRITTEN_BODIES_BUDGET)),
             }),
-        })
+        };
+        check_format(&storage)?;
+        Ok(storage)
     }
 
     /// The RocksDB instance, for reading. Never write through it: a write that bypasses
@@ -540,17 +541,15 @@ impl Storage {
 
 /// Records the format in a new database; refuses one written in another format (one with
 /// data but no record is from before formats were recorded: format 1).
-fn check_format(db: &DB, journal: &Journal, path: &Path) -> Result<(), DbError> {
+fn check_format(storage: &Storage) -> Result<(), DbError> {
+    let db = storage.db();
     let meta = db
         .cf_handle(CF_META)
         .ok_or(DbError::MissingColumnFamily(CF_META))?;
     let record_current = || {
         let mut batch = rocksdb::WriteBatch::default();
         batch.put_cf(meta, format_key(), [STORAGE_FORMAT]);
-        journal
-            .write(batch)
-            .and_then(|()| journal.sync())
-            .map_err(DbError::Journal)
+        storage.write_durably(batch)
     };
     let found = match db.get_cf(meta, format_key())? {
         Some(v) => v.first().copied().unwrap_or(0),
@@ -582,7 +581,7 @@ fn check_format(db: &DB, journal: &Journal, path: &Path) -> Result<(), DbError> 
         Ok(())
     } else {
         Err(DbError::IncompatibleFormat {
-            path: path.display().to_string(),
+            path: storage.path().display().to_string(),
             found,
         })
     }

@@ -2,20 +2,20 @@
 //! writer with a single fsync.
 //!
 //! Neighbours: [`crate::db::Storage`] starts and owns the flusher, [`crate::journal`] is what it
-//! syncs; [`crate::log_store`] queues
-//! the `IOFlushed` callbacks of appends and the wake-ups of vote saves here; the state-machine
-//! side queues through [`crate::db::Storage::when_durable`].
+//! syncs; [`crate::log_store`] queues the `IOFlushed` callbacks of appends and the wake-ups of
+//! vote saves here; the state-machine side queues through
+//! [`crate::db::Storage::when_durable`].
 //!
 //! Writers write without sync (so their data is readable at once) and only then queue a
 //! completion. The thread takes every completion queued so far, fsyncs the journal once
-//! ([`crate::journal::Journal::sync`]) and then runs all of them with its result. Completions queued during an fsync wait for the next one, so under load one fsync
-//! serves many groups; fsyncs start at most once per `MIN_FSYNC_INTERVAL`, which adds no
-//! latency when idle.
+//! ([`crate::journal::Journal::sync`]) and then runs all of them with its result. Completions
+//! queued during an fsync wait for the next one, so under load one fsync serves many groups;
+//! fsyncs start at most once per `MIN_FSYNC_INTERVAL`, which adds no latency when idle.
 //!
 //! Ordering: a completion is queued only after its write returned, so the write is in the
-//! journal (in the OS page cache) before the completion is visible to the thread; the thread takes its
-//! batch before starting the fsync; so the fsync that completes a batch covers every write of
-//! that batch. A completion therefore never runs before its own write is durable. Within one
+//! journal (in the OS page cache) before the completion is visible to the thread; the thread
+//! takes its batch before starting the fsync; so the fsync that completes a batch covers every
+//! write of that batch. A completion therefore never runs before its own write is durable. Within one
 //! writer, completions run in the order they were queued.
 
 use std::io;
@@ -49,9 +49,9 @@ pub(crate) type Completion = Box<dyn FnOnce(io::Result<()>) + Send>;
 /// Counters of the flusher since the storage was opened, for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushStats {
-    /// journal fsyncs done (successful or not).
+    /// Journal fsyncs done (successful or not).
     pub fsyncs: u64,
-    /// journal fsyncs that failed; each failed every completion of its batch.
+    /// Journal fsyncs that failed; each failed every completion of its batch.
     pub fsync_errors: u64,
     /// Completions run (or about to run: counted just before), i.e. append callbacks, vote
     /// saves and [`crate::db::Storage::sync`] waiters.

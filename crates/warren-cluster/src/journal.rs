@@ -99,20 +99,33 @@ impl Header {
     }
 
     fn decode(b: &[u8]) -> Option<Header> {
-        let b: &[u8; HEADER_BYTES] = b.get(..HEADER_BYTES)?.try_into().ok()?;
-        let u64_at = |i: usize| u64::from_be_bytes(b[i..i + 8].try_into().expect("8 bytes"));
-        let u32_at = |i: usize| u32::from_be_bytes(b[i..i + 4].try_into().expect("4 bytes"));
-        if u64_at(0) != MAGIC || u32_at(36) != crc32fast::hash(&b[0..36]) {
+        let b = b.get(..HEADER_BYTES)?;
+        if be_u64(b, 0) != MAGIC || be_u32(b, 36) != crc32fast::hash(&b[0..36]) {
             return None;
         }
         let header = Header {
-            seq: u64_at(8),
-            capacity: u64_at(16),
-            checkpoint: u64_at(24),
-            generation: u32_at(32),
+            seq: be_u64(b, 8),
+            capacity: be_u64(b, 16),
+            checkpoint: be_u64(b, 24),
+            generation: be_u32(b, 32),
         };
         (header.capacity > RECORD_HEADER as u64).then_some(header)
     }
+}
+
+fn be_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn be_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_be_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// How journaled batches go to RocksDB: the journal stands in for the WAL.
+fn without_wal() -> WriteOptions {
+    let mut options = WriteOptions::default();
+    options.disable_wal(true);
+    options
 }
 
 fn record_crc(generation: u32, position: u64, payload: &[u8]) -> u32 {
@@ -271,9 +284,7 @@ impl Journal {
             state.usable()?;
         }
         let record = s.encode(&mut state, batch.data())?;
-        let mut no_wal = WriteOptions::default();
-        no_wal.disable_wal(true);
-        if let Err(e) = s.db.write_opt(batch, &no_wal) {
+        if let Err(e) = s.db.write_opt(batch, &without_wal()) {
             // RocksDB refuses writes after a background error (a failed flush, a full disk)
             // until it is reopened: as final for this node as a failed journal write.
             state.buffer = record;
@@ -323,9 +334,16 @@ impl Journal {
             {
                 tracing::warn!(error = %e, "could not checkpoint the journal on close");
             }
+            // In the same hold of the lock: nothing is written after the checkpoint.
             state.closed = true;
         }
-        s.changed.notify_all();
+        self.stop();
+    }
+
+    /// Refuses further writes and stops the checkpoint thread.
+    fn stop(&self) {
+        self.shared.lock().closed = true;
+        self.shared.changed.notify_all();
         let handle = self
             .thread
             .lock()
@@ -357,16 +375,7 @@ impl Journal {
 impl Drop for Journal {
     fn drop(&mut self) {
         // Without a checkpoint: a journal dropped without `close` behaves as after a crash.
-        self.shared.lock().closed = true;
-        self.shared.changed.notify_all();
-        if let Some(handle) = self
-            .thread
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            let _ = handle.join();
-        }
+        self.stop();
     }
 }
 
@@ -475,8 +484,7 @@ impl Shared {
         let mut position = state.checkpoint;
         let mut last_generation = 0;
         let mut replayed = 0;
-        let mut no_wal = WriteOptions::default();
-        no_wal.disable_wal(true);
+        let no_wal = without_wal();
         let mut head = [0u8; RECORD_HEADER];
         let mut payload = Vec::new();
         loop {
@@ -486,11 +494,10 @@ impl Shared {
             {
                 break;
             }
-            let u32_at = |i: usize| u32::from_be_bytes(head[i..i + 4].try_into().expect("4"));
-            let len = u64::from(u32_at(0));
-            let generation = u32_at(4);
-            let at = u64::from_be_bytes(head[8..16].try_into().expect("8 bytes"));
-            let crc = u32_at(16);
+            let len = u64::from(be_u32(&head, 0));
+            let generation = be_u32(&head, 4);
+            let at = be_u64(&head, 8);
+            let crc = be_u32(&head, 16);
             if at != position
                 || generation < last_generation
                 || used + RECORD_HEADER as u64 + len > self.capacity
