@@ -329,10 +329,40 @@ const RECENT_ENTRIES_BUDGET: usize = 64 << 20;
 /// column family, together ([`crate::queue_sm`]).
 const UNWRITTEN_BODIES_BUDGET: usize = 128 << 20;
 
+/// Size of a node's journal unless configured otherwise ([`StorageOptions::journal_bytes`]).
+pub const DEFAULT_JOURNAL_BYTES: u64 = journal::DEFAULT_CAPACITY;
+
+/// How a node's storage is laid out on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StorageOptions {
+    /// Size of the journal's ring (`crate::journal`): written whole when the node is created,
+    /// so a new node writes this much before it starts; a checkpoint flushes the memtables
+    /// every quarter of it.
+    pub journal_bytes: u64,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            journal_bytes: DEFAULT_JOURNAL_BYTES,
+        }
+    }
+}
+
+#[cfg(test)]
+impl StorageOptions {
+    /// A small journal: tests create many nodes, and a new node writes its journal whole.
+    pub(crate) fn small() -> Self {
+        StorageOptions {
+            journal_bytes: 1 << 20,
+        }
+    }
+}
+
 impl Storage {
     /// Opens (creating if needed) the node database in directory `path` with all
     /// [`COLUMN_FAMILIES`], replays the journal and starts the flusher thread.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, DbError> {
+    pub fn open(path: impl AsRef<Path>, options: &StorageOptions) -> Result<Self, DbError> {
         let path = path.as_ref().to_path_buf();
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -365,7 +395,7 @@ impl Storage {
         }
         // Before anything reads the database: writes of the last run may be in the journal only.
         let (journal, replayed) =
-            Journal::open(&path, db.clone(), journal::CAPACITY).map_err(DbError::Journal)?;
+            Journal::open(&path, db.clone(), options.journal_bytes).map_err(DbError::Journal)?;
         if replayed > 0 {
             tracing::info!(records = replayed, "replayed the journal");
         }
@@ -614,7 +644,7 @@ mod tests {
     #[tokio::test]
     async fn fsyncs_leave_rocksdb_info_log_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &StorageOptions::small()).unwrap();
         for i in 0..50u32 {
             let mut batch = rocksdb::WriteBatch::default();
             batch.put_cf(storage.cf(CF_SM), i.to_be_bytes(), b"x");
@@ -706,9 +736,11 @@ mod tests {
     fn a_database_of_another_format_is_refused_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let storage = Storage::open(&path).expect("a new database opens");
+        let storage = Storage::open(&path, &StorageOptions::small()).expect("a new database opens");
         drop(storage);
-        Storage::open(&path).expect("and opens again").close();
+        Storage::open(&path, &StorageOptions::small())
+            .expect("and opens again")
+            .close();
         // A database whose record names another format, as a build of that format leaves it.
         {
             let db = DB::open_cf(&Options::default(), &path, COLUMN_FAMILIES).unwrap();
@@ -719,7 +751,8 @@ mod tests {
             )
             .unwrap();
         }
-        let err = Storage::open(&path).expect_err("another format is refused");
+        let err =
+            Storage::open(&path, &StorageOptions::small()).expect_err("another format is refused");
         assert!(matches!(err, DbError::IncompatibleFormat { .. }), "{err}");
         assert!(err.to_string().contains("data_dir"), "{err}");
         // Written before formats were recorded: data, no record.
@@ -733,7 +766,7 @@ mod tests {
                 .unwrap();
         }
         assert!(matches!(
-            Storage::open(&old),
+            Storage::open(&old, &StorageOptions::small()),
             Err(DbError::IncompatibleFormat { found: 1, .. })
         ));
     }
@@ -753,7 +786,8 @@ mod tests {
             db.put_cf(db.cf_handle(CF_LOG).unwrap(), log_key(1, 1), [1, 0])
                 .unwrap();
         }
-        let storage = Storage::open(dir.path()).expect("format 7 is upgraded");
+        let storage =
+            Storage::open(dir.path(), &StorageOptions::small()).expect("format 7 is upgraded");
         let db = storage.db();
         assert_eq!(
             db.get_cf(storage.cf(CF_LOG), log_key(1, 1)).unwrap(),
@@ -765,7 +799,7 @@ mod tests {
         );
         // The upgrade is durable: a crash right after it (no close) keeps it.
         drop(storage);
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &StorageOptions::small()).unwrap();
         assert_eq!(
             storage
                 .db()

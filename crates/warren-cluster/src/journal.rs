@@ -6,12 +6,13 @@
 //!
 //! Why not RocksDB's WAL: every fsync of a file that grows also writes the file's metadata
 //! (its size, its newly allocated blocks), a second disk write on every group commit. This
-//! journal is a ring in one file that grows on its first lap and is only overwritten after, so
-//! an fsync then writes the data and nothing else: on the benchmark machine 106 µs against
-//! 160–200 µs for an append. Without RocksDB's WAL, a write is also copied and written once
-//! less (`docs/benchmarks.md`). Writing the ring with zeros ahead of the records on the first
-//! lap, to spare those fsyncs the file's growth too, was tried: the zeros' own fsyncs stalled
-//! the journal's (confirm p99 15 ms against 4–6 ms).
+//! journal is a ring in one file that is written whole, with zeros, when it is created, and
+//! only overwritten after: an fsync writes the data and nothing else, on the benchmark machine
+//! 106 µs against 160–200 µs for an append. Without RocksDB's WAL, a write is also copied and
+//! written once less (`docs/benchmarks.md`). The zeros cost a new node one write of the ring
+//! (`storage.journal_bytes`, 256 MiB by default) before it starts; writing them ahead of the
+//! records instead, while the node runs, was tried: their own fsyncs stalled the journal's
+//! (confirm p99 15 ms against 4–6 ms).
 //!
 //! How a write is made durable: under the journal's lock, the batch goes to RocksDB's
 //! memtables with the WAL off, then its bytes (RocksDB's own batch encoding) are appended to
@@ -66,10 +67,13 @@ use crate::db::COLUMN_FAMILIES;
 
 /// The journal's file name in the data directory.
 pub(crate) const JOURNAL_FILE: &str = "journal";
-/// Size of the ring of a new journal. The checkpoint keeps it at most a quarter full in steady
-/// state; the rest absorbs bursts while a checkpoint's flush runs. An open journal keeps the
-/// capacity it was created with.
-pub(crate) const CAPACITY: u64 = 256 << 20;
+/// Where a new journal is built before it is renamed to [`JOURNAL_FILE`].
+const JOURNAL_BUILDING_FILE: &str = "journal.new";
+/// Size of the ring unless configured otherwise (`storage.journal_bytes`). The checkpoint keeps
+/// it at most a quarter full in steady state; the rest absorbs bursts while a checkpoint's flush
+/// runs. A journal of another size is replaced at open, once what it holds is replayed and
+/// flushed.
+pub const DEFAULT_CAPACITY: u64 = 256 << 20;
 const HEADER_SLOT: u64 = 4096;
 const HEADER_LEN: u64 = 2 * HEADER_SLOT;
 const RECORD_HEADER: usize = 20;
@@ -200,47 +204,46 @@ pub(crate) struct Journal {
 
 impl Journal {
     /// Opens the journal in `dir` (creating it, with a ring of `capacity` bytes, if there is
-    /// none), replays into `db` every record from the checkpoint on, and starts a new
-    /// generation. Returns the journal and how many records it replayed.
+    /// none), replays into `db` every record from the checkpoint on, replaces it with a new one
+    /// if its ring is not `capacity` bytes, and starts a new generation. Returns the journal and how many records it replayed.
     pub(crate) fn open(dir: &Path, db: Arc<DB>, capacity: u64) -> io::Result<(Journal, u64)> {
         let path = dir.join(JOURNAL_FILE);
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
-        let len = file.metadata()?.len();
-        let header = match read_header(&file)? {
-            Some(h) => h,
-            // Created but never given a header: nothing can have been written to it.
-            None if len <= HEADER_LEN => create(&file, dir, capacity)?,
-            None => {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: neither header slot is readable", path.display()),
-                ));
-            }
+        let existing = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
         };
-        let shared = Shared {
-            db,
-            file,
-            capacity: header.capacity,
-            state: Mutex::new(State {
-                end: header.checkpoint,
-                checkpoint: header.checkpoint,
-                header,
-                failed: None,
-                checkpoint_wanted: false,
-                closed: false,
-                buffer: Vec::new(),
-                on_failure: None,
-            }),
-            changed: Condvar::new(),
+        let (file, header) = match existing {
+            None => create(dir, capacity, 0)?,
+            Some(file) => match read_header(&file)? {
+                Some(header) => (file, header),
+                // Created but never given a header (by a build that did not create the file
+                // whole first): nothing can have been written to it.
+                None if file.metadata()?.len() <= HEADER_LEN => create(dir, capacity, 0)?,
+                None => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: neither header slot is readable", path.display()),
+                    ));
+                }
+            },
         };
+        let mut shared = Shared::new(db, file, header);
         let replayed = shared.replay()?;
+        if header.capacity != capacity {
+            // Every replayed record goes to table files first, so that the old ring holds
+            // nothing the database needs when the new one replaces it.
+            shared.flush_all()?;
+            let (file, resized) = create(dir, capacity, header.generation)?;
+            tracing::info!(from = header.capacity, to = capacity, "resized the journal");
+            shared = Shared::new(shared.db, file, resized);
+        } else {
+            // A journal from a build that grew the ring on its first lap.
+            fill_with_zeros(&shared.file, HEADER_LEN + header.capacity)?;
+        }
         {
             let mut state = shared.lock();
+            let header = state.header;
             let next = Header {
                 seq: header.seq + 1,
                 generation: header.generation + 1,
@@ -379,21 +382,58 @@ impl Drop for Journal {
     }
 }
 
-/// Writes a new journal's header area and first header, and makes the file's existence durable.
-fn create(file: &File, dir: &Path, capacity: u64) -> io::Result<Header> {
-    // Slot `seq % 2`, as for every header after it.
+/// Creates a journal with a ring of `capacity` bytes, every byte of it written (with zeros) and
+/// synced, so that no fsync of a record ever has to grow the file or allocate its blocks. The
+/// file is built aside and renamed into place: a crash leaves either the old journal or the
+/// new one whole.
+fn create(dir: &Path, capacity: u64, generation: u32) -> io::Result<(File, Header)> {
     let header = Header {
+        // Slot `seq % 2`, as for every header after it.
         seq: 0,
         capacity,
         checkpoint: 0,
-        generation: 0,
+        generation,
     };
+    let building = dir.join(JOURNAL_BUILDING_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&building)?;
     let mut area = vec![0u8; HEADER_LEN as usize];
     area[..HEADER_BYTES].copy_from_slice(&header.encode());
-    file.write_all_at(&area, 0)?;
-    file.sync_all()?;
+    file.write_all_at(&area, 0)
+        .and_then(|()| fill_with_zeros(&file, HEADER_LEN + capacity))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create a journal of {capacity} bytes in {} ({e}); \
+                     storage.journal_bytes sets its size",
+                    dir.display()
+                ),
+            )
+        })?;
+    std::fs::rename(&building, dir.join(JOURNAL_FILE))?;
     File::open(dir)?.sync_all()?;
-    Ok(header)
+    Ok((file, header))
+}
+
+/// Extends `file` to `len` bytes with written zeros and syncs it (data and size).
+fn fill_with_zeros(file: &File, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let mut at = file.metadata()?.len();
+    if at >= len {
+        return Ok(());
+    }
+    let zeros = vec![0u8; CHUNK as usize];
+    while at < len {
+        let n = CHUNK.min(len - at);
+        file.write_all_at(&zeros[..n as usize], at)?;
+        at += n;
+    }
+    file.sync_all()
 }
 
 fn read_header(file: &File) -> io::Result<Option<Header>> {
@@ -412,6 +452,25 @@ fn read_header(file: &File) -> io::Result<Option<Header>> {
 }
 
 impl Shared {
+    fn new(db: Arc<DB>, file: File, header: Header) -> Shared {
+        Shared {
+            db,
+            file,
+            capacity: header.capacity,
+            state: Mutex::new(State {
+                end: header.checkpoint,
+                checkpoint: header.checkpoint,
+                header,
+                failed: None,
+                checkpoint_wanted: false,
+                closed: false,
+                buffer: Vec::new(),
+                on_failure: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -622,6 +681,9 @@ mod tests {
     use crate::db::CF_LOG;
     use crate::db::CF_SM;
 
+    /// A new journal is written whole: the tests keep theirs small.
+    const RING: u64 = 1 << 20;
+
     fn open_db(dir: &Path) -> Arc<DB> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -664,7 +726,7 @@ mod tests {
     #[test]
     fn writes_lost_from_the_memtables_in_a_crash_are_replayed_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, journal, replayed) = open(dir.path(), CAPACITY);
+        let (db, journal, replayed) = open(dir.path(), RING);
         assert_eq!(replayed, 0);
         for i in 0..100u32 {
             put(&journal, &db, CF_LOG, &i.to_be_bytes(), &[i as u8; 100]);
@@ -689,7 +751,7 @@ mod tests {
             "the crash must lose the memtables"
         );
 
-        let (db, _journal, replayed) = open(crashed.path(), CAPACITY);
+        let (db, _journal, replayed) = open(crashed.path(), RING);
         assert_eq!(replayed, 201);
         assert_eq!(get(&db, CF_SM, b"last"), Some(99u32.to_be_bytes().to_vec()));
         assert_eq!(get(&db, CF_LOG, &49u32.to_be_bytes()), None);
@@ -742,7 +804,7 @@ mod tests {
     #[test]
     fn a_torn_record_ends_the_replay_and_a_stale_one_behind_it_stays_out() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, journal, _) = open(dir.path(), CAPACITY);
+        let (db, journal, _) = open(dir.path(), RING);
         put(&journal, &db, CF_SM, b"a", b"1");
         let (_, torn_at) = journal.positions();
         put(&journal, &db, CF_SM, b"b", b"1");
@@ -751,8 +813,8 @@ mod tests {
 
         // The crash tore the middle record; the last one reached the disk whole.
         let first = crash_copy(dir.path());
-        tear(first.path(), CAPACITY, torn_at + RECORD_HEADER as u64, 4);
-        let (db, journal, replayed) = open(first.path(), CAPACITY);
+        tear(first.path(), RING, torn_at + RECORD_HEADER as u64, 4);
+        let (db, journal, replayed) = open(first.path(), RING);
         assert_eq!(replayed, 1);
         assert_eq!(get(&db, CF_SM, b"a"), Some(b"1".to_vec()));
         assert_eq!(get(&db, CF_SM, b"b"), None);
@@ -763,7 +825,7 @@ mod tests {
         put(&journal, &db, CF_SM, b"b", b"2");
         journal.sync().unwrap();
         let second = crash_copy(first.path());
-        let (db, _journal, replayed) = open(second.path(), CAPACITY);
+        let (db, _journal, replayed) = open(second.path(), RING);
         assert_eq!(replayed, 2);
         assert_eq!(get(&db, CF_SM, b"b"), Some(b"2".to_vec()));
         assert_eq!(get(&db, CF_SM, b"c"), None);
@@ -795,7 +857,7 @@ mod tests {
     #[test]
     fn a_torn_header_slot_falls_back_to_the_other() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, journal, _) = open(dir.path(), CAPACITY);
+        let (db, journal, _) = open(dir.path(), RING);
         put(&journal, &db, CF_SM, b"a", b"1");
         journal.checkpoint().unwrap();
         put(&journal, &db, CF_SM, b"b", b"1");
@@ -812,7 +874,7 @@ mod tests {
             .unwrap();
         file.write_all_at(&[0xA5; 8], current.seq % 2 * HEADER_SLOT + 20)
             .unwrap();
-        let (db, _journal, replayed) = open(crashed.path(), CAPACITY);
+        let (db, _journal, replayed) = open(crashed.path(), RING);
         assert_eq!(replayed, 2);
         assert_eq!(get(&db, CF_SM, b"a"), Some(b"1".to_vec()));
         assert_eq!(get(&db, CF_SM, b"b"), Some(b"1".to_vec()));
@@ -821,7 +883,7 @@ mod tests {
     #[test]
     fn the_first_failure_is_reported_once_and_every_later_write_fails() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, journal, _) = open(dir.path(), CAPACITY);
+        let (db, journal, _) = open(dir.path(), RING);
         let told = Arc::new(Mutex::new(Vec::new()));
         journal.on_failure(Arc::new({
             let told = told.clone();
@@ -852,14 +914,86 @@ mod tests {
     #[test]
     fn close_checkpoints_so_that_the_next_open_replays_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let (db, journal, _) = open(dir.path(), CAPACITY);
+        let (db, journal, _) = open(dir.path(), RING);
         put(&journal, &db, CF_SM, b"a", b"1");
         journal.close();
         assert!(journal.write(WriteBatch::default()).is_err());
         drop(journal);
         drop(db);
-        let (db, _journal, replayed) = open(dir.path(), CAPACITY);
+        let (db, _journal, replayed) = open(dir.path(), RING);
         assert_eq!(replayed, 0);
         assert_eq!(get(&db, CF_SM, b"a"), Some(b"1".to_vec()));
+    }
+
+    fn file_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(JOURNAL_FILE)).unwrap().len()
+    }
+
+    #[test]
+    fn a_new_journal_is_written_whole_before_its_first_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, journal, _) = open(dir.path(), RING);
+        assert_eq!(file_len(dir.path()), HEADER_LEN + RING);
+        assert!(!dir.path().join(JOURNAL_BUILDING_FILE).exists());
+        // Written, not a hole: every block of the ring is allocated.
+        let blocks = std::os::unix::fs::MetadataExt::blocks(
+            &std::fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap(),
+        );
+        assert!(blocks * 512 >= HEADER_LEN + RING, "{blocks} blocks");
+        drop(journal);
+    }
+
+    #[test]
+    fn a_journal_of_another_size_is_replayed_then_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, journal, _) = open(dir.path(), 64 << 10);
+        for i in 0..20u32 {
+            put(&journal, &db, CF_LOG, &i.to_be_bytes(), &[i as u8; 100]);
+        }
+        journal.sync().unwrap();
+
+        let crashed = crash_copy(dir.path());
+        let (db, journal, replayed) = open(crashed.path(), 128 << 10);
+        assert_eq!(replayed, 20);
+        assert_eq!(file_len(crashed.path()), HEADER_LEN + (128 << 10));
+        put(&journal, &db, CF_SM, b"after", b"1");
+        journal.sync().unwrap();
+
+        // The records of the old ring are gone with it: what they held must be in table files.
+        let again = crash_copy(crashed.path());
+        let (db, _journal, replayed) = open(again.path(), 128 << 10);
+        assert_eq!(replayed, 1);
+        assert_eq!(get(&db, CF_SM, b"after"), Some(b"1".to_vec()));
+        for i in 0..20u32 {
+            assert_eq!(
+                get(&db, CF_LOG, &i.to_be_bytes()),
+                Some(vec![i as u8; 100]),
+                "key {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_ring_grown_by_an_earlier_build_is_filled_to_its_size_after_its_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, journal, _) = open(dir.path(), RING);
+        for i in 0..20u32 {
+            put(&journal, &db, CF_LOG, &i.to_be_bytes(), &[i as u8; 100]);
+        }
+        journal.sync().unwrap();
+        let (_, end) = journal.positions();
+
+        // An earlier build left the file ending with its last record.
+        let crashed = crash_copy(dir.path());
+        OpenOptions::new()
+            .write(true)
+            .open(crashed.path().join(JOURNAL_FILE))
+            .unwrap()
+            .set_len(HEADER_LEN + end)
+            .unwrap();
+        let (db, _journal, replayed) = open(crashed.path(), RING);
+        assert_eq!(replayed, 20);
+        assert_eq!(get(&db, CF_LOG, &19u32.to_be_bytes()), Some(vec![19; 100]));
+        assert_eq!(file_len(crashed.path()), HEADER_LEN + RING);
     }
 }

@@ -50,8 +50,10 @@ pub use node::{
 pub use queue::{ClusterError, Completion, Delivery, DeliverySink, QueueHandle, ReplyTo, Traffic};
 pub use types::{GroupRequest, GroupResponse, QueueOutcome, QueueRequest, TypeConfig};
 
+pub use db::DEFAULT_JOURNAL_BYTES;
 pub use db::DbError;
 pub use db::GroupId;
 pub use db::Storage;
+pub use db::StorageOptions;
 pub use flusher::FlushStats;
 pub use log_store::LogStore;

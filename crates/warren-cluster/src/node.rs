@@ -24,7 +24,7 @@ use warren_core::meta::{MetaCmd, MetaReply, MetaState};
 use warren_core::queue::QueueCmd;
 use warren_core::{GroupId, MsgId};
 
-use crate::db::{CF_META, DbError, Storage, decode, encode, keys};
+use crate::db::{CF_META, DbError, Storage, StorageOptions, decode, encode, keys};
 use crate::meta_sm::MetaMachine;
 use crate::network::{GroupNetwork, WireSnapshot};
 use crate::outbox::{Liveness, Outbox, RemoteItem};
@@ -64,6 +64,8 @@ pub struct NodeConfig {
     /// before standing itself, unless that one showed its log is behind
     /// ([`DEFAULT_ELECTION_FALLBACK_MS`]).
     pub election_fallback_ms: u64,
+    /// Size of the node's journal ([`crate::db::DEFAULT_JOURNAL_BYTES`] unless configured).
+    pub journal_bytes: u64,
 }
 
 /// Long enough that the replica ranked first wins first however many queues it must elect
@@ -214,7 +216,12 @@ impl Node {
                 cfg.data_dir.display()
             ))
         })?;
-        let storage = Storage::open(&cfg.data_dir)?;
+        let storage = Storage::open(
+            &cfg.data_dir,
+            &StorageOptions {
+                journal_bytes: cfg.journal_bytes,
+            },
+        )?;
         let run = next_run(&storage, cfg.node_id)?;
         info!(
             node = cfg.node_id,

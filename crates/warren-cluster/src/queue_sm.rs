@@ -938,7 +938,8 @@ mod tests {
 
         const GROUP: u64 = 7;
         let dir = tempfile::tempdir().unwrap();
-        let storage = crate::db::Storage::open(dir.path()).unwrap();
+        let storage =
+            crate::db::Storage::open(dir.path(), &crate::db::StorageOptions::small()).unwrap();
         let net = crate::mem_net::MemNet::new();
         let outbox = crate::outbox::Outbox::new(1, net.transport(1));
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

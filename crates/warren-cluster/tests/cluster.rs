@@ -91,6 +91,8 @@ impl TestCluster {
                 failure_timeout_ms: 400,
                 page_window,
                 election_fallback_ms,
+                // Small: every node of every test writes its journal whole when created.
+                journal_bytes: 4 << 20,
             };
             dirs.push(dir);
             let net = net.clone();

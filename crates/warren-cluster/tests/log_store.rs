@@ -42,7 +42,7 @@ async fn indexes(store: &mut LogStore<TestConfig>) -> Vec<u64> {
 async fn restart_keeps_vote_committed_entries_and_purge_point() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
         let mut store = storage.log_store::<TestConfig>(3);
         store.save_vote(&vote(2, 1, true)).await.unwrap();
         append(
@@ -58,7 +58,7 @@ async fn restart_keeps_vote_committed_entries_and_purge_point() {
         storage.sync().await.unwrap();
         storage.close();
     }
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(3);
     assert_eq!(store.read_vote().await.unwrap(), Some(vote(2, 1, true)));
     assert_eq!(store.read_committed().await.unwrap(), Some(log_id(2, 8)));
@@ -81,13 +81,13 @@ async fn restart_keeps_vote_committed_entries_and_purge_point() {
 async fn restart_after_purging_everything_reports_the_purge_point_as_last() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
         let mut store = storage.log_store::<TestConfig>(1);
         append(&mut store, (0..5).map(|i| blank(1, i)).collect()).await;
         store.purge(log_id(1, 4)).await.unwrap();
         storage.sync().await.unwrap();
     }
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(1);
     let want = LogState {
         last_purged_log_id: Some(log_id(1, 4)),
@@ -106,7 +106,7 @@ async fn restart_after_purging_everything_reports_the_purge_point_as_last() {
 #[tokio::test]
 async fn groups_do_not_see_each_other() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let groups = [0, 1, 2, u64::MAX - 1, u64::MAX];
     for &g in &groups {
         let mut store = storage.log_store::<TestConfig>(g);
@@ -156,7 +156,7 @@ async fn groups_do_not_see_each_other() {
 #[tokio::test]
 async fn truncate_and_purge_edge_cases() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(9);
     append(&mut store, (1..=10).map(|i| blank(1, i)).collect()).await;
 
@@ -229,7 +229,7 @@ async fn truncate_and_purge_edge_cases() {
 #[tokio::test]
 async fn limited_reads_stop_at_the_byte_budget_but_never_return_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(4);
     let big = "x".repeat(300 * 1024);
     append(&mut store, (1..=8).map(|i| normal(1, i, &big)).collect()).await;
@@ -251,7 +251,7 @@ async fn concurrent_appends_from_many_groups_share_fsyncs() {
     const GROUPS: u64 = 8;
     const PER_GROUP: u64 = 50;
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let before = storage.flush_stats();
 
     let mut tasks = Vec::new();
@@ -293,7 +293,7 @@ async fn concurrent_appends_from_many_groups_share_fsyncs() {
 #[tokio::test]
 async fn close_drains_then_refuses() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(1);
     let rx = append_nowait(&mut store, vec![blank(1, 1)]).await;
     storage.close();
@@ -329,7 +329,7 @@ async fn close_drains_then_refuses() {
 #[tokio::test]
 async fn a_reader_taken_before_appends_sees_them() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     let mut store = storage.log_store::<TestConfig>(1);
     let mut reader = store.get_log_reader().await;
     // Readable as soon as append returns, before the flush callback has fired.

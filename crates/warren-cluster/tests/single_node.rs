@@ -81,7 +81,7 @@ impl RaftNetworkV2<TestConfig> for NoNetwork {
 /// so the previous instance may hold RocksDB's lock for a moment.
 async fn reopen(path: &Path) -> Storage {
     for _ in 0..100 {
-        match Storage::open(path) {
+        match Storage::open(path, &common::storage_options()) {
             Ok(storage) => return storage,
             Err(e) if e.to_string().contains("lock") => {
                 tokio::time::sleep(Duration::from_millis(50)).await
@@ -130,7 +130,7 @@ async fn one_member_group_writes_restarts_and_reapplies() {
 
     let first_term;
     {
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
         let sm = MemStateMachine::default();
         let raft = start(&storage, sm.clone(), true).await;
         raft.initialize(BTreeMap::from([(1u64, BasicNode::default())]))
@@ -238,7 +238,7 @@ async fn one_member_group_works_without_ticks() {
     let dir = tempfile::tempdir().unwrap();
     let timeout = Some(Duration::from_secs(10));
     {
-        let storage = Storage::open(dir.path()).unwrap();
+        let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
         let raft = start_with(&storage, MemStateMachine::default(), true, false).await;
         raft.initialize(BTreeMap::from([(1u64, BasicNode::default())]))
             .await

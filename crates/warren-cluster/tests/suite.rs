@@ -27,7 +27,7 @@ impl StoreBuilder<TestConfig, LogStore<TestConfig>, MemStateMachine, TempDir> fo
         &self,
     ) -> Result<(TempDir, LogStore<TestConfig>, MemStateMachine), StorageError<TestConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let storage = Storage::open(dir.path()).expect("open storage");
+        let storage = Storage::open(dir.path(), &common::storage_options()).expect("open storage");
         Ok((dir, storage.log_store(7), MemStateMachine::default()))
     }
 }
@@ -61,7 +61,7 @@ async fn openraft_suite_fresh_db_per_case() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openraft_suite_groups_sharing_one_db() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = Storage::open(dir.path()).unwrap();
+    let storage = Storage::open(dir.path(), &common::storage_options()).unwrap();
     // Start near the top of the id space so that the last group's key bounds are exercised.
     let builder = SharedDb {
         storage: storage.clone(),

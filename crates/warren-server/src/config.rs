@@ -94,6 +94,10 @@ pub struct Cli {
     /// CPU the process may use).
     #[arg(long, env = "WARREN_WORKER_THREADS")]
     pub worker_threads: Option<usize>,
+    /// Size of the node's journal in bytes (default 256 MiB): written whole when the node is
+    /// created; a node restarted with another size replaces its journal.
+    #[arg(long, env = "WARREN_JOURNAL_BYTES")]
+    pub journal_bytes: Option<u64>,
 }
 
 /// The file format. Unknown keys are an error: a misspelt setting must not be silently ignored.
@@ -115,6 +119,8 @@ struct FileConfig {
     cluster: FileCluster,
     #[serde(default)]
     resources: FileResources,
+    #[serde(default)]
+    storage: FileStorage,
     users: Option<Vec<UserConfig>>,
     loopback_users: Option<Vec<String>>,
 }
@@ -125,6 +131,12 @@ struct FileResources {
     memory_high_watermark_bytes: Option<u64>,
     disk_free_limit_bytes: Option<u64>,
     worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStorage {
+    journal_bytes: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -258,7 +270,13 @@ pub struct Config {
     pub disk_free_limit_bytes: u64,
     /// Threads of the async runtime; None: one per CPU available to the process.
     pub worker_threads: Option<usize>,
+    /// Size of the node's journal (bytes).
+    pub journal_bytes: u64,
 }
+
+/// A journal smaller than this would checkpoint (flush every memtable) every few hundred
+/// messages; one larger is a typo, and would be written whole before the node starts.
+const JOURNAL_BYTES_RANGE: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 30);
 
 /// More threads than this is a typo, not a machine.
 const MAX_WORKER_THREADS: usize = 1024;
@@ -325,6 +343,20 @@ impl Config {
             return Err(invalid(
                 "resources.worker_threads",
                 format!("{n} is not between 1 and {MAX_WORKER_THREADS}"),
+            ));
+        }
+        let journal_bytes = cli
+            .journal_bytes
+            .or(file.storage.journal_bytes)
+            .unwrap_or(warren_cluster::DEFAULT_JOURNAL_BYTES);
+        if !JOURNAL_BYTES_RANGE.contains(&journal_bytes) {
+            return Err(invalid(
+                "storage.journal_bytes (--journal-bytes / WARREN_JOURNAL_BYTES)",
+                format!(
+                    "{journal_bytes} is outside {}..={} (1 MiB to 64 GiB)",
+                    JOURNAL_BYTES_RANGE.start(),
+                    JOURNAL_BYTES_RANGE.end()
+                ),
             ));
         }
         let data_dir = cli
@@ -604,6 +636,7 @@ impl Config {
                 .or(file.resources.disk_free_limit_bytes)
                 .unwrap_or(DEFAULT_DISK_FREE_LIMIT),
             worker_threads,
+            journal_bytes,
         })
     }
 }
@@ -766,6 +799,28 @@ mod tests {
             ..Cli::default()
         };
         assert_eq!(Config::merge(cli, file).unwrap().worker_threads, Some(1));
+    }
+
+    #[test]
+    fn the_journal_size_defaults_to_256_mib_is_bounded_and_a_flag_beats_the_file() {
+        assert_eq!(from_toml("").unwrap().journal_bytes, 256 << 20);
+        let file = "[storage]\njournal_bytes = 16777216\n";
+        assert_eq!(from_toml(file).unwrap().journal_bytes, 16 << 20);
+        let cli = Cli {
+            journal_bytes: Some(8 << 20),
+            ..Cli::default()
+        };
+        let merged = Config::merge(cli, toml::from_str(file).unwrap()).unwrap();
+        assert_eq!(merged.journal_bytes, 8 << 20);
+        for wrong in [0u64, 4096, (1 << 20) - 1, (64 << 30) + 1] {
+            let e = from_toml(&format!("[storage]\njournal_bytes = {wrong}\n")).unwrap_err();
+            assert_eq!(
+                e.setting,
+                "storage.journal_bytes (--journal-bytes / WARREN_JOURNAL_BYTES)"
+            );
+            assert!(e.reason.starts_with(&wrong.to_string()), "{}", e.reason);
+        }
+        assert!(from_toml("[storage]\njournal_bytes = 1048576\n").is_ok());
     }
 
     #[test]

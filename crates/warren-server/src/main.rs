@@ -155,6 +155,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             failure_timeout_ms: config.failure_timeout_ms,
             page_window: warren_cluster::DEFAULT_PAGE_WINDOW,
             election_fallback_ms: warren_cluster::DEFAULT_ELECTION_FALLBACK_MS,
+            journal_bytes: config.journal_bytes,
         },
         transport,
     )

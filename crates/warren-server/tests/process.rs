@@ -696,6 +696,59 @@ fn start_in_a_given_data_dir() {
     });
 }
 
+/// A node killed with a backlog and started again with another `--journal-bytes` replays its
+/// old journal, then replaces it with one of the new size, written whole: no message is lost.
+#[test]
+fn a_node_restarted_with_another_journal_size_keeps_its_messages() {
+    const N: u32 = 3000;
+    if support::external_amqp().is_some() {
+        eprintln!("skipped: this test restarts the broker process");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let journal = data.join("journal");
+    let journal_len = || std::fs::metadata(&journal).expect("journal").len();
+    const HEADER: u64 = 8192;
+    let q = unique("resize");
+    let mut b = Broker::start_in(&data);
+    assert_eq!(
+        journal_len(),
+        HEADER + support::TEST_JOURNAL_BYTES,
+        "a new node writes its journal whole"
+    );
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let _ch = durable_queue_with_messages(&conn, &q, N).await;
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+    b.kill9();
+    drop(b);
+
+    let smaller = support::TEST_JOURNAL_BYTES / 4;
+    let args = [
+        "--cluster-listen".to_string(),
+        "127.0.0.1:0".to_string(),
+        "--journal-bytes".to_string(),
+        smaller.to_string(),
+    ];
+    let mut b = Broker::launch_in(&data, &args);
+    b.await_ready();
+    assert_eq!(journal_len(), HEADER + smaller);
+    assert!(
+        b.stdout_text().contains("resized the journal")
+            || b.stderr_text().contains("resized the journal"),
+        "no resize logged"
+    );
+    run(async {
+        let conn = support::connect(&b.amqp_url()).await;
+        let got = consume_all(&conn, &q, N as usize).await;
+        let bodies: Vec<String> = got.iter().map(|(b, _)| b.clone()).collect();
+        assert!(bodies == expected_bodies(0..N), "lost or reordered");
+        conn.close(200, "bye".into()).await.expect("close");
+    });
+}
+
 /// A policy's dead-letter exchange still applies to a queue after a restart that loads the
 /// metadata from a snapshot taken after the policy was set (the node then never replays the
 /// policy's own log entry, so it must take the arguments in force from the snapshot).

@@ -31,6 +31,13 @@ openraft::declare_raft_types!(
         R = u64,
 );
 
+/// Storage with a small journal: a new journal is written whole, and the tests create many.
+pub fn storage_options() -> warren_cluster::StorageOptions {
+    warren_cluster::StorageOptions {
+        journal_bytes: 1 << 20,
+    }
+}
+
 pub type Entry = openraft::alias::EntryOf<TestConfig>;
 pub type LogId = LogIdOf<TestConfig>;
 

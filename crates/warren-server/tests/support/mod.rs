@@ -44,6 +44,10 @@ pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the broker may take to exit after SIGTERM.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Journal size of the brokers the tests start: small, since each new node writes its journal
+/// whole, and small enough that busy tests wrap it and checkpoint.
+pub const TEST_JOURNAL_BYTES: u64 = 8 << 20;
+
 /// Reply codes used by the tests (AMQP 0-9-1 constants).
 pub mod code {
     pub const REPLY_SUCCESS: u16 = 200;
@@ -370,6 +374,9 @@ impl Broker {
         if self.default_cluster_listen {
             cmd.args(["--cluster-listen", "127.0.0.1:0"]);
         }
+        // Every new node writes its journal whole; the tests start hundreds. A test's own
+        // `--journal-bytes` beats this.
+        cmd.env("WARREN_JOURNAL_BYTES", TEST_JOURNAL_BYTES.to_string());
         cmd.args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
