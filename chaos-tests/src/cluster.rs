@@ -60,7 +60,15 @@ struct NodeProc {
     /// `warren: ready` lines in stdout.log before the current start.
     ready_before: usize,
     starts: u32,
+    /// Started with the smallest journal (the disk nemesis's node): see [`DISK_NODE_JOURNAL`].
+    small_journal: bool,
 }
+
+/// The journal of the node whose disk fills. A journal is written whole when the node is
+/// created, so a full disk fails no journal write: it fails the next checkpoint's flush of the
+/// memtables, which a 1 MiB ring asks for every 256 KiB written, within each fault window
+/// (the other nodes' 16 MiB rings checkpoint every 4 MiB).
+const DISK_NODE_JOURNAL: &str = "1048576";
 
 /// The node addresses clients may use, shared with the workload: the nemesis updates it
 /// when membership changes.
@@ -212,6 +220,7 @@ impl Cluster {
                 clock,
                 ready_before: 0,
                 starts: 0,
+                small_journal: tmpfs_mib.is_some(),
             },
         );
         Ok(())
@@ -255,6 +264,11 @@ impl Cluster {
             .args(["--http-listen", &format!("{addr}:{HTTP_PORT}")])
             .args(["--cluster-listen", &format!("{addr}:{CLUSTER_PORT}")])
             .args(["--members", &members])
+            .args(if node.small_journal {
+                &["--journal-bytes", DISK_NODE_JOURNAL][..]
+            } else {
+                &[][..]
+            })
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)

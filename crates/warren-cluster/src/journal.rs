@@ -51,6 +51,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Condvar;
 use std::sync::Mutex;
@@ -74,6 +75,9 @@ const JOURNAL_BUILDING_FILE: &str = "journal.new";
 /// runs. A journal of another size is replaced at open, once what it holds is replayed and
 /// flushed.
 pub const DEFAULT_CAPACITY: u64 = 256 << 20;
+/// Free space a flush needs beyond the memtables' size: the manifest's update, a new WAL
+/// file's preallocation, an options file.
+const FLUSH_HEADROOM: u64 = 8 << 20;
 const HEADER_SLOT: u64 = 4096;
 const HEADER_LEN: u64 = 2 * HEADER_SLOT;
 const RECORD_HEADER: usize = 20;
@@ -189,6 +193,11 @@ impl State {
 
 struct Shared {
     db: Arc<DB>,
+    /// The data directory, for the free-space check before a flush.
+    dir: PathBuf,
+    /// Test hook: the free space the check sees, instead of the file system's.
+    #[cfg(test)]
+    free_space: Mutex<Option<u64>>,
     file: File,
     capacity: u64,
     state: Mutex<State>,
@@ -228,7 +237,7 @@ impl Journal {
                 }
             },
         };
-        let mut shared = Shared::new(db, file, header);
+        let mut shared = Shared::new(db, dir, file, header);
         let replayed = shared.replay()?;
         if header.capacity != capacity {
             // Every replayed record goes to table files first, so that the old ring holds
@@ -236,7 +245,7 @@ impl Journal {
             shared.flush_all()?;
             let (file, resized) = create(dir, capacity, header.generation)?;
             tracing::info!(from = header.capacity, to = capacity, "resized the journal");
-            shared = Shared::new(shared.db, file, resized);
+            shared = Shared::new(shared.db, dir, file, resized);
         } else {
             // A journal from a build that grew the ring on its first lap.
             fill_with_zeros(&shared.file, HEADER_LEN + header.capacity)?;
@@ -452,9 +461,12 @@ fn read_header(file: &File) -> io::Result<Option<Header>> {
 }
 
 impl Shared {
-    fn new(db: Arc<DB>, file: File, header: Header) -> Shared {
+    fn new(db: Arc<DB>, dir: &Path, file: File, header: Header) -> Shared {
         Shared {
             db,
+            dir: dir.to_path_buf(),
+            #[cfg(test)]
+            free_space: Mutex::new(None),
             file,
             capacity: header.capacity,
             state: Mutex::new(State {
@@ -598,6 +610,7 @@ impl Shared {
 
     /// Flushes every column family's memtable to table files, waiting for the flushes.
     fn flush_all(&self) -> io::Result<()> {
+        self.ensure_room_to_flush()?;
         let mut wait = rocksdb::FlushOptions::default();
         wait.set_wait(true);
         for name in COLUMN_FAMILIES {
@@ -608,6 +621,44 @@ impl Shared {
             self.db.flush_cf_opt(cf, &wait).map_err(io::Error::other)?;
         }
         Ok(())
+    }
+
+    /// Fails unless the data directory has room for the memtables' table files. A flush that
+    /// runs out of space does not fail cleanly: RocksDB's file writer, used again after its
+    /// failed write, aborts the process on an assertion. Failing here instead makes the node
+    /// stop with a message naming the cause (see [`Journal::on_failure`]).
+    fn ensure_room_to_flush(&self) -> io::Result<()> {
+        let mut memtables = 0;
+        for name in COLUMN_FAMILIES {
+            if let Some(cf) = self.db.cf_handle(name) {
+                memtables += self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+            }
+        }
+        let needed = memtables + FLUSH_HEADROOM;
+        #[cfg(test)]
+        let free = (*self
+            .free_space
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner))
+        .or_else(|| crate::resources::disk_free(&self.dir));
+        #[cfg(not(test))]
+        let free = crate::resources::disk_free(&self.dir);
+        match free {
+            Some(free) if free < needed => Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "no room to flush the memtables for a checkpoint: {free} bytes free in {}, \
+                     {needed} needed",
+                    self.dir.display()
+                ),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Moves the checkpoint to `end` under the lock (writers wait meanwhile).
@@ -995,5 +1046,27 @@ mod tests {
         assert_eq!(replayed, 20);
         assert_eq!(get(&db, CF_LOG, &19u32.to_be_bytes()), Some(vec![19; 100]));
         assert_eq!(file_len(crashed.path()), HEADER_LEN + RING);
+    }
+
+    #[test]
+    fn a_checkpoint_without_room_to_flush_fails_the_journal_before_rocksdb_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, journal, _) = open(dir.path(), RING);
+        let told = Arc::new(Mutex::new(Vec::new()));
+        journal.on_failure(Arc::new({
+            let told = told.clone();
+            move |e: &str| told.lock().unwrap().push(e.to_string())
+        }));
+        put(&journal, &db, CF_SM, b"a", b"1");
+        *journal.shared.free_space.lock().unwrap() = Some(FLUSH_HEADROOM);
+        let e = journal.checkpoint().unwrap_err();
+        assert!(e.to_string().contains("no room to flush"), "{e}");
+        assert_eq!(told.lock().unwrap().len(), 1);
+        let files = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|f| f.as_ref().unwrap().path().extension() == Some("sst".as_ref()))
+            .count();
+        assert_eq!(files, 0, "nothing was flushed");
+        assert!(journal.write(WriteBatch::default()).is_err());
     }
 }
