@@ -935,13 +935,9 @@ mod tests {
     fn the_first_failure_is_reported_once_and_every_later_write_fails() {
         let dir = tempfile::tempdir().unwrap();
         let (db, journal, _) = open(dir.path(), RING);
-        let told = Arc::new(Mutex::new(Vec::new()));
-        journal.on_failure(Arc::new({
-            let told = told.clone();
-            move |e: &str| told.lock().unwrap().push(e.to_string())
-        }));
+        let told = failures_told(&journal);
         put(&journal, &db, CF_SM, b"a", b"1");
-        // A write error of the journal's file, as a full disk gives on its first lap.
+        // A write error of the journal's file, as a failing disk gives.
         {
             let mut state = journal.shared.lock();
             let e = io::Error::other("No space left on device");
@@ -974,6 +970,16 @@ mod tests {
         let (db, _journal, replayed) = open(dir.path(), RING);
         assert_eq!(replayed, 0);
         assert_eq!(get(&db, CF_SM, b"a"), Some(b"1".to_vec()));
+    }
+
+    /// What `journal` tells its failure handler, as it tells it.
+    fn failures_told(journal: &Journal) -> Arc<Mutex<Vec<String>>> {
+        let told = Arc::new(Mutex::new(Vec::new()));
+        journal.on_failure(Arc::new({
+            let told = told.clone();
+            move |e: &str| told.lock().unwrap().push(e.to_string())
+        }));
+        told
     }
 
     fn file_len(dir: &Path) -> u64 {
@@ -1052,11 +1058,7 @@ mod tests {
     fn a_checkpoint_without_room_to_flush_fails_the_journal_before_rocksdb_writes() {
         let dir = tempfile::tempdir().unwrap();
         let (db, journal, _) = open(dir.path(), RING);
-        let told = Arc::new(Mutex::new(Vec::new()));
-        journal.on_failure(Arc::new({
-            let told = told.clone();
-            move |e: &str| told.lock().unwrap().push(e.to_string())
-        }));
+        let told = failures_told(&journal);
         put(&journal, &db, CF_SM, b"a", b"1");
         *journal.shared.free_space.lock().unwrap() = Some(FLUSH_HEADROOM);
         let e = journal.checkpoint().unwrap_err();
