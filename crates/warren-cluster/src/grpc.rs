@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -66,7 +67,16 @@ struct Pending {
     /// When the peer was found to have no `Calls` method: it is called the unary way until
     /// `UNARY_RETRY` later, when the stream is tried again (it may have been upgraded).
     unary_since: Option<Instant>,
+    /// Encoded bytes of the calls queued and not yet taken by the stream.
+    queued_bytes: usize,
 }
+
+/// Most bytes of calls queued for one peer that has not taken them. A peer that stops reading
+/// (stalled, or cut off before its connection is declared dead) would otherwise keep every
+/// call sent to it in memory: Raft retries an AppendEntries that timed out, up to 16 MiB
+/// each, several times a second. Past this, calls fail at once as if the peer were
+/// unreachable, and Raft backs off.
+const QUEUED_BYTES_LIMIT: usize = 64 << 20;
 
 /// How long a peer without the call stream is called the unary way before the stream is
 /// tried again.
@@ -83,9 +93,10 @@ impl Pending {
 
 impl CallStream {
     /// Opens the stream; a task reads the replies and hands each to its caller. The outgoing
-    /// queue is unbounded because its callers bound it: Raft sends one message at a time per
-    /// group and follower, a queue's proposer has at most 16 forwarded batches on their way, and
-    /// deliveries wait for each batch's reply.
+    /// queue is bounded in bytes ([`QUEUED_BYTES_LIMIT`]), not in calls: its callers bound how
+    /// many calls they have waiting (Raft one message at a time per group and follower, a
+    /// queue's proposer 16 forwarded batches, deliveries one batch), but a call that timed out
+    /// stays queued until the stream takes it, and its caller sends another.
     fn open(target: NodeId, addr: String, channel: Channel) -> Result<Self, TransportError> {
         let runtime =
             tokio::runtime::Handle::try_current().map_err(|e| TransportError::Unreachable {
@@ -116,7 +127,11 @@ async fn read_replies(
     // dead) is not sent: nobody waits for its reply any more.
     let still_waited_for = {
         let pending = pending.clone();
-        move |call: &pb::Call| futures::future::ready(lock(&pending).waiting.contains_key(&call.id))
+        move |call: &pb::Call| {
+            let mut pending = lock(&pending);
+            pending.queued_bytes = pending.queued_bytes.saturating_sub(call.encoded_len());
+            futures::future::ready(pending.waiting.contains_key(&call.id))
+        }
     };
     let calls = UnboundedReceiverStream::new(queued).filter(still_waited_for);
     let error = match client.calls(calls).await {
@@ -148,6 +163,12 @@ async fn read_replies(
         }
     };
     lock(&pending).end(&error);
+}
+
+/// Whether a call of `size` bytes may join `queued` bytes not yet taken by the peer. A call
+/// alone is always admitted, however large: the limit bounds what piles up behind it.
+fn admits(queued: usize, size: usize) -> bool {
+    queued == 0 || queued + size <= QUEUED_BYTES_LIMIT
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -261,13 +282,23 @@ impl GrpcTransport {
             });
         }
         let id = pending.next_id;
-        pending.next_id += 1;
-        let (waiter, reply) = oneshot::channel();
-        pending.waiting.insert(id, waiter);
         let call = pb::Call {
             id,
             request: Some(request),
         };
+        let size = call.encoded_len();
+        if !admits(pending.queued_bytes, size) {
+            return Err(TransportError::Unreachable {
+                node: target,
+                reason: format!(
+                    "the peer is not taking calls: {} bytes queued for it",
+                    pending.queued_bytes
+                ),
+            });
+        }
+        pending.next_id += 1;
+        let (waiter, reply) = oneshot::channel();
+        pending.waiting.insert(id, waiter);
         if stream.outgoing.send(call).is_err() {
             pending.waiting.remove(&id);
             return Err(TransportError::Unreachable {
@@ -275,6 +306,7 @@ impl GrpcTransport {
                 reason: "the call stream closed".into(),
             });
         }
+        pending.queued_bytes += size;
         Ok(SentCall {
             id,
             pending: stream.pending.clone(),
@@ -1160,6 +1192,55 @@ mod tests {
     }
 
     const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// A peer that accepts connections and never reads from them (a stalled process): the
+    /// calls queued for it stop at the limit, and later ones fail at once.
+    #[tokio::test]
+    async fn calls_to_a_peer_that_takes_none_stop_queueing_at_the_limit() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let held = tokio::spawn(async move {
+            let mut sockets = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                sockets.push(socket);
+            }
+        });
+        let transport = GrpcTransport::new();
+        transport.set_address(2, &addr);
+        let payload = vec![7u8; 1 << 20];
+        let mut timed_out = 0;
+        let mut refused = None;
+        for i in 0..(2 * QUEUED_BYTES_LIMIT >> 20) {
+            let reply = transport
+                .call(2, raft(1, &payload), Duration::from_millis(20))
+                .await;
+            match reply {
+                Err(TransportError::Unreachable { reason, .. })
+                    if reason.contains("not taking calls") =>
+                {
+                    refused = Some(i);
+                    break;
+                }
+                Err(_) => timed_out += 1,
+                Ok(r) => panic!("answered by a peer that reads nothing: {r:?}"),
+            }
+        }
+        let refused = refused.expect("calls kept queueing");
+        assert!(
+            refused <= (QUEUED_BYTES_LIMIT >> 20) + 1 && timed_out == refused,
+            "refused at call {refused} after {timed_out} timeouts"
+        );
+        let queued = lock(&transport.streams)[&2].pending.clone();
+        assert!(lock(&queued).queued_bytes <= QUEUED_BYTES_LIMIT + (2 << 20));
+        held.abort();
+    }
+
+    #[test]
+    fn a_call_alone_is_admitted_however_large() {
+        assert!(admits(0, 2 * QUEUED_BYTES_LIMIT));
+        assert!(admits(1, QUEUED_BYTES_LIMIT - 1));
+        assert!(!admits(1, QUEUED_BYTES_LIMIT));
+    }
 
     /// The call got the Raft payload `want` back.
     fn assert_answered(reply: &Result<PeerResponse, TransportError>, want: &[u8]) {
