@@ -1210,7 +1210,7 @@ mod tests {
         let payload = vec![7u8; 1 << 20];
         let mut timed_out = 0;
         let mut refused = None;
-        for i in 0..(2 * QUEUED_BYTES_LIMIT >> 20) {
+        for i in 0..(2 * (QUEUED_BYTES_LIMIT >> 20)) {
             let reply = transport
                 .call(2, raft(1, &payload), Duration::from_millis(20))
                 .await;
