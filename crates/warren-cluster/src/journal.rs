@@ -74,7 +74,7 @@ const JOURNAL_BUILDING_FILE: &str = "journal.new";
 /// it at most a quarter full in steady state; the rest absorbs bursts while a checkpoint's flush
 /// runs. A journal of another size is replaced at open, once what it holds is replayed and
 /// flushed.
-pub const DEFAULT_CAPACITY: u64 = 256 << 20;
+pub(crate) const DEFAULT_CAPACITY: u64 = 256 << 20;
 /// Free space a flush needs beyond the memtables' size: the manifest's update, a new WAL
 /// file's preallocation, an options file.
 const FLUSH_HEADROOM: u64 = 8 << 20;
@@ -214,7 +214,8 @@ pub(crate) struct Journal {
 impl Journal {
     /// Opens the journal in `dir` (creating it, with a ring of `capacity` bytes, if there is
     /// none), replays into `db` every record from the checkpoint on, replaces it with a new one
-    /// if its ring is not `capacity` bytes, and starts a new generation. Returns the journal and how many records it replayed.
+    /// if its ring is not `capacity` bytes, and starts a new generation. Returns the journal
+    /// and how many records it replayed.
     pub(crate) fn open(dir: &Path, db: Arc<DB>, capacity: u64) -> io::Result<(Journal, u64)> {
         let path = dir.join(JOURNAL_FILE);
         let existing = match OpenOptions::new().read(true).write(true).open(&path) {

@@ -586,6 +586,7 @@ mod tests {
 
     use super::index_range;
     use crate::db::Storage;
+    use crate::db::StorageOptions;
 
     openraft::declare_raft_types!(UnitConfig: D = String, R = ());
 
@@ -594,7 +595,7 @@ mod tests {
     #[tokio::test]
     async fn appends_from_many_groups_share_one_fsync() {
         let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::open(dir.path(), &crate::db::StorageOptions::small()).unwrap();
+        let storage = Storage::open(dir.path(), &StorageOptions::small()).unwrap();
         storage.flusher().set_paused(true);
 
         let mut receivers = Vec::new();
@@ -658,7 +659,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let dir = tempfile::tempdir().unwrap();
-                let storage = Storage::open(dir.path(), &crate::db::StorageOptions::small()).unwrap();
+                let storage = Storage::open(dir.path(), &StorageOptions::small()).unwrap();
                 let mut store = storage.log_store::<UnitConfig>(7);
                 let mut reader = store.clone();
                 let (mut last, mut purged, mut applied) = (0u64, 0u64, 0u64);
